@@ -1,0 +1,85 @@
+"""The engine protocol every backend implements, and the registry that loads one.
+
+An engine streams the output of one request as chunks; the driver timestamps the
+chunks, so an engine never needs to know about clocks, scenarios or metrics.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to complete: greedy decoding, at most `max_tokens` new tokens."""
+
+    id: str
+    prompt: str
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New output that arrived together: `tokens` new tokens (ids/text when known)."""
+
+    tokens: int
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What ran: the context every number and failure message carries."""
+
+    backend: str
+    model: str
+    precision: str
+    devices: int
+    versions: Mapping[str, str] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        unit = "device" if self.devices == 1 else "devices"
+        return f"engine {self.backend}, model {self.model} {self.precision}, {self.devices} {unit}"
+
+
+@runtime_checkable
+class Engine(Protocol):
+    info: EngineInfo
+
+    def stream(self, request: Request) -> AsyncIterator[Chunk]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class EngineError(Exception):
+    """An engine could not be loaded; the message says why and how to fix it."""
+
+
+class MissingExtraError(EngineError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, backend: str, extra: str, module: str) -> None:
+        super().__init__(
+            f"the {backend!r} engine needs the Python module {module!r}, which is not "
+            f"installed; install it with: pip install 'pytest-tokperf[{extra}]'"
+        )
+
+
+BACKENDS: dict[str, str] = {
+    "llamacpp": "pytest_tokperf.engines.llamacpp",
+}
+
+
+def load_engine(backend: str, settings: Mapping[str, Any], devices: int = 1) -> Engine:
+    """Load the engine `backend` with `settings` on `devices` allocated devices."""
+    if backend not in BACKENDS:
+        raise EngineError(
+            f"unknown engine backend {backend!r}; available: {', '.join(sorted(BACKENDS))}"
+        )
+    module = importlib.import_module(BACKENDS[backend])
+    engine: Engine = module.load(settings, devices)
+    return engine

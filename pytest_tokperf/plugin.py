@@ -1,0 +1,209 @@
+"""The pytest11 entry point: options, markers, fixtures and hooks, kept thin.
+
+Precedence of every setting, written down once: marker > command line >
+environment > ini > profile default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_tokperf import profiles, report, verdict
+from pytest_tokperf.engines import Engine, EngineError, load_engine
+from pytest_tokperf.runner import Tokperf
+
+BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
+FLOORS = pytest.StashKey[dict[str, float]]()
+RUNNER = pytest.StashKey[Tokperf]()
+PROPERTY = report.PROPERTY
+FLOOR_MARKER = (
+    "throughput_floor(min_tokens_per_s=None, per_gpu=None): fail the test unless its last "
+    "tokperf run reaches these output tokens/s floors; each a number or a dict keyed by "
+    "profile name (a profile missing from the dict skips the test)"
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("tokperf", "LLM inference performance acceptance tests")
+    group.addoption(
+        "--tokperf-profile",
+        metavar="NAME",
+        help=f"hardware profile (env {profiles.ENV_PROFILE}, ini tokperf_profile; "
+        f"default {profiles.DEFAULT_PROFILE}): {', '.join(sorted(profiles.BUILTIN))}",
+    )
+    group.addoption(
+        "--tokperf-json",
+        metavar="PATH",
+        help="write self-describing JSON results here (env TOKPERF_JSON, ini tokperf_json)",
+    )
+    group.addoption(
+        "--tokperf-model-path",
+        metavar="PATH",
+        help="GGUF model for the embedded engine instead of the shipped SmolLM2-135M "
+        "(env TOKPERF_MODEL_PATH, ini tokperf_model_path)",
+    )
+    parser.addini("tokperf_profile", "tokperf hardware profile", default="")
+    parser.addini("tokperf_json", "path of the tokperf JSON results", default="")
+    parser.addini("tokperf_model_path", "GGUF model for the embedded engine", default="")
+
+
+def _setting(config: pytest.Config, name: str) -> tuple[str, str] | None:
+    """(value, where it came from) for option/env/ini `name`, or None when unset."""
+    option = config.getoption(name)
+    env = os.environ.get(name.upper())
+    ini = config.getini(name)
+    if option:
+        return option, "--" + name.replace("_", "-")
+    if env:
+        return env, f"environment variable {name.upper()}"
+    if ini:
+        return ini, f"ini option {name} in {config.inipath}"
+    return None
+
+
+class TokperfSession:
+    """Per-process state, registered as a plugin (never kept in globals)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        ini_profile = config.getini("tokperf_profile")
+        self.profile, self.profile_source = profiles.select(
+            config.getoption("tokperf_profile"), ini_profile, str(config.inipath)
+        )
+        json_setting = _setting(config, "tokperf_json")
+        self.json_path = Path(json_setting[0]) if json_setting else None
+        self.model_path: Path | None = None
+        model = _setting(config, "tokperf_model_path")
+        if model is not None:
+            self.model_path = Path(model[0])
+            if not self.model_path.is_file():
+                raise pytest.UsageError(
+                    f"model file {model[0]!r} (from {model[1]}) does not exist; "
+                    "give the path of a GGUF file"
+                )
+        # xdist's documented marker of a worker process
+        self.is_worker = hasattr(config, "workerinput")
+        self.payloads: list[dict[str, Any]] = []
+
+    def engine_settings(self) -> dict[str, Any]:
+        settings = dict(self.profile.engine)
+        if self.model_path is not None:
+            settings["model_path"] = str(self.model_path)
+        return settings
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        p = self.profile
+        model = self.model_path.name if self.model_path else f"{p.model} {p.precision}"
+        unit = "GPU" if p.device_kind == "gpu" else "device"
+        return [
+            f"tokperf: profile {p.name} ({self.profile_source}), engine {p.backend}, "
+            f"model {model}, {p.devices} {unit}{'' if p.devices == 1 else 's'}"
+        ]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # validate every marker before anything runs: a typo is a usage error, not a skip
+        for item in items:
+            marker = item.get_closest_marker("throughput_floor")
+            if marker is not None:
+                item.stash[BOUNDS] = verdict.parse_floor_marker(
+                    marker.args, marker.kwargs, item.nodeid, profiles.BUILTIN
+                )
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
+        yield  # the test body; if it raised, that is the outcome and nothing below runs
+        runner = item.stash.get(RUNNER, None)
+        floors = item.stash.get(FLOORS, None)
+        if runner is None:
+            return
+        if floors is not None and runner.last is None:
+            runner.run()  # the marked test never ran a workload: run the profile's default
+        result = runner.last
+        if result is None:
+            return
+        outcome = verdict.judge(result, floors or {})
+        data = report.payload(item.nodeid, result, outcome, floors or {}, self.profile)
+        if floors is None:
+            data["verdict"] = "MEASURED"  # no floor: reported, not gated
+        item.user_properties.append((report.PROPERTY, json.dumps(data)))
+        if floors is not None and outcome.status == "FAIL":
+            pytest.fail(report.failure_message(data), pytrace=False)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when not in ("setup", "call"):
+            return
+        for name, value in report.user_properties:
+            if name == PROPERTY:
+                self.payloads.append(json.loads(str(value)))
+
+    def pytest_sessionfinish(self) -> None:
+        if self.json_path is not None and not self.is_worker:
+            doc = report.document(self._sorted(), self.profile, self.profile_source)
+            report.write_json(self.json_path, doc)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.is_worker or not self.payloads:
+            return
+        terminalreporter.section("tokperf")
+        for line in report.table(self._sorted()):
+            terminalreporter.write_line(line)
+        if self.json_path is not None:
+            terminalreporter.write_line(f"results: {self.json_path}")
+
+    def _sorted(self) -> list[dict[str, Any]]:
+        return sorted(self.payloads, key=lambda p: str(p["nodeid"]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", FLOOR_MARKER)
+    config.pluginmanager.register(TokperfSession(config), "tokperf-session")
+
+
+def _session(config: pytest.Config) -> TokperfSession:
+    plugin = config.pluginmanager.get_plugin("tokperf-session")
+    assert isinstance(plugin, TokperfSession)
+    return plugin
+
+
+@pytest.fixture(scope="session")
+def tokperf_engine(pytestconfig: pytest.Config) -> Iterator[Engine]:
+    """The profile's engine, loaded once per process (once per xdist worker)."""
+    state = _session(pytestconfig)
+    try:
+        engine = load_engine(state.profile.backend, state.engine_settings(), state.profile.devices)
+    except EngineError as exc:
+        pytest.fail(f"tokperf could not load its engine: {exc}", pytrace=False)
+    yield engine
+    asyncio.run(engine.aclose())
+
+
+@pytest.fixture
+def tokperf(request: pytest.FixtureRequest, tokperf_engine: Engine) -> Tokperf:
+    """Runs measured workloads: `tokperf.run(scenario="offline", requests=N, max_tokens=M)`."""
+    runner = Tokperf(tokperf_engine, _session(request.config).profile)
+    request.node.stash[RUNNER] = runner
+    return runner
+
+
+@pytest.fixture(autouse=True)
+def _tokperf_floor(request: pytest.FixtureRequest) -> None:
+    """For tests marked throughput_floor: skip without a floor here, else load the engine."""
+    bounds = request.node.stash.get(BOUNDS, None)
+    if bounds is None:
+        return
+    profile = _session(request.config).profile
+    floors = verdict.floors_for(bounds, profile.name, profile.floors)
+    if isinstance(floors, str):
+        data = report.skipped(request.node.nodeid, profile, floors)
+        request.node.user_properties.append((PROPERTY, json.dumps(data)))
+        pytest.skip(floors)
+    request.node.stash[FLOORS] = floors
+    request.getfixturevalue("tokperf")

@@ -1,0 +1,115 @@
+"""Prompt sets: the built-in ones shipped with the package, and JSONL files.
+
+A JSONL line is `{"id": str, "prompt": str, "max_tokens"?: int, "reference"?: str}`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pytest_tokperf.engines import Request
+
+BUILTIN = ("default",)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    prompt: str
+    max_tokens: int | None = None
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompts: tuple[Prompt, ...]
+
+    def requests(
+        self, count: int, max_tokens: int | None, default_max_tokens: int
+    ) -> list[Request]:
+        """`count` requests cycling through the prompts.
+
+        `max_tokens`, when given, overrides each prompt's own; otherwise a prompt
+        without one gets `default_max_tokens`.
+        """
+        if count < 1:
+            raise ValueError(f"requests must be at least 1, got {count}")
+        cycle = itertools.islice(itertools.cycle(self.prompts), count)
+        return [
+            Request(
+                id=p.id if i < len(self.prompts) else f"{p.id}#{i // len(self.prompts)}",
+                prompt=p.prompt,
+                max_tokens=max_tokens or p.max_tokens or default_max_tokens,
+            )
+            for i, p in enumerate(cycle)
+        ]
+
+
+class WorkloadError(ValueError):
+    """A workload could not be read; the message names the file and line."""
+
+
+def _prompt(obj: object, where: str) -> Prompt:
+    if not isinstance(obj, dict):
+        raise WorkloadError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - {"id", "prompt", "max_tokens", "reference"})
+    if unknown:
+        raise WorkloadError(
+            f"{where}: unknown keys {', '.join(unknown)}; "
+            "allowed: id, prompt, max_tokens, reference"
+        )
+    for key in ("id", "prompt"):
+        if not isinstance(obj.get(key), str) or not obj[key]:
+            raise WorkloadError(f"{where}: {key!r} must be a non-empty string")
+    max_tokens = obj.get("max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise WorkloadError(f"{where}: 'max_tokens' must be a positive integer, got {max_tokens!r}")
+    reference = obj.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        raise WorkloadError(f"{where}: 'reference' must be a string, got {reference!r}")
+    return Prompt(obj["id"], obj["prompt"], max_tokens, reference)
+
+
+def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
+    prompts: list[Prompt] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise WorkloadError(f"{where}: not valid JSON ({exc.msg})") from None
+        prompt = _prompt(obj, where)
+        if prompt.id in seen:
+            raise WorkloadError(
+                f"{where}: duplicate id {prompt.id!r} (first on line {seen[prompt.id]})"
+            )
+        seen[prompt.id] = number
+        prompts.append(prompt)
+    if not prompts:
+        raise WorkloadError(f"{source}: no prompts")
+    return tuple(prompts)
+
+
+def load(workload: str | Path | None) -> Workload:
+    """A built-in set by name (None: "default") or a JSONL file by path."""
+    name = "default" if workload is None else str(workload)
+    if name in BUILTIN:
+        text = resources.files("pytest_tokperf").joinpath(f"data/{name}.jsonl").read_text("utf-8")
+        return Workload(name, parse_jsonl(text, f"built-in workload {name!r}"))
+    path = Path(name)
+    if not path.is_file():
+        raise WorkloadError(
+            f"workload {name!r} is neither a built-in set ({', '.join(BUILTIN)}) "
+            "nor an existing JSONL file"
+        )
+    return Workload(str(path), parse_jsonl(path.read_text("utf-8"), str(path)))
