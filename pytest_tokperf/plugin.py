@@ -7,6 +7,7 @@ environment > ini > profile default.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -49,7 +50,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="GGUF model for the embedded engine instead of the shipped SmolLM2-135M "
         "(env TOKPERF_MODEL_PATH, ini tokperf_model_path)",
     )
+    group.addoption(
+        "--tokperf-requests",
+        metavar="N",
+        help="requests per run when a test does not say (env TOKPERF_REQUESTS, "
+        "ini tokperf_requests; default: the profile's)",
+    )
+    group.addoption(
+        "--tokperf-max-tokens",
+        metavar="N",
+        help="max new tokens per request when neither the test nor the prompt says "
+        "(env TOKPERF_MAX_TOKENS, ini tokperf_max_tokens; default: the profile's)",
+    )
     parser.addini("tokperf_profile", "tokperf hardware profile", default="")
+    parser.addini("tokperf_requests", "tokperf requests per run", default="")
+    parser.addini("tokperf_max_tokens", "tokperf max new tokens per request", default="")
     parser.addini("tokperf_json", "path of the tokperf JSON results", default="")
     parser.addini("tokperf_model_path", "GGUF model for the embedded engine", default="")
 
@@ -68,6 +83,20 @@ def _setting(config: pytest.Config, name: str) -> tuple[str, str] | None:
     return None
 
 
+def _positive_int(config: pytest.Config, name: str) -> int | None:
+    setting = _setting(config, name)
+    if setting is None:
+        return None
+    value, source = setting
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise pytest.UsageError(f"{source} must be a positive integer, got {value!r}")
+    return number
+
+
 class TokperfSession:
     """Per-process state, registered as a plugin (never kept in globals)."""
 
@@ -76,6 +105,13 @@ class TokperfSession:
         ini_profile = config.getini("tokperf_profile")
         self.profile, self.profile_source = profiles.select(
             config.getoption("tokperf_profile"), ini_profile, str(config.inipath)
+        )
+        requests = _positive_int(config, "tokperf_requests")
+        max_tokens = _positive_int(config, "tokperf_max_tokens")
+        self.profile = dataclasses.replace(
+            self.profile,
+            requests=requests or self.profile.requests,
+            max_tokens=max_tokens or self.profile.max_tokens,
         )
         json_setting = _setting(config, "tokperf_json")
         self.json_path = Path(json_setting[0]) if json_setting else None

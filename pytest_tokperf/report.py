@@ -153,7 +153,7 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
             rows.append((p["nodeid"], "-", "-", "-", "-", "-", "-", "SKIPPED"))
             continue
         floors = p["floors"]
-        floor = " ".join(
+        floor = ", ".join(
             f"{num(v)}{'/dev' if k == 'per_gpu' else ''}" for k, v in sorted(floors.items())
         )
         rows.append(

@@ -146,7 +146,9 @@ def load(settings: Mapping[str, Any], devices: int) -> LlamaCppEngine:
         )
     try:
         import llama_cpp
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != "llama_cpp":
+            raise
         raise MissingExtraError("llamacpp", "embedded", "llama_cpp") from None
     path = Path(settings["model_path"]) if settings.get("model_path") else shipped_model_path()
     if not path.is_file():

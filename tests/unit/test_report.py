@@ -1,0 +1,80 @@
+"""Formatting: the failure message shape, the table, the JSON document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pytest_tokperf.driver import RequestRecord
+from pytest_tokperf.engines import EngineInfo
+from pytest_tokperf.metrics import NS, summarize
+from pytest_tokperf.profiles import BUILTIN
+from pytest_tokperf.report import document, failure_message, num, payload, table, write_json
+from pytest_tokperf.verdict import judge
+
+
+def _payload(tokens: int, devices: int, floors: dict[str, float], error: str | None = None):
+    recs = [
+        RequestRecord(f"r{i}", 0, NS, (NS // 2,), (tokens // 4,), error=error if i == 0 else None)
+        for i in range(4)
+    ]
+    info = EngineInfo("trtllm", "llama2-70b", "nvfp4", devices)
+    res = summarize(recs, info, scenario="offline", workload="w", max_tokens=None)
+    return payload("t.py::test_x", res, judge(res, floors), floors, BUILTIN["gb300-nvl72"])
+
+
+def test_number_format() -> None:
+    assert [num(12_480.4), num(98.74), num(4.254), num(5.0), num(None)] == [
+        "12,480",
+        "98.7",
+        "4.25",
+        "5",
+        "-",
+    ]
+
+
+def test_failure_message_has_metric_observed_floor_and_context() -> None:
+    p = _payload(49_920, devices=4, floors={"per_gpu": 15_200})  # 12,480 per GPU
+    assert failure_message(p) == (
+        "offline output tokens/s per GPU 12,480 < floor 15,200 "
+        "[profile gb300-nvl72, engine trtllm, model llama2-70b nvfp4, 4 GPUs, 4 requests]"
+    )
+
+
+def test_failed_requests_are_listed() -> None:
+    p = _payload(40_000, devices=1, floors={}, error="HTTP 500")
+    message = failure_message(p)
+    assert message.startswith("1 requests failed (none may fail) [profile gb300-nvl72")
+    assert "  request r0: HTTP 500" in message
+
+
+def test_table_has_one_aligned_row_per_test() -> None:
+    p = _payload(49_920, devices=4, floors={"per_gpu": 15_200})
+    lines = table([p, {**p, "nodeid": "t.py::test_longer_name", "verdict": "PASS"}])
+    assert len(lines) == 3
+    assert lines[0].split()[:3] == ["test", "scenario", "requests"]
+    assert lines[1].split() == [
+        "t.py::test_x",
+        "offline",
+        "4",
+        "49,920",
+        "12,480",
+        "15,200/dev",
+        "500",
+        "ms",
+        "FAIL",
+    ]
+    assert len({line.index("offline") for line in lines[1:]}) == 1  # aligned
+
+
+def test_json_document_round_trips(tmp_path: Path) -> None:
+    p = _payload(49_920, devices=4, floors={"per_gpu": 15_200})
+    doc = document([p], BUILTIN["gb300-nvl72"], "--tokperf-profile")
+    path = tmp_path / "sub" / "results.json"
+    write_json(path, doc)
+    loaded = json.loads(path.read_text())
+    assert loaded["summary"] == {"PASS": 0, "FAIL": 1, "MEASURED": 0, "SKIPPED": 0}
+    assert loaded["profile"]["name"] == "gb300-nvl72"
+    assert loaded["tests"][0]["tokens_per_s_per_gpu"] == p["tokens_per_s_per_gpu"]
+    assert "pytest" in loaded["packages"]
+    assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temporary file left

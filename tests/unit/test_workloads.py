@@ -1,0 +1,68 @@
+"""The built-in prompt set and JSONL files, with line-numbered errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_tokperf.workloads import WorkloadError, load
+
+
+def test_builtin_set_has_at_least_48_prompts_with_references() -> None:
+    wl = load(None)
+    assert wl.name == "default"
+    assert len(wl.prompts) >= 48
+    assert len({p.id for p in wl.prompts}) == len(wl.prompts)
+    assert all(p.reference for p in wl.prompts)
+    assert load("default") == wl
+
+
+def test_requests_cycle_and_override_max_tokens(tmp_path: Path) -> None:
+    f = tmp_path / "w.jsonl"
+    f.write_text(
+        json.dumps({"id": "a", "prompt": "A?", "max_tokens": 5})
+        + "\n\n"
+        + json.dumps({"id": "b", "prompt": "B?", "reference": "B."})
+        + "\n"
+    )
+    wl = load(f)
+    reqs = wl.requests(5, None, 64)
+    assert [r.id for r in reqs] == ["a", "b", "a#1", "b#1", "a#2"]
+    assert [r.max_tokens for r in reqs] == [5, 64, 5, 64, 5]
+    assert {r.max_tokens for r in wl.requests(3, 7, 64)} == {7}
+    with pytest.raises(ValueError, match="at least 1"):
+        wl.requests(0, None, 64)
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"id": "x"}', "'prompt' must be a non-empty string"),
+        ('{"id": "", "prompt": "p"}', "'id' must be a non-empty string"),
+        ('{"id": "x", "prompt": "p", "max_tokens": 0}', "positive integer"),
+        ('{"id": "x", "prompt": "p", "max_tokens": 1.5}', "positive integer"),
+        ('{"id": "x", "prompt": "p", "reference": 3}', "'reference' must be a string"),
+        ('{"id": "x", "prompt": "p", "temperature": 1}', "unknown keys temperature"),
+        ('{"id": "ok", "prompt": "p"}', "duplicate id 'ok' (first on line 1)"),
+    ],
+)
+def test_bad_lines_name_file_and_line(tmp_path: Path, line: str, says: str) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"id": "ok", "prompt": "p"}\n' + line + "\n")
+    with pytest.raises(WorkloadError) as info:
+        load(f)
+    assert f"{f}:2: " in str(info.value)
+    assert says in str(info.value)
+
+
+def test_missing_and_empty_files(tmp_path: Path) -> None:
+    with pytest.raises(WorkloadError, match="neither a built-in set"):
+        load(tmp_path / "nope.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(WorkloadError, match="no prompts"):
+        load(empty)
