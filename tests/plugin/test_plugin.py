@@ -8,13 +8,15 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from pytest_tokperf.report import num
+
 # small runs keep these tests quick: 4 requests of at most 8 new tokens, 1 warm-up
 SMALL = ("--tokperf-requests", "4", "--tokperf-max-tokens", "8", "-p", "no:cacheprovider")
 
 SUITE = """
 import pytest
 
-@pytest.mark.throughput_floor(per_gpu=0.5)
+@pytest.mark.throughput_floor(per_gpu=0.05)
 def test_reachable(tokperf):
     result = tokperf.run(warmup=1)
     assert result.requests == 4 and result.failed == 0
@@ -48,7 +50,7 @@ def test_floors_gate_the_suite(pytester: pytest.Pytester) -> None:
             "test * scenario * requests * tokens/s * per device * floor * TTFT p99 * verdict",
             "test_suite.py::test_impossible * offline * 4 * 1,000,000,000 * FAIL",
             "test_suite.py::test_rack_only * SKIPPED",
-            "test_suite.py::test_reachable * offline * 4 * 0.50/dev * PASS",
+            "test_suite.py::test_reachable * offline * 4 * 0.05/dev * PASS",
         ]
     )
     match = FAIL_LINE.search(result.stdout.str())
@@ -64,7 +66,7 @@ def test_floors_gate_the_suite(pytester: pytest.Pytester) -> None:
         assert t["tokens_per_s"] == pytest.approx(t["output_tokens"] / t["duration_s"])
         assert 0 < t["output_tokens"] <= 4 * 8
         assert t["engine"]["devices"] == 1 and t["engine"]["precision"] == "q4_1"
-    assert f"{tests['test_impossible']['tokens_per_s']:.1f}" == match["observed"]
+    assert num(tests["test_impossible"]["tokens_per_s"]) == match["observed"]
     assert tests["test_impossible"]["checks"][1] == {
         "metric": "min_tokens_per_s",
         "observed": tests["test_impossible"]["tokens_per_s"],
@@ -94,10 +96,13 @@ def test_a_marked_test_without_a_run_gets_the_default_workload(pytester: pytest.
         """
     )
     result = pytester.runpytest(*SMALL, "--tokperf-json", "out.json")
-    result.assert_outcomes(passed=1)
     (test,) = json.loads((pytester.path / "out.json").read_text())["tests"]
     assert test["requests"] == 4 and test["workload"] == "default"
     assert test["floors"] == {"per_gpu": 10.0}
+    # the verdict follows the numbers, whatever this (noisy, shared) machine reached
+    reached = test["tokens_per_s_per_gpu"] >= 10.0
+    result.assert_outcomes(passed=int(reached), failed=int(not reached))
+    assert test["verdict"] == ("PASS" if reached else "FAIL")
 
 
 def test_the_body_failing_is_the_outcome(pytester: pytest.Pytester) -> None:
