@@ -10,14 +10,14 @@ import asyncio
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_tokperf import profiles, report, verdict
-from pytest_tokperf.engines import Engine, EngineError, load_engine
+from pytest_tokperf import driver, launcher, profiles, report, verdict
+from pytest_tokperf.engines import BACKENDS, Engine, EngineError, load_engine
 from pytest_tokperf.runner import Tokperf
 
 BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
@@ -62,7 +62,42 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="max new tokens per request when neither the test nor the prompt says "
         "(env TOKPERF_MAX_TOKENS, ini tokperf_max_tokens; default: the profile's)",
     )
+    group.addoption(
+        "--tokperf-engine",
+        metavar="BACKEND",
+        help="engine backend instead of the profile's (env TOKPERF_ENGINE, ini tokperf_engine): "
+        f"{', '.join(sorted(BACKENDS))}",
+    )
+    group.addoption(
+        "--tokperf-base-url",
+        metavar="URL",
+        help="OpenAI-compatible server for the openai engine, e.g. http://127.0.0.1:8000 "
+        "(env TOKPERF_BASE_URL, ini tokperf_base_url)",
+    )
+    group.addoption(
+        "--tokperf-served-model",
+        metavar="NAME",
+        help="model name on that server (env TOKPERF_SERVED_MODEL, ini tokperf_served_model; "
+        "default: the first it lists)",
+    )
+    group.addoption(
+        "--tokperf-server-cmd",
+        metavar="CMD",
+        help="start this server for the session and stop it at the end, e.g. "
+        "'trtllm-serve MODEL --tp_size 4' (env TOKPERF_SERVER_CMD, ini tokperf_server_cmd)",
+    )
+    group.addoption(
+        "--tokperf-tokenizer",
+        metavar="GGUF",
+        help="count the openai engine's output tokens with this model's tokenizer when the "
+        "server sends no usage (env TOKPERF_TOKENIZER, ini tokperf_tokenizer)",
+    )
+    parser.addini("tokperf_tokenizer", "GGUF file whose tokenizer counts tokens", default="")
     parser.addini("tokperf_profile", "tokperf hardware profile", default="")
+    parser.addini("tokperf_engine", "tokperf engine backend", default="")
+    parser.addini("tokperf_base_url", "OpenAI-compatible server URL", default="")
+    parser.addini("tokperf_served_model", "model name on the server", default="")
+    parser.addini("tokperf_server_cmd", "server command the session starts", default="")
     parser.addini("tokperf_requests", "tokperf requests per run", default="")
     parser.addini("tokperf_max_tokens", "tokperf max new tokens per request", default="")
     parser.addini("tokperf_json", "path of the tokperf JSON results", default="")
@@ -124,24 +159,66 @@ class TokperfSession:
                     f"model file {model[0]!r} (from {model[1]}) does not exist; "
                     "give the path of a GGUF file"
                 )
+        engine = _setting(config, "tokperf_engine")
+        self.backend = engine[0] if engine else self.profile.backend
+        if self.backend not in BACKENDS:
+            raise pytest.UsageError(
+                f"unknown engine {self.backend!r} (from {engine[1] if engine else 'profile'}); "
+                f"available: {', '.join(sorted(BACKENDS))}"
+            )
+        self.server_settings = {
+            key: value
+            for key, name in (
+                ("base_url", "tokperf_base_url"),
+                ("model", "tokperf_served_model"),
+                ("tokenizer", "tokperf_tokenizer"),
+            )
+            if (value := (_setting(config, name) or ("", ""))[0])
+        }
+        server_cmd = _setting(config, "tokperf_server_cmd")
+        self.server_cmd = server_cmd[0] if server_cmd else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.server: launcher.Server | None = None
         # xdist's documented marker of a worker process
         self.is_worker = hasattr(config, "workerinput")
         self.payloads: list[dict[str, Any]] = []
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """One event loop for the process: engines keep their connection pools on it."""
+        if self._loop is None or self._loop.is_closed():
+            self._loop = driver.new_loop()
+        return self._loop
+
     def engine_settings(self) -> dict[str, Any]:
-        settings = dict(self.profile.engine)
-        if self.model_path is not None:
+        settings = dict(self.profile.engine) if self.backend == self.profile.backend else {}
+        if self.model_path is not None and self.backend == "llamacpp":
             settings["model_path"] = str(self.model_path)
+        if self.backend == "openai":
+            settings.update(self.server_settings)
         return settings
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         p = self.profile
         model = self.model_path.name if self.model_path else f"{p.model} {p.precision}"
+        if self.backend == "openai":
+            url = self.server_settings.get("base_url", "no --tokperf-base-url")
+            model = f"{self.server_settings.get('model', 'first served')} at {url}"
         unit = "GPU" if p.device_kind == "gpu" else "device"
         return [
-            f"tokperf: profile {p.name} ({self.profile_source}), engine {p.backend}, "
+            f"tokperf: profile {p.name} ({self.profile_source}), engine {self.backend}, "
             f"model {model}, {p.devices} {unit}{'' if p.devices == 1 else 's'}"
         ]
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report_ = yield
+        if report_.failed and self.server is not None:
+            # a failing perf test against a launched server gets that server's log
+            report_.sections.append(("tokperf server log (tail)", self.server.log_tail()))
+        return report_
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -181,6 +258,10 @@ class TokperfSession:
                 self.payloads.append(json.loads(str(value)))
 
     def pytest_sessionfinish(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.close()
         if self.json_path is not None and not self.is_worker:
             doc = report.document(self._sorted(), self.profile, self.profile_source)
             report.write_json(self.json_path, doc)
@@ -213,18 +294,23 @@ def _session(config: pytest.Config) -> TokperfSession:
 def tokperf_engine(pytestconfig: pytest.Config) -> Iterator[Engine]:
     """The profile's engine, loaded once per process (once per xdist worker)."""
     state = _session(pytestconfig)
+    settings = state.engine_settings()
     try:
-        engine = load_engine(state.profile.backend, state.engine_settings(), state.profile.devices)
-    except EngineError as exc:
+        if state.server_cmd is not None:
+            state.server = launcher.start(state.server_cmd, settings.get("base_url"))
+            settings["base_url"] = state.server.base_url
+        engine = load_engine(state.backend, settings, state.profile.devices)
+    except (EngineError, launcher.LaunchError) as exc:
         pytest.fail(f"tokperf could not load its engine: {exc}", pytrace=False)
     yield engine
-    asyncio.run(engine.aclose())
+    state.loop.run_until_complete(engine.aclose())
 
 
 @pytest.fixture
 def tokperf(request: pytest.FixtureRequest, tokperf_engine: Engine) -> Tokperf:
     """Runs measured workloads: `tokperf.run(scenario="offline", requests=N, max_tokens=M)`."""
-    runner = Tokperf(tokperf_engine, _session(request.config).profile)
+    state = _session(request.config)
+    runner = Tokperf(tokperf_engine, state.profile, state.loop)
     request.node.stash[RUNNER] = runner
     return runner
 

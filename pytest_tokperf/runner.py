@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from pytest_tokperf import driver, metrics, workloads
@@ -12,9 +13,12 @@ from pytest_tokperf.profiles import Profile
 class Tokperf:
     """Runs measured workloads on the session's engine; remembers the last result."""
 
-    def __init__(self, engine: Engine, profile: Profile) -> None:
+    def __init__(
+        self, engine: Engine, profile: Profile, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self.engine = engine
         self.profile = profile
+        self.loop = loop
         self.results: list[metrics.RunResult] = []
 
     @property
@@ -56,7 +60,12 @@ class Tokperf:
         n_warmup = self.profile.warmup if warmup is None else warmup
         warm = load.requests(n_warmup, max_tokens, self.profile.max_tokens) if n_warmup else []
         records = driver.run(
-            self.engine, measured, scenario=scenario, warmup=warm, timeout_s=timeout_s
+            self.engine,
+            measured,
+            scenario=scenario,
+            warmup=warm,
+            timeout_s=timeout_s,
+            loop=self.loop,
         )
         result = metrics.summarize(
             records, self.engine.info, scenario=scenario, workload=load.name, max_tokens=max_tokens

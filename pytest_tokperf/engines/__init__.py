@@ -71,6 +71,8 @@ class MissingExtraError(EngineError):
 
 BACKENDS: dict[str, str] = {
     "llamacpp": "pytest_tokperf.engines.llamacpp",
+    "openai": "pytest_tokperf.engines.openai",
+    "trtllm": "pytest_tokperf.engines.trtllm",
 }
 
 

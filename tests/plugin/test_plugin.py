@@ -162,7 +162,7 @@ def test_bad_marker_arguments_are_usage_errors(
         (["--tokperf-requests", "0"], {}, "--tokperf-requests must be a positive integer"),
         ([], {"TOKPERF_MAX_TOKENS": "x"}, "environment variable TOKPERF_MAX_TOKENS must be"),
         (["--tokperf-model-path", "nope.gguf"], {}, "model file 'nope.gguf'"),
-        (["--tokperf-profile", "gb300-nvl72"], {}, "runs the 'trtllm' engine"),
+        (["--tokperf-engine", "vllm"], {}, "unknown engine 'vllm' (from --tokperf-engine)"),
     ],
 )
 def test_bad_options_are_usage_errors(

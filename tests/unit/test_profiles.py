@@ -33,8 +33,3 @@ def test_gpu_profiles_carry_the_published_floors() -> None:
     assert BUILTIN["h100-sxm"].floors["per_gpu"] == 3_000
     # 18 nodes x 4 GPUs x 15,290 is the rack's 1,100,948 tokens/s, within rounding
     assert abs(18 * 4 * 15_290 - 1_100_948) / 1_100_948 < 0.001
-
-
-def test_a_profile_whose_engine_is_missing_is_a_usage_error() -> None:
-    with pytest.raises(pytest.UsageError, match="runs the 'trtllm' engine"):
-        select("gb300-nvl72", "", None)

@@ -1,0 +1,97 @@
+"""A loopback OpenAI-compatible server that misbehaves on request, for the error paths.
+
+The prompt picks the behaviour: ok, multi, nousage, http500, cut, badjson, stall,
+nodone, error_event, slowfirst. Run: python fake_openai_server.py --port N
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from aiohttp import web
+
+SEEN: dict[str, str] = {}
+
+
+def event(text: str, completions: bool = False) -> bytes:
+    choice = {"index": 0, "text": text} if completions else {"index": 0, "delta": {"content": text}}
+    return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
+
+
+def usage(tokens: int) -> bytes:
+    body = {"choices": [], "usage": {"completion_tokens": tokens, "prompt_tokens": 5}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+
+async def seen(request: web.Request) -> web.Response:
+    return web.json_response(SEEN)
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    SEEN["authorization"] = request.headers.get("Authorization", "")
+    body = await request.json()
+    prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+    completions = "messages" not in body
+    if prompt == "http500":
+        return web.Response(status=500, text="boom: the engine is on fire")
+    if prompt == "slowfirst":
+        await asyncio.sleep(30)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    if prompt == "badjson":
+        await response.write(event("one") + b"data: {not json\n\n")
+        return response
+    if prompt == "error_event":
+        await response.write(b'data: {"error": {"message": "overloaded"}}\n\n')
+        return response
+    await response.write(event("one", completions) + event(" two", completions))
+    if prompt == "cut":
+        assert request.transport is not None
+        request.transport.close()  # mid-stream, no [DONE]
+        return response
+    if prompt == "stall":
+        await asyncio.sleep(30)
+    if prompt == "mismatch":
+        await response.write(event(" three four five six seven eight nine ten eleven twelve"))
+        await response.write(usage(3) + b"data: [DONE]\n\n")
+        return response
+    await response.write(event(" three", completions))
+    if prompt == "nousage":
+        await response.write(b"data: [DONE]\n\n")
+        return response
+    # "multi": a server that sends several tokens per event; its usage says so
+    await response.write(usage(5 if prompt == "multi" else 3))
+    if prompt != "nodone":
+        await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    app = web.Application()
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/v1/models", models),
+            web.get("/seen", seen),
+            web.post("/v1/chat/completions", chat),
+            web.post("/v1/completions", chat),
+        ]
+    )
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The openai engine against a real llama.cpp server running the embedded model.
+
+The server (`python -m llama_cpp.server`, extra `llama-cpp-python[server]`) serves the
+same GGUF file the in-process engine runs, on a free loopback port. Its sampler is
+set to the in-process engine's greedy settings, and `--interrupt_requests False`
+stops it from aborting a stream when the next request arrives (its default).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from pytest_tokperf import driver, launcher, workloads
+from pytest_tokperf.engines import load_engine
+
+pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server]")
+pytest.importorskip("aiohttp", reason="needs the 'openai' extra")
+
+GREEDY = {"top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+
+
+def server_command() -> str:
+    from pytest_tokperf.engines.llamacpp import default_threads, shipped_model_path
+
+    threads = default_threads()
+    return (
+        f"{sys.executable} -m llama_cpp.server --model {shipped_model_path()} "
+        f"--model_alias smollm2 --host 127.0.0.1 --port {{port}} --n_ctx 2048 "
+        f"--n_threads {threads} --n_threads_batch {threads} --verbose False "
+        "--interrupt_requests False"
+    )
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[launcher.Server]:
+    server = launcher.start(server_command(), ready_timeout_s=120)
+    yield server
+    server.stop()
+
+
+def test_http_and_in_process_engines_agree_token_for_token(server: launcher.Server) -> None:
+    from pytest_tokperf.engines.llamacpp import shipped_model_path
+
+    remote = load_engine(
+        "openai",
+        {"base_url": server.base_url, "tokenizer": str(shipped_model_path()), "extra_body": GREEDY},
+    )
+    local = load_engine("llamacpp", {})
+    assert remote.info.model == "smollm2"
+    reqs = workloads.load(None).requests(6, 24, 24)
+    loop = driver.new_loop()
+    try:
+        over_http = driver.run(remote, reqs, loop=loop)
+        in_process = driver.run(local, reqs, loop=loop)
+    finally:
+        loop.run_until_complete(remote.aclose())
+        loop.run_until_complete(local.aclose())
+        loop.close()
+    assert all(r.ok for r in over_http), [r.error for r in over_http]
+    # same model, same greedy decoding, same chat template: the same answers
+    assert [r.text for r in over_http] == [r.text for r in in_process]
+    # the HTTP path counts by re-tokenizing the text (this server sends no usage), which
+    # can split a word differently from how it was generated: allow one token per answer
+    for http, local_ in zip(over_http, in_process, strict=True):
+        assert abs(http.output_tokens - local_.output_tokens) <= 1, (http.id, http.text)
+
+
+def test_the_plugin_launches_the_server_and_attaches_its_log(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.throughput_floor(min_tokens_per_s=1e9)
+        def test_served(tokperf):
+            result = tokperf.run(requests=2, max_tokens=8, warmup=0)
+            assert result.engine.backend == "openai"
+        """
+    )
+    from pytest_tokperf.engines.llamacpp import shipped_model_path
+
+    result = pytester.runpytest(
+        "--tokperf-engine",
+        "openai",
+        "--tokperf-server-cmd",
+        server_command(),
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        f"tokperf_tokenizer={shipped_model_path()}",
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "tokperf: profile cpu (default), engine openai, model first served at *",
+            "*tokperf server log (tail)*",
+            "*(full log: *server.log)*",
+        ]
+    )
+    assert (
+        " < floor 1,000,000,000 [profile cpu, engine openai, model smollm2 served, 1 device, "
+        "2 requests]" in result.stdout.str()
+    )

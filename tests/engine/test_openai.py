@@ -1,0 +1,169 @@
+"""The openai engine against real loopback servers: a misbehaving one for every error
+path, and a real llama.cpp server running the embedded model for agreement."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_tokperf import driver, launcher
+from pytest_tokperf.engines import EngineError, Request, load_engine
+from pytest_tokperf.engines.openai import OpenAIEngine
+
+pytest.importorskip("aiohttp", reason="needs the 'openai' extra")
+FAKE = Path(__file__).with_name("fake_openai_server.py")
+FAST = {"first_token_timeout_s": 2, "idle_timeout_s": 1, "total_timeout_s": 20}
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[launcher.Server]:
+    server = launcher.start(f"{sys.executable} {FAKE} --port {{port}}", ready_timeout_s=60)
+    yield server
+    server.stop()
+
+
+def _run(engine: OpenAIEngine, prompts: list[str], timeout_s: float = 60.0):
+    loop = driver.new_loop()
+    try:
+        reqs = [Request(p, p, 8) for p in prompts]
+        return {r.id: r for r in driver.run(engine, reqs, loop=loop, timeout_s=timeout_s)}
+    finally:
+        loop.run_until_complete(engine.aclose())
+        loop.close()
+
+
+def _engine(server: launcher.Server, **settings: object) -> OpenAIEngine:
+    engine = load_engine("openai", {"base_url": server.base_url, **FAST, **settings})
+    assert isinstance(engine, OpenAIEngine)
+    return engine
+
+
+def test_every_error_path_is_a_failed_record_and_the_run_ends_on_time(
+    fake: launcher.Server,
+) -> None:
+    prompts = ["ok", "multi", "http500", "cut", "badjson", "stall", "nodone", "error_event"]
+    prompts.append("slowfirst")
+    start = time.monotonic()
+    recs = _run(_engine(fake), prompts)
+    # idle 1 s, first token 2 s: a generous bound that still proves nothing waited 30 s
+    assert time.monotonic() - start < 15
+    assert recs["ok"].ok and recs["ok"].output_tokens == 3 and recs["ok"].text == "one two three"
+    # the server's usage is the truth when it sends several tokens per event
+    assert recs["multi"].ok and recs["multi"].output_tokens == 5
+    assert recs["multi"].chunk_tokens == (1, 1, 1, 2)
+    expected = {
+        "http500": "HTTP 500 from http://127.0.0.1:",
+        "cut": "",  # aiohttp's own words for a closed connection, whatever they are
+        "badjson": "bad JSON in a stream event: b'{not json'",
+        "stall": "no data for the idle timeout of 1 s",
+        "nodone": "the stream ended before its final 'data: [DONE]'",
+        "error_event": "the server reported an error mid-stream",
+        "slowfirst": "no data within the first-token timeout of 2 s",
+    }
+    for prompt, says in expected.items():
+        error = recs[prompt].error
+        assert error is not None and says in error, (prompt, error)
+    assert "boom: the engine is on fire" in (recs["http500"].error or "")
+    assert recs["cut"].output_tokens == 2  # what arrived before the cut is kept
+    assert recs["stall"].output_tokens == 2
+
+
+def test_completions_api_reads_text(fake: launcher.Server) -> None:
+    recs = _run(_engine(fake, api="completions"), ["ok"])
+    assert recs["ok"].ok and recs["ok"].text == "one two three"
+
+
+def test_usage_or_a_tokenizer_is_required_and_they_must_agree(fake: launcher.Server) -> None:
+    from pytest_tokperf.engines.llamacpp import shipped_model_path
+
+    pytest.importorskip("llama_cpp")
+    (rec,) = _run(_engine(fake), ["nousage"]).values()
+    assert rec.error is not None and "no usage" in rec.error and "'tokenizer'" in rec.error
+    tokenizer = str(shipped_model_path())
+    recs = _run(_engine(fake, tokenizer=tokenizer), ["nousage", "mismatch", "ok"])
+    assert recs["nousage"].ok and recs["nousage"].output_tokens == 3  # "one two three"
+    assert "usage says 3 output tokens but the tokenizer counts" in (recs["mismatch"].error or "")
+    assert recs["ok"].ok
+
+
+def test_a_refused_connection_is_a_failed_record() -> None:
+    server = launcher.start(f"{sys.executable} {FAKE} --port {{port}}", ready_timeout_s=60)
+    engine = _engine(server)
+    server.stop()
+    (rec,) = _run(engine, ["ok"]).values()
+    assert rec.error is not None and "Cannot connect" in rec.error
+
+
+def test_the_api_key_is_sent_but_never_recorded(
+    fake: launcher.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKPERF_TEST_KEY", "sk-very-secret")
+    engine = _engine(fake, api_key_env="TOKPERF_TEST_KEY")
+    assert "sk-very-secret" not in json.dumps(dict(engine.info.settings))
+    assert engine.info.settings["api_key_env"] == "TOKPERF_TEST_KEY"
+    _run(engine, ["ok"])
+    with urllib.request.urlopen(fake.base_url + "/seen") as response:
+        assert json.loads(response.read())["authorization"] == "Bearer sk-very-secret"
+
+
+def test_load_errors_are_clear(fake: launcher.Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(EngineError, match="needs base_url"):
+        load_engine("openai", {})
+    with pytest.raises(EngineError, match=r"model 'llama' is not served at .*; served: fake"):
+        load_engine("openai", {"base_url": fake.base_url, "model": "llama"})
+    with pytest.raises(EngineError, match="cannot list models"):
+        load_engine("openai", {"base_url": "http://127.0.0.1:9"})
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(EngineError, match="'NO_SUCH_KEY_VAR', but that variable is not set"):
+        load_engine("openai", {"base_url": fake.base_url, "api_key_env": "NO_SUCH_KEY_VAR"})
+    with pytest.raises(EngineError, match="unknown openai engine settings url"):
+        load_engine("openai", {"url": fake.base_url})
+
+
+def test_launcher_reports_a_server_that_dies_or_never_answers(tmp_path: Path) -> None:
+    with pytest.raises(launcher.LaunchError, match="exited with code 3") as info:
+        launcher.start(f"{sys.executable} -c \"print('no model here'); raise SystemExit(3)\"")
+    assert "no model here" in str(info.value)
+    sleeper = f'{sys.executable} -c "import time; time.sleep(60)"'
+    start = time.monotonic()
+    with pytest.raises(launcher.LaunchError, match=r"did not answer .* within 1 s"):
+        launcher.start(sleeper, base_url="http://127.0.0.1:9", ready_timeout_s=1)
+    assert time.monotonic() - start < 30
+    with pytest.raises(launcher.LaunchError, match="cannot run server command"):
+        launcher.start("/no/such/binary --port {port}")
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan's zombie waits for a reaper this sandbox may lack)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
+    # the server spawns a worker of its own; stopping the server must stop that too
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, runpy; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+        "sys.argv = ['x', '--port', sys.argv[1]]; "
+        f"runpy.run_path({str(FAKE)!r}, run_name='__main__')"
+    )
+    server = launcher.start(f'{sys.executable} -c "{script}" {{port}}', ready_timeout_s=60)
+    child = int(pid_file.read_text())
+    assert _alive(child)
+    server.stop()
+    assert server.process.poll() is not None
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
