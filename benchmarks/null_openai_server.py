@@ -1,0 +1,55 @@
+"""A null OpenAI-compatible server: it streams `max_tokens` one-token chunks at once
+("burst") or one chunk per stream every --pace-ms milliseconds ("paced"), and a final
+usage event, so a client's own cost per streamed token can be measured.
+
+Run: python benchmarks/null_openai_server.py --port 8000 [--pace-ms 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from aiohttp import web
+
+CHUNK = (
+    b'data: {"object":"chat.completion.chunk","choices":[{"index":0,'
+    b'"delta":{"content":" tok"},"finish_reason":null}]}\n\n'
+)
+
+
+def make_app(pace_s: float) -> web.Application:
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "null"}]})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        n = int(body.get("max_tokens", 16))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if pace_s > 0:
+            for _ in range(n):
+                await response.write(CHUNK)
+                await asyncio.sleep(pace_s)
+        else:
+            await response.write(CHUNK * n)
+        usage = {"choices": [], "usage": {"completion_tokens": n, "prompt_tokens": 1}}
+        await response.write(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.add_routes([web.get("/v1/models", models), web.post("/v1/chat/completions", chat)])
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--pace-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    web.run_app(make_app(args.pace_ms / 1000), host="127.0.0.1", port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()
