@@ -249,7 +249,6 @@ def score(
     samples: Sequence[Sample],
     spec: ParitySpec,
     *,
-    mode: str,
     seed: int = SEED,
 ) -> tuple[dict[str, float | None], tuple[ParityCheck, ...], str]:
     """Every score, one check per gated metric, and the overall status."""

@@ -372,7 +372,8 @@ def parity_table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
                 f"{s['tokens_per_sample_ratio']:.3f}",
                 "-" if s["kl"] is None else f"{s['kl']:.4f}",
                 "-" if s["top1"] is None else f"{s['top1']:.3f}",
-                p["verdict"] + ("" if p["status"] == p["verdict"] else f" ({p['status']})"),
+                p["verdict"]
+                + ("" if p["verdict"] in (p["status"], "MEASURED") else f" ({p['status']})"),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

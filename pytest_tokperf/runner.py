@@ -149,6 +149,13 @@ def run_parity(
     timeout_s: float = 600.0,
 ) -> accuracy.ParityResult:
     """Both engines answer the same prompts; score the test engine against the reference."""
+    logits_ok = isinstance(test, LogitsEngine) and isinstance(reference, LogitsEngine)
+    if (spec.max_kl is not None or spec.min_top1 is not None) and not logits_ok:
+        lacking = test if not isinstance(test, LogitsEngine) else reference
+        raise accuracy.ParityError(
+            f"max_kl / min_top1 need next-token logits, which the {lacking.info.backend} "
+            "engine does not expose; drop them or use an engine that does"
+        )
     prompts = load.prompts[:samples]
     requests = load.requests(len(prompts), max_tokens, default_max_tokens)
     ref_records = driver.run(reference, requests, timeout_s=timeout_s)
@@ -169,7 +176,6 @@ def run_parity(
         test_rouge = accuracy.rouge(test_texts, targets)
         # the reference's own outputs score 100 against themselves: agreement >= ratio x 100
         ref_rouge = [dict.fromkeys(accuracy.ROUGE_KEYS, 100.0) for _ in prompts]
-    logits_ok = isinstance(test, LogitsEngine) and isinstance(reference, LogitsEngine)
     out: list[accuracy.Sample] = []
     for i, prompt in enumerate(prompts):
         ref, got = ref_records[i], test_records[i]
@@ -196,7 +202,7 @@ def run_parity(
                 positions=positions,
             )
         )
-    scores, checks, status = accuracy.score(out, spec, mode=mode)
+    scores, checks, status = accuracy.score(out, spec)
     settings = {
         "decoding": test.info.settings.get("decoding", "greedy"),
         "max_tokens": max_tokens or default_max_tokens,

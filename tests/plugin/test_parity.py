@@ -22,6 +22,7 @@ def test_reference_fixture(tokperf_reference_engine, tokperf):
     # the profile's reference precision, and the very engine tokperf.accuracy() compares with
     assert tokperf_reference_engine.info.precision == "f16"
     assert tokperf.reference("f16") is tokperf_reference_engine
+    tokperf.accuracy(samples=1, max_tokens=4)  # no marker: reported, not gated
 
 @pytest.mark.accuracy_parity(max_kl=0.05, min_top1=0.9, dataset="questions.jsonl")
 def test_against_reference_outputs(tokperf):
@@ -83,6 +84,8 @@ def test_f16_against_itself_passes(pytester: pytest.Pytester) -> None:
     assert refs["engine"]["settings"]["model_path"].endswith("SmolLM2-135M-Instruct.F16.gguf")
     agree = tests["test_against_reference_outputs"]
     assert agree["mode"] == "agreement" and agree["scores"]["rougeL"] == 100.0
+    measured = tests["test_reference_fixture"]
+    assert (measured["verdict"], measured["samples"]) == ("MEASURED", 1)
     assert all(p["target"] == p["reference_output"] for p in agree["per_sample"])
 
 

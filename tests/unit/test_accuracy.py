@@ -173,7 +173,7 @@ def _sample(
 
 def test_score_identical_engines_pass() -> None:
     samples = [_sample(i, 20.0 + i, 20.0 + i) for i in range(8)]
-    scores, checks, status = accuracy.score(samples, ParitySpec(), mode="dataset")
+    scores, checks, status = accuracy.score(samples, ParitySpec())
     assert status == "PASS"
     assert [c.metric for c in checks] == ["rouge1", "rouge2", "rougeL", "tokens_per_sample"]
     assert scores["rouge1_ratio"] == 1.0 and scores["exact_match"] == 1.0
@@ -184,7 +184,7 @@ def test_score_identical_engines_pass() -> None:
 def test_score_a_clear_loss_fails_with_the_reference_value() -> None:
     samples = [_sample(i, 15.0 + i, 30.0 + i, tokens=12) for i in range(8)]
     spec = ParitySpec(max_kl=0.01, min_top1=0.95)
-    scores, checks, status = accuracy.score(samples, spec, mode="dataset")
+    scores, checks, status = accuracy.score(samples, spec)
     assert status == "FAIL"
     by = {c.metric: c for c in checks}
     expected = sum(15.0 + i for i in range(8)) / sum(30.0 + i for i in range(8))

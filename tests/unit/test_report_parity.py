@@ -24,7 +24,7 @@ def _sample(i: int, test: float, ref: float) -> Sample:
 
 
 def _result(samples: list[Sample], status_spec: ParitySpec) -> ParityResult:
-    scores, checks, status = accuracy.score(samples, status_spec, mode="dataset")
+    scores, checks, status = accuracy.score(samples, status_spec)
     return ParityResult(
         mode="dataset",
         dataset="default",
