@@ -1,15 +1,25 @@
 """pytest-tokperf: LLM inference performance acceptance tests as pytest markers.
 
-Throughput floors today; the fixtures `tokperf_engine` and `tokperf` and the marker
-`throughput_floor` come from the plugin module, registered through `pytest11`.
+Throughput floors and accuracy parity; the fixtures `tokperf_engine`, `tokperf` and
+`tokperf_reference_engine` and the markers `throughput_floor` and `accuracy_parity`
+come from the plugin module, registered through `pytest11`.
 """
 
 from __future__ import annotations
 
 from importlib import metadata
 
+from pytest_tokperf.accuracy import ParityResult, ParitySpec
 from pytest_tokperf.driver import RequestRecord
-from pytest_tokperf.engines import Chunk, Engine, EngineError, EngineInfo, Request, load_engine
+from pytest_tokperf.engines import (
+    Chunk,
+    Engine,
+    EngineError,
+    EngineInfo,
+    LogitsEngine,
+    Request,
+    load_engine,
+)
 from pytest_tokperf.metrics import Distribution, RunResult, percentile
 from pytest_tokperf.runner import Tokperf
 from pytest_tokperf.workloads import Prompt, Workload, WorkloadError
@@ -25,6 +35,9 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineInfo",
+    "LogitsEngine",
+    "ParityResult",
+    "ParitySpec",
     "Prompt",
     "Request",
     "RequestRecord",

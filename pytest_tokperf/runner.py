@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from pytest_tokperf import driver, metrics, workloads
-from pytest_tokperf.engines import Engine
+from pytest_tokperf import accuracy, driver, metrics, workloads
+from pytest_tokperf.engines import Engine, LogitsEngine
 from pytest_tokperf.profiles import Profile
 
 
@@ -14,12 +16,81 @@ class Tokperf:
     """Runs measured workloads on the session's engine; remembers the last result."""
 
     def __init__(
-        self, engine: Engine, profile: Profile, loop: asyncio.AbstractEventLoop | None = None
+        self,
+        engine: Engine,
+        profile: Profile,
+        loop: asyncio.AbstractEventLoop | None = None,
+        reference: Callable[[str], Engine] | None = None,
     ) -> None:
         self.engine = engine
         self.profile = profile
         self.loop = loop
         self.results: list[metrics.RunResult] = []
+        # accuracy parity: the reference engine by precision (loaded lazily by the plugin)
+        self.reference = reference
+        self.parity_spec = accuracy.ParitySpec()  # the test's marker, when it has one
+        self.parity_results: list[accuracy.ParityResult] = []
+
+    @property
+    def last_parity(self) -> accuracy.ParityResult | None:
+        return self.parity_results[-1] if self.parity_results else None
+
+    def accuracy(
+        self,
+        dataset: str | Path | None = None,
+        samples: int | None = None,
+        max_tokens: int | None = None,
+        *,
+        reference: str | None = None,
+        rouge_ratio: float | None = None,
+        tokens_per_sample: tuple[float, float] | None = None,
+        max_kl: float | None = None,
+        min_top1: float | None = None,
+        timeout_s: float = 600.0,
+    ) -> accuracy.ParityResult:
+        """Accuracy parity of this engine against the reference precision.
+
+        The first `samples` prompts of `dataset` (default: the marker's, else the
+        built-in set; `samples` default: the profile's requests) run greedily on both
+        engines. Arguments left out come from the test's `accuracy_parity` marker.
+        """
+        for name, value in (("samples", samples), ("max_tokens", max_tokens)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"tokperf.accuracy({name}={value!r}): expected a positive integer")
+        spec = self.parity_spec
+        spec = accuracy.ParitySpec(
+            reference=reference or spec.reference,
+            rouge_ratio=spec.rouge_ratio if rouge_ratio is None else rouge_ratio,
+            tokens_per_sample=tokens_per_sample or spec.tokens_per_sample,
+            max_kl=spec.max_kl if max_kl is None else max_kl,
+            min_top1=spec.min_top1 if min_top1 is None else min_top1,
+            dataset=spec.dataset if dataset is None else str(dataset),
+        )
+        precision = spec.reference or self.profile.reference_precision
+        if precision is None:
+            raise ValueError(
+                f"tokperf.accuracy(): profile {self.profile.name!r} names no reference_precision; "
+                "pass reference=... or mark the test accuracy_parity(reference=...)"
+            )
+        if self.reference is None:
+            raise ValueError("tokperf.accuracy(): this runner has no reference engine")
+        load = workloads.load(spec.dataset)
+        result = run_parity(
+            self.engine,
+            self.reference(precision),
+            load,
+            samples=samples or self.profile.requests,
+            max_tokens=max_tokens,
+            default_max_tokens=self.profile.max_tokens,
+            spec=spec,
+            reference_precision=precision,
+            timeout_s=timeout_s,
+            loop=self.loop,
+        )
+        self.parity_results.append(result)
+        return result
 
     @property
     def last(self) -> metrics.RunResult | None:
@@ -72,3 +143,108 @@ class Tokperf:
         )
         self.results.append(result)
         return result
+
+
+def run_parity(
+    test: Engine,
+    reference: Engine,
+    load: workloads.Workload,
+    *,
+    samples: int,
+    max_tokens: int | None,
+    default_max_tokens: int,
+    spec: accuracy.ParitySpec,
+    reference_precision: str,
+    timeout_s: float = 600.0,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> accuracy.ParityResult:
+    """Both engines answer the same prompts; score the test engine against the reference."""
+    logits_ok = isinstance(test, LogitsEngine) and isinstance(reference, LogitsEngine)
+    if (spec.max_kl is not None or spec.min_top1 is not None) and not logits_ok:
+        lacking = test if not isinstance(test, LogitsEngine) else reference
+        raise accuracy.ParityError(
+            f"max_kl / min_top1 need next-token logits, which the {lacking.info.backend} "
+            "engine does not expose; drop them or use an engine that does"
+        )
+    prompts = load.prompts[:samples]
+    requests = load.requests(len(prompts), max_tokens, default_max_tokens)
+    ref_records = driver.run(reference, requests, timeout_s=timeout_s, loop=loop)
+    test_records = driver.run(test, requests, timeout_s=timeout_s, loop=loop)
+    errors = [f"{r.id}: {r.error}" for r in (*ref_records, *test_records) if r.error]
+    if errors:
+        raise accuracy.ParityError(f"{len(errors)} accuracy requests failed; first: {errors[0]}")
+    with_refs = all(p.reference for p in prompts)
+    mode = "dataset" if with_refs else "agreement"
+    ref_texts = [r.text for r in ref_records]
+    test_texts = [r.text for r in test_records]
+    if with_refs:
+        targets = [p.reference or "" for p in prompts]
+        test_rouge = accuracy.rouge(test_texts, targets)
+        ref_rouge = accuracy.rouge(ref_texts, targets)
+    else:
+        targets = ref_texts
+        test_rouge = accuracy.rouge(test_texts, targets)
+        # the reference's own outputs score 100 against themselves: agreement >= ratio x 100
+        ref_rouge = [dict.fromkeys(accuracy.ROUGE_KEYS, 100.0) for _ in prompts]
+    out: list[accuracy.Sample] = []
+    for i, prompt in enumerate(prompts):
+        ref, got = ref_records[i], test_records[i]
+        kl_sum = agree = positions = None
+        if logits_ok and ref.token_ids:
+            assert isinstance(test, LogitsEngine) and isinstance(reference, LogitsEngine)
+            kl_sum, agree, positions = accuracy.token_parity(
+                reference.logits(prompt.prompt, ref.token_ids),
+                test.logits(prompt.prompt, ref.token_ids),
+            )
+        out.append(
+            accuracy.Sample(
+                id=prompt.id,
+                target=targets[i],
+                reference_output=ref.text,
+                output=got.text,
+                reference_tokens=ref.output_tokens,
+                tokens=got.output_tokens,
+                first_divergence=accuracy.first_divergence(got.token_ids, ref.token_ids),
+                test_rouge=test_rouge[i],
+                reference_rouge=ref_rouge[i],
+                kl_sum=kl_sum,
+                top1_agree=agree,
+                positions=positions,
+            )
+        )
+    scores, checks, status = accuracy.score(out, spec)
+    settings = {
+        "decoding": test.info.settings.get("decoding", "greedy"),
+        "max_tokens": max_tokens or default_max_tokens,
+        "max_tokens_per_prompt": [r.max_tokens for r in requests],
+        "chat_template": test.info.settings.get("chat_template", "engine default"),
+        "seed": test.info.settings.get("seed"),
+        "bootstrap": {"resamples": accuracy.RESAMPLES, "confidence": accuracy.CONFIDENCE,
+                      "seed": accuracy.SEED},
+        "distribution": "teacher-forced over the reference outputs" if logits_ok
+        else "not supported by these engines",
+    }  # fmt: skip
+    return accuracy.ParityResult(
+        mode=mode,
+        dataset=load.name,
+        reference_precision=reference_precision,
+        precision=test.info.precision,
+        settings=settings,
+        samples=tuple(out),
+        scores=scores,
+        checks=checks,
+        status=status,
+        engine=_engine(test),
+        reference_engine=_engine(reference),
+    )
+
+
+def _engine(engine: Engine) -> dict[str, Any]:
+    info = engine.info
+    return {
+        "backend": info.backend,
+        "model": info.model,
+        "precision": info.precision,
+        "devices": info.devices,
+        "settings": dict(info.settings),
+    }

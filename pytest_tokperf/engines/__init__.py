@@ -7,9 +7,12 @@ chunks, so an engine never needs to know about clocks, scenarios or metrics.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,19 @@ class Engine(Protocol):
     def stream(self, request: Request) -> AsyncIterator[Chunk]: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class LogitsEngine(Protocol):
+    """An engine that can also score a given continuation (in-process engines).
+
+    Not part of `Engine`: a served model may expose no logits at all. Accuracy
+    parity's distribution metrics (KL divergence, top-1 agreement) need it.
+    """
+
+    def logits(self, prompt: str, continuation: Sequence[int]) -> np.ndarray:
+        """Row i: next-token logits (n_vocab) after `prompt` and `continuation[:i]`."""
+        ...
 
 
 class EngineError(Exception):

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import hashlib
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_tokperf.engines import Chunk, EngineError, EngineInfo, MissingExtraError, Request
 
+if TYPE_CHECKING:
+    import numpy as np
+
 SHIPPED_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SETTINGS = {"model_path", "n_ctx", "n_threads", "n_batch"}
+SETTINGS = {"model_path", "n_ctx", "n_threads", "n_batch", "precision"}
 
 # llama.cpp's llama_ftype values (general.file_type in GGUF metadata)
 FILE_TYPES = {
@@ -137,6 +141,38 @@ class LlamaCppEngine:
         finally:
             cancelled.set()
 
+    def logits(self, prompt: str, continuation: Sequence[int]) -> np.ndarray:
+        """Teacher-forced next-token logits: row i is the distribution that predicts
+        `continuation[i]` after the chat-formatted `prompt` and `continuation[:i]`.
+
+        One token per decode step, reading the last row each time: the same cost as
+        generating, without `logits_all=True`'s n_ctx x n_vocab buffer (400 MB here).
+        """
+        return self._executor.submit(self._logits, prompt, tuple(continuation)).result()
+
+    def _logits(self, prompt: str, continuation: tuple[int, ...]) -> np.ndarray:
+        import llama_cpp
+        import numpy as np
+
+        llm = self._llm
+        tokens = self.prompt_tokens(prompt)
+        if not continuation:
+            return np.zeros((0, llm.n_vocab()), dtype=np.float32)
+        if len(tokens) + len(continuation) > llm.n_ctx():
+            raise ValueError(
+                f"prompt of {len(tokens)} tokens + {len(continuation)} continuation tokens "
+                f"exceeds the context window of {llm.n_ctx()} tokens"
+            )
+        llm.reset()
+        rows = np.empty((len(continuation), llm.n_vocab()), dtype=np.float32)
+        step: list[int] = tokens
+        for i, token in enumerate(continuation):
+            llm.eval(step)
+            last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+            rows[i] = np.ctypeslib.as_array(last, shape=(llm.n_vocab(),))
+            step = [token]
+        return rows
+
     async def aclose(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._llm.close()
@@ -158,6 +194,11 @@ def load(settings: Mapping[str, Any], devices: int) -> LlamaCppEngine:
     path = Path(settings["model_path"]) if settings.get("model_path") else shipped_model_path()
     if not path.is_file():
         raise EngineError(f"model file {path} does not exist")
+    if settings.get("precision"):
+        from pytest_tokperf.precision import model_for
+
+        # built once into the cache from `path` (the shipped Q4_1 file by default)
+        path = model_for(str(settings["precision"]), path)
     n_threads = int(settings.get("n_threads") or default_threads())
     n_ctx = int(settings.get("n_ctx") or 2048)
     n_batch = int(settings.get("n_batch") or 512)
@@ -187,6 +228,10 @@ def load(settings: Mapping[str, Any], devices: int) -> LlamaCppEngine:
         },
         settings={
             "model_path": str(path),
+            # greedy decoding with the model's own template: what makes two runs comparable
+            "decoding": "greedy",
+            "seed": 0,
+            "chat_template": _template_id(meta.get("tokenizer.chat_template")),
             "n_ctx": n_ctx,
             "n_batch": n_batch,
             "n_threads": n_threads,
@@ -199,6 +244,14 @@ def _model_name(path: Path, precision: str) -> str:
     """SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct (precision is shown apart)."""
     stem, _, suffix = path.stem.rpartition(".")
     return stem if stem and suffix.lower() == precision else path.stem
+
+
+def _template_id(template: str | None) -> str:
+    """Which chat template formatted the prompts, short enough for a report."""
+    if not template:
+        return "none"
+    digest = hashlib.sha256(template.encode("utf-8")).hexdigest()[:12]
+    return f"gguf tokenizer.chat_template sha256:{digest}"
 
 
 def _version(dist: str) -> str | None:

@@ -66,3 +66,17 @@ def test_missing_and_empty_files(tmp_path: Path) -> None:
     empty.write_text("\n")
     with pytest.raises(WorkloadError, match="no prompts"):
         load(empty)
+
+
+def test_every_builtin_prompt_has_a_scorable_reference() -> None:
+    """Accuracy parity scores the default set against its references (dataset mode)."""
+    from pytest_tokperf import workloads as w
+
+    prompts = w.load("default").prompts
+    assert len(prompts) == 64
+    for p in prompts:
+        assert p.reference is not None, p.id
+        words = p.reference.split()
+        # a one-to-three sentence answer: long enough for ROUGE-2, short enough for 64 tokens
+        assert 8 <= len(words) <= 45, (p.id, len(words))
+        assert p.reference.rstrip()[-1] in ".!?", p.id
