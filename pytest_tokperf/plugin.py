@@ -163,13 +163,20 @@ class TokperfSession:
             requests=requests or self.profile.requests,
             max_tokens=max_tokens or self.profile.max_tokens,
         )
+        engine = _setting(config, "tokperf_engine")
+        self.backend = engine[0] if engine else self.profile.backend
+        if self.backend not in BACKENDS:
+            raise pytest.UsageError(
+                f"unknown engine {self.backend!r} (from {engine[1] if engine else 'profile'}); "
+                f"available: {', '.join(sorted(BACKENDS))}"
+            )
         precision_setting = _setting(config, "tokperf_precision")
         if precision_setting is not None:
             value, source = precision_setting
             known = self.precisions()
             if known is not None and value not in known:
                 raise pytest.UsageError(
-                    f"{source}: unknown precision {value!r} for the {self.profile.backend} "
+                    f"{source}: unknown precision {value!r} for the {self.backend} "
                     f"engine; available: {', '.join(known)}"
                 )
             self.profile = dataclasses.replace(self.profile, precision=value)
@@ -184,13 +191,6 @@ class TokperfSession:
                     f"model file {model[0]!r} (from {model[1]}) does not exist; "
                     "give the path of a GGUF file"
                 )
-        engine = _setting(config, "tokperf_engine")
-        self.backend = engine[0] if engine else self.profile.backend
-        if self.backend not in BACKENDS:
-            raise pytest.UsageError(
-                f"unknown engine {self.backend!r} (from {engine[1] if engine else 'profile'}); "
-                f"available: {', '.join(sorted(BACKENDS))}"
-            )
         self.server_settings = {
             key: value
             for key, name in (
