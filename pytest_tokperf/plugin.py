@@ -10,14 +10,14 @@ import asyncio
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_tokperf import profiles, report, verdict
-from pytest_tokperf.engines import Engine, EngineError, load_engine
+from pytest_tokperf import gpus, profiles, report, verdict
+from pytest_tokperf.engines import BACKENDS, Engine, EngineError, load_engine
 from pytest_tokperf.runner import Tokperf
 
 BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
@@ -62,7 +62,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="max new tokens per request when neither the test nor the prompt says "
         "(env TOKPERF_MAX_TOKENS, ini tokperf_max_tokens; default: the profile's)",
     )
+    group.addoption(
+        "--tokperf-gpus",
+        metavar="N",
+        help="GPUs to allocate to each process instead of the profile's "
+        "(env TOKPERF_GPUS, ini tokperf_gpus)",
+    )
+    group.addoption(
+        "--tokperf-allow-busy-gpus",
+        action="store_true",
+        help="allocate GPUs that run other processes' compute work "
+        "(env TOKPERF_ALLOW_BUSY_GPUS, ini tokperf_allow_busy_gpus)",
+    )
+    group.addoption(
+        "--tokperf-require-hardware",
+        action="store_true",
+        help="error instead of skipping when the profile's GPUs are missing or taken "
+        "(env TOKPERF_REQUIRE_HARDWARE, ini tokperf_require_hardware)",
+    )
+    group.addoption(
+        "--tokperf-lock-dir",
+        metavar="DIR",
+        help="directory of the per-GPU lock files every tokperf process on this machine "
+        f"shares (env TOKPERF_LOCK_DIR, ini tokperf_lock_dir; default {gpus.DEFAULT_LOCK_DIR})",
+    )
     parser.addini("tokperf_profile", "tokperf hardware profile", default="")
+    parser.addini("tokperf_gpus", "tokperf GPUs per process", default="")
+    parser.addini("tokperf_allow_busy_gpus", "tokperf: allocate busy GPUs", default="")
+    parser.addini("tokperf_require_hardware", "tokperf: error on missing GPUs", default="")
+    parser.addini("tokperf_lock_dir", "tokperf GPU lock directory", default="")
     parser.addini("tokperf_requests", "tokperf requests per run", default="")
     parser.addini("tokperf_max_tokens", "tokperf max new tokens per request", default="")
     parser.addini("tokperf_json", "path of the tokperf JSON results", default="")
@@ -97,15 +125,43 @@ def _positive_int(config: pytest.Config, name: str) -> int | None:
     return number
 
 
+FLAGS = {"1": True, "true": True, "yes": True, "on": True,
+         "0": False, "false": False, "no": False, "off": False, "": False}  # fmt: skip
+
+
+def _flag(config: pytest.Config, name: str) -> bool:
+    setting = _setting(config, name)
+    if setting is None:
+        return False
+    value, source = setting
+    if isinstance(value, bool):  # the command-line flag itself
+        return value
+    if value.strip().lower() not in FLAGS:
+        raise pytest.UsageError(f"{source} must be true or false (1/0, yes/no), got {value!r}")
+    return FLAGS[value.strip().lower()]
+
+
 class TokperfSession:
     """Per-process state, registered as a plugin (never kept in globals)."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         ini_profile = config.getini("tokperf_profile")
+        self.registry = profiles.load_user(config.rootpath)
+        self.nvml, why_not = gpus.load_nvml()
+        self.inventory = gpus.read_inventory(self.nvml, why_not)
         self.profile, self.profile_source = profiles.select(
-            config.getoption("tokperf_profile"), ini_profile, str(config.inipath)
+            config.getoption("tokperf_profile"),
+            ini_profile,
+            str(config.inipath),
+            self.registry,
+            self.inventory,
         )
+        self.gpu_count = _positive_int(config, "tokperf_gpus")
+        self.allow_busy = _flag(config, "tokperf_allow_busy_gpus")
+        self.require_hardware = _flag(config, "tokperf_require_hardware")
+        lock_dir = _setting(config, "tokperf_lock_dir")
+        self.lock_dir = Path(lock_dir[0]) if lock_dir else gpus.DEFAULT_LOCK_DIR
         requests = _positive_int(config, "tokperf_requests")
         max_tokens = _positive_int(config, "tokperf_max_tokens")
         self.profile = dataclasses.replace(
@@ -130,6 +186,8 @@ class TokperfSession:
 
     def engine_settings(self) -> dict[str, Any]:
         settings = dict(self.profile.engine)
+        if self.profile.tensor_parallel_size > 1:
+            settings["tensor_parallel_size"] = self.profile.tensor_parallel_size
         if self.model_path is not None:
             settings["model_path"] = str(self.model_path)
         return settings
@@ -138,10 +196,28 @@ class TokperfSession:
         p = self.profile
         model = self.model_path.name if self.model_path else f"{p.model} {p.precision}"
         unit = "GPU" if p.device_kind == "gpu" else "device"
+        devices = self.gpu_count or p.devices
         return [
             f"tokperf: profile {p.name} ({self.profile_source}), engine {p.backend}, "
-            f"model {model}, {p.devices} {unit}{'' if p.devices == 1 else 's'}"
+            f"model {model}, {devices} {unit}{'' if devices == 1 else 's'}",
+            f"tokperf: GPUs: {self.inventory.describe()}",
         ]
+
+    def allocate(self) -> gpus.Allocation:
+        """This process's GPUs for the profile (the CPU device for a cpu profile).
+
+        Not enough suitable free GPUs skips the tests that need them, or fails them
+        with --tokperf-require-hardware.
+        """
+        if self.profile.device_kind != "gpu":
+            return gpus.Allocation()
+        need = self.profile.need(self.gpu_count)
+        try:
+            return gpus.allocate(self.inventory, need, self.lock_dir, self.allow_busy)
+        except gpus.Shortage as exc:
+            if self.require_hardware:
+                pytest.fail(f"{exc} (--tokperf-require-hardware)", pytrace=False)
+            pytest.skip(str(exc))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -150,7 +226,7 @@ class TokperfSession:
             marker = item.get_closest_marker("throughput_floor")
             if marker is not None:
                 item.stash[BOUNDS] = verdict.parse_floor_marker(
-                    marker.args, marker.kwargs, item.nodeid, profiles.BUILTIN
+                    marker.args, marker.kwargs, item.nodeid, self.registry
                 )
 
     @pytest.hookimpl(wrapper=True)
@@ -166,12 +242,32 @@ class TokperfSession:
         if result is None:
             return
         outcome = verdict.judge(result, floors or {})
-        data = report.payload(item.nodeid, result, outcome, floors or {}, self.profile)
+        data = report.payload(
+            item.nodeid, result, outcome, floors or {}, self.profile, gpus=runner.gpus
+        )
         if floors is None:
             data["verdict"] = "MEASURED"  # no floor: reported, not gated
         item.user_properties.append((report.PROPERTY, json.dumps(data)))
         if floors is not None and outcome.status == "FAIL":
             pytest.fail(report.failure_message(data), pytrace=False)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        rep = yield
+        # a perf test skipped in setup for want of GPUs (the session-scoped allocation
+        # runs before any function fixture) still gets its row in the results
+        skip = call.excinfo.value if call.excinfo is not None else None
+        if (
+            rep.when == "setup"
+            and isinstance(skip, pytest.skip.Exception)
+            and BOUNDS in item.stash
+            and all(name != PROPERTY for name, _ in rep.user_properties)
+        ):
+            data = report.skipped(item.nodeid, self.profile, str(skip.msg))
+            rep.user_properties.append((PROPERTY, json.dumps(data)))
+        return rep
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when not in ("setup", "call"):
@@ -182,7 +278,9 @@ class TokperfSession:
 
     def pytest_sessionfinish(self) -> None:
         if self.json_path is not None and not self.is_worker:
-            doc = report.document(self._sorted(), self.profile, self.profile_source)
+            doc = report.document(
+                self._sorted(), self.profile, self.profile_source, inventory=self.inventory
+            )
             report.write_json(self.json_path, doc)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
@@ -210,11 +308,35 @@ def _session(config: pytest.Config) -> TokperfSession:
 
 
 @pytest.fixture(scope="session")
-def tokperf_engine(pytestconfig: pytest.Config) -> Iterator[Engine]:
-    """The profile's engine, loaded once per process (once per xdist worker)."""
-    state = _session(pytestconfig)
+def tokperf_gpus(pytestconfig: pytest.Config) -> Iterator[gpus.Allocation]:
+    """This process's GPUs, locked for the session; CUDA_VISIBLE_DEVICES names them.
+
+    Each xdist worker gets a disjoint set. Without enough suitable free GPUs the
+    tests that need them skip (or fail with --tokperf-require-hardware).
+    """
+    allocation = _session(pytestconfig).allocate()
     try:
-        engine = load_engine(state.profile.backend, state.engine_settings(), state.profile.devices)
+        # by UUID: NVML's order may differ from CUDA's; set before any engine loads
+        with gpus.cuda_visible(allocation):
+            yield allocation
+    finally:
+        allocation.release()
+
+
+@pytest.fixture(scope="session")
+def tokperf_engine(pytestconfig: pytest.Config, tokperf_gpus: gpus.Allocation) -> Iterator[Engine]:
+    """The profile's engine on this process's allocation (once per xdist worker)."""
+    state = _session(pytestconfig)
+    backend = state.profile.backend
+    if backend not in BACKENDS:
+        pytest.fail(
+            f"tokperf profile {state.profile.name!r} ({state.profile_source}) runs the "
+            f"{backend!r} engine, which this version of pytest-tokperf does not include; "
+            f"available engines: {', '.join(sorted(BACKENDS))} (profile 'cpu')",
+            pytrace=False,
+        )
+    try:
+        engine = load_engine(backend, state.engine_settings(), tokperf_gpus.devices)
     except EngineError as exc:
         pytest.fail(f"tokperf could not load its engine: {exc}", pytrace=False)
     yield engine
@@ -222,9 +344,17 @@ def tokperf_engine(pytestconfig: pytest.Config) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def tokperf(request: pytest.FixtureRequest, tokperf_engine: Engine) -> Tokperf:
+def tokperf(
+    request: pytest.FixtureRequest, tokperf_engine: Engine, tokperf_gpus: gpus.Allocation
+) -> Tokperf:
     """Runs measured workloads: `tokperf.run(scenario="offline", requests=N, max_tokens=M)`."""
-    runner = Tokperf(tokperf_engine, _session(request.config).profile)
+    state = _session(request.config)
+    runner = Tokperf(
+        tokperf_engine,
+        state.profile,
+        telemetry=lambda: gpus.Sampler(state.nvml, tokperf_gpus.uuids),
+        gpus=tokperf_gpus.uuids,
+    )
     request.node.stash[RUNNER] = runner
     return runner
 

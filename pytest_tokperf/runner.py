@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pytest_tokperf import driver, metrics, workloads
+from pytest_tokperf import gpus as gpus_module
 from pytest_tokperf.engines import Engine
 from pytest_tokperf.profiles import Profile
 
@@ -12,9 +14,19 @@ from pytest_tokperf.profiles import Profile
 class Tokperf:
     """Runs measured workloads on the session's engine; remembers the last result."""
 
-    def __init__(self, engine: Engine, profile: Profile) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        profile: Profile,
+        *,
+        telemetry: Callable[[], gpus_module.Sampler] | None = None,
+        gpus: Sequence[str] = (),
+    ) -> None:
         self.engine = engine
         self.profile = profile
+        # a fresh sampler per measured run: telemetry of the run, not of the warm-up
+        self.telemetry = telemetry or (lambda: gpus_module.Sampler(None, ()))
+        self.gpus = tuple(gpus)  # UUIDs of the GPUs the engine was given
         self.results: list[metrics.RunResult] = []
 
     @property
@@ -55,11 +67,13 @@ class Tokperf:
         measured = load.requests(count, max_tokens, self.profile.max_tokens)
         n_warmup = self.profile.warmup if warmup is None else warmup
         warm = load.requests(n_warmup, max_tokens, self.profile.max_tokens) if n_warmup else []
-        records = driver.run(
-            self.engine, measured, scenario=scenario, warmup=warm, timeout_s=timeout_s
-        )
+        if warm:  # apart from the measured run, so telemetry covers that run alone
+            driver.run(self.engine, warm, timeout_s=timeout_s)
+        with self.telemetry() as sampler:
+            records = driver.run(self.engine, measured, scenario=scenario, timeout_s=timeout_s)
         result = metrics.summarize(
             records, self.engine.info, scenario=scenario, workload=load.name, max_tokens=max_tokens
         )
+        result = metrics.with_telemetry(result, sampler.summary())
         self.results.append(result)
         return result

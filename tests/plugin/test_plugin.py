@@ -157,7 +157,12 @@ def test_bad_marker_arguments_are_usage_errors(
         (["--tokperf-requests", "0"], {}, "--tokperf-requests must be a positive integer"),
         ([], {"TOKPERF_MAX_TOKENS": "x"}, "environment variable TOKPERF_MAX_TOKENS must be"),
         (["--tokperf-model-path", "nope.gguf"], {}, "model file 'nope.gguf'"),
-        (["--tokperf-profile", "gb300-nvl72"], {}, "runs the 'trtllm' engine"),
+        (["--tokperf-gpus", "0"], {}, "--tokperf-gpus must be a positive integer, got '0'"),
+        (
+            [],
+            {"TOKPERF_ALLOW_BUSY_GPUS": "maybe"},
+            "environment variable TOKPERF_ALLOW_BUSY_GPUS must be true or false",
+        ),
     ],
 )
 def test_bad_options_are_usage_errors(

@@ -35,6 +35,7 @@ def test_gpu_profiles_carry_the_published_floors() -> None:
     assert abs(18 * 4 * 15_290 - 1_100_948) / 1_100_948 < 0.001
 
 
-def test_a_profile_whose_engine_is_missing_is_a_usage_error() -> None:
-    with pytest.raises(pytest.UsageError, match="runs the 'trtllm' engine"):
-        select("gb300-nvl72", "", None)
+def test_a_profile_whose_engine_is_missing_is_still_selected() -> None:
+    # whether the engine ships is checked when it loads, after GPUs were allocated:
+    # on a machine without the GPUs the tests skip for want of hardware first
+    assert select("gb300-nvl72", "", None)[0].backend == "trtllm"
