@@ -196,7 +196,8 @@ class TokperfSession:
         p = self.profile
         model = self.model_path.name if self.model_path else f"{p.model} {p.precision}"
         unit = "GPU" if p.device_kind == "gpu" else "device"
-        devices = self.gpu_count or p.devices
+        # --tokperf-gpus changes what a GPU profile allocates; the cpu profile is one device
+        devices = (self.gpu_count or p.devices) if p.device_kind == "gpu" else p.devices
         return [
             f"tokperf: profile {p.name} ({self.profile_source}), engine {p.backend}, "
             f"model {model}, {devices} {unit}{'' if devices == 1 else 's'}",

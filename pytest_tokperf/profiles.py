@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +246,9 @@ KEYS: dict[str, Any] = {
     "parity": lambda v: _numbers(v, PARITY_KEYS),
 }
 MERGED = ("floors", "engine", "slos", "parity")  # tables merge key by key with `extends`
-REQUIRED = tuple(f.name for f in fields(Profile) if f.default is f.default_factory is None)
+REQUIRED = tuple(
+    f.name for f in fields(Profile) if f.default is MISSING and f.default_factory is MISSING
+)
 
 
 def _tables(rootdir: Path) -> list[tuple[str, dict[str, Any], Path]]:
@@ -309,8 +311,7 @@ def _build(
         if key == "extends":
             continue
         if key not in KEYS:
-            return_error = f"unknown key; allowed: extends, {', '.join(KEYS)}"
-            raise bad(key, return_error)
+            raise bad(key, f"unknown key; allowed: extends, {', '.join(KEYS)}")
         try:
             values[key] = KEYS[key](value)
         except _Bad as exc:

@@ -109,7 +109,12 @@ def payload(
 ) -> dict[str, Any]:
     """Everything known about one perf test, as JSON data."""
     engine = result.engine
-    telemetry = None if result.telemetry is None else dataclasses.asdict(result.telemetry)
+    # tuples become lists here, so the payload equals what a reader loads from JSON
+    telemetry = (
+        None
+        if result.telemetry is None
+        else json.loads(json.dumps(dataclasses.asdict(result.telemetry)))
+    )
     return {
         "nodeid": nodeid,
         "verdict": verdict.status,
