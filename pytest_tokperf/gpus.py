@@ -390,7 +390,8 @@ class Need:
     min_memory_gib: float = 0.0
 
     def describe(self) -> str:
-        what = f"GPUs matching {self.name_pattern!r}" if self.name_pattern else "GPUs"
+        gpus = "GPU" if self.count == 1 else "GPUs"
+        what = f"{gpus} matching {self.name_pattern!r}" if self.name_pattern else gpus
         memory = f" with at least {self.min_memory_gib:g} GiB" if self.min_memory_gib else ""
         return f"{self.count} {what}{memory}"
 
@@ -460,16 +461,23 @@ def try_lock(lock_dir: Path, uuid: str) -> GpuLock | None:
     import fcntl
 
     path = _lock_dir(lock_dir) / f"{uuid}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        writable = True
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666)  # past the umask: other users' runs lock it too
+    except PermissionError:  # another user's file: a read-only fd locks just as well
+        fd, writable = os.open(path, os.O_RDONLY), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
-    # who holds it, for other processes' skip messages; the lock is the flock itself
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} {socket.gethostname()} {worker}".strip().encode(), 0)
+    if writable:
+        # who holds it, for other processes' skip messages; the lock is the flock itself
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} {socket.gethostname()} {worker}".strip().encode(), 0)
     return GpuLock(uuid, path, fd)
 
 

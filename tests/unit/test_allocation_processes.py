@@ -55,7 +55,7 @@ def test_processes_get_disjoint_gpus_and_a_killed_one_frees_its_own(tmp_path: Pa
 
         c, line = holder(tmp_path, 1)  # all 8 are held now
         assert c.wait(timeout=60) == 3
-        assert line.startswith("SHORT profile h100-sxm needs 1 GPUs")
+        assert line.startswith("SHORT profile h100-sxm needs 1 GPU ")
         assert f"pid {a.pid}" in line and f"pid {b.pid}" in line
 
         a.send_signal(signal.SIGKILL)  # no clean-up code runs in a killed process

@@ -120,7 +120,7 @@ def test_two_allocations_never_share_a_gpu(tmp_path: Path) -> None:
         with pytest.raises(Shortage) as info:
             allocate(inv, Need("h100-sxm", 1, "H100"), tmp_path, allow_busy=False)
         message = str(info.value)
-        assert message.startswith("profile h100-sxm needs 1 GPUs matching 'H100'; 8 of 8")
+        assert message.startswith("profile h100-sxm needs 1 GPU matching 'H100'; 8 of 8")
         assert message.count("held by") == 1 and message.count("(pid ") == 8
     finally:
         first.release()

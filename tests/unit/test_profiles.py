@@ -98,7 +98,7 @@ def test_tokperf_toml_defines_a_whole_profile(tmp_path: Path) -> None:
     )
     a100 = load_user(tmp_path)["a100"]
     assert (a100.backend, a100.devices, a100.min_memory_gib) == ("openai", 1, 39.5)
-    assert a100.need().describe() == "1 GPUs matching 'A100' with at least 39.5 GiB"
+    assert a100.need().describe() == "1 GPU matching 'A100' with at least 39.5 GiB"
 
 
 @pytest.mark.parametrize(
