@@ -56,3 +56,8 @@ def test_no_node_slower_than_the_slowest_published(tokperf):
 @pytest.mark.throughput_floor()
 def test_profile_default_floor():
     """No body: the plugin runs the profile's default workload against its default floor."""
+
+
+def test_engine_runs_on_the_allocated_gpus(tokperf_engine, tokperf_gpus):
+    """Per-GPU numbers divide by what was allocated: 4 GPUs on a rack node, 1 CPU here."""
+    assert tokperf_engine.info.devices == tokperf_gpus.devices

@@ -10,10 +10,11 @@ Percentiles follow MLPerf LoadGen: `sorted(values)[int(n * p)]`, no interpolatio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import EngineInfo
+from pytest_tokperf.gpus import Telemetry
 
 NS = 1_000_000_000
 PERCENTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99, "p999": 0.999}
@@ -102,6 +103,12 @@ class RunResult:
     ttft: Distribution
     tpot: Distribution
     e2e: Distribution
+    # from the telemetry sampled during the run (None: not measured on this hardware)
+    telemetry: Telemetry | None = None
+    energy_j_per_token: float | None = None  # all allocated GPUs' energy / output tokens
+    tokens_per_s_per_watt: float | None = None  # tokens/s / mean power of those GPUs
+    throttled: bool | None = None  # the GPUs slowed their clocks during the run
+    client_busy_cores: float | None = None  # this process's CPU time / run time
 
     @property
     def errors(self) -> list[str]:
@@ -139,4 +146,33 @@ def summarize(
         ttft=Distribution.of([v for r in ok if (v := ttft_s(r)) is not None]),
         tpot=Distribution.of([v for r in ok if (v := tpot_s(r)) is not None]),
         e2e=Distribution.of([e2e_s(r) for r in ok]),
+    )
+
+
+def energy_per_token(energy_j: float | None, output_tokens: int) -> float | None:
+    """Joules per output token over the run; None without an energy reading or tokens."""
+    if energy_j is None or output_tokens <= 0:
+        return None
+    return energy_j / output_tokens
+
+
+def tokens_per_watt(tokens_per_s: float, mean_power_w: float | None) -> float | None:
+    """Output tokens/s per watt drawn by the GPUs (= tokens per joule)."""
+    if mean_power_w is None or mean_power_w <= 0:
+        return None
+    return tokens_per_s / mean_power_w
+
+
+def with_telemetry(result: RunResult, telemetry: Telemetry) -> RunResult:
+    """`result` with the numbers derived from the telemetry of its run."""
+    gpu = telemetry.gpu
+    return replace(
+        result,
+        telemetry=telemetry,
+        energy_j_per_token=energy_per_token(gpu.energy_j if gpu else None, result.output_tokens),
+        tokens_per_s_per_watt=tokens_per_watt(
+            result.tokens_per_s, gpu.mean_power_w if gpu else None
+        ),
+        throttled=gpu.throttled if gpu else None,
+        client_busy_cores=telemetry.cpu.busy_cores,
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pytest_tokperf import accuracy, driver, launcher, precision, profiles, report, verdict
+from pytest_tokperf import accuracy, driver, gpus, launcher, precision, profiles, report, verdict
 from pytest_tokperf.engines import BACKENDS, Engine, EngineError, load_engine
 from pytest_tokperf.runner import Tokperf
 
@@ -108,11 +108,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         f"{', '.join(precision.VARIANTS)}, built on first use into the cache",
     )
     parser.addini("tokperf_precision", "tokperf precision of the engine under test", default="")
-    parser.addini("tokperf_profile", "tokperf hardware profile", default="")
     parser.addini("tokperf_engine", "tokperf engine backend", default="")
     parser.addini("tokperf_base_url", "OpenAI-compatible server URL", default="")
     parser.addini("tokperf_served_model", "model name on the server", default="")
     parser.addini("tokperf_server_cmd", "server command the session starts", default="")
+    group.addoption(
+        "--tokperf-gpus",
+        metavar="N",
+        help="GPUs to allocate to each process instead of the profile's "
+        "(env TOKPERF_GPUS, ini tokperf_gpus)",
+    )
+    group.addoption(
+        "--tokperf-allow-busy-gpus",
+        action="store_true",
+        help="allocate GPUs that run other processes' compute work "
+        "(env TOKPERF_ALLOW_BUSY_GPUS, ini tokperf_allow_busy_gpus)",
+    )
+    group.addoption(
+        "--tokperf-require-hardware",
+        action="store_true",
+        help="error instead of skipping when the profile's GPUs are missing or taken "
+        "(env TOKPERF_REQUIRE_HARDWARE, ini tokperf_require_hardware)",
+    )
+    group.addoption(
+        "--tokperf-lock-dir",
+        metavar="DIR",
+        help="directory of the per-GPU lock files every tokperf process on this machine "
+        f"shares (env TOKPERF_LOCK_DIR, ini tokperf_lock_dir; default {gpus.DEFAULT_LOCK_DIR})",
+    )
+    parser.addini("tokperf_profile", "tokperf hardware profile", default="")
+    parser.addini("tokperf_gpus", "tokperf GPUs per process", default="")
+    parser.addini("tokperf_allow_busy_gpus", "tokperf: allocate busy GPUs", default="")
+    parser.addini("tokperf_require_hardware", "tokperf: error on missing GPUs", default="")
+    parser.addini("tokperf_lock_dir", "tokperf GPU lock directory", default="")
     parser.addini("tokperf_requests", "tokperf requests per run", default="")
     parser.addini("tokperf_max_tokens", "tokperf max new tokens per request", default="")
     parser.addini("tokperf_json", "path of the tokperf JSON results", default="")
@@ -147,15 +175,43 @@ def _positive_int(config: pytest.Config, name: str) -> int | None:
     return number
 
 
+FLAGS = {"1": True, "true": True, "yes": True, "on": True,
+         "0": False, "false": False, "no": False, "off": False, "": False}  # fmt: skip
+
+
+def _flag(config: pytest.Config, name: str) -> bool:
+    setting = _setting(config, name)
+    if setting is None:
+        return False
+    value, source = setting
+    if isinstance(value, bool):  # the command-line flag itself
+        return value
+    if value.strip().lower() not in FLAGS:
+        raise pytest.UsageError(f"{source} must be true or false (1/0, yes/no), got {value!r}")
+    return FLAGS[value.strip().lower()]
+
+
 class TokperfSession:
     """Per-process state, registered as a plugin (never kept in globals)."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         ini_profile = config.getini("tokperf_profile")
+        self.registry = profiles.load_user(config.rootpath)
+        self.nvml, why_not = gpus.load_nvml()
+        self.inventory = gpus.read_inventory(self.nvml, why_not)
         self.profile, self.profile_source = profiles.select(
-            config.getoption("tokperf_profile"), ini_profile, str(config.inipath)
+            config.getoption("tokperf_profile"),
+            ini_profile,
+            str(config.inipath),
+            self.registry,
+            self.inventory,
         )
+        self.gpu_count = _positive_int(config, "tokperf_gpus")
+        self.allow_busy = _flag(config, "tokperf_allow_busy_gpus")
+        self.require_hardware = _flag(config, "tokperf_require_hardware")
+        lock_dir = _setting(config, "tokperf_lock_dir")
+        self.lock_dir = Path(lock_dir[0]) if lock_dir else gpus.DEFAULT_LOCK_DIR
         requests = _positive_int(config, "tokperf_requests")
         max_tokens = _positive_int(config, "tokperf_max_tokens")
         self.profile = dataclasses.replace(
@@ -222,6 +278,8 @@ class TokperfSession:
 
     def engine_settings(self, at: str | None = None) -> dict[str, Any]:
         settings = dict(self.profile.engine) if self.backend == self.profile.backend else {}
+        if self.backend == "trtllm" and self.profile.tensor_parallel_size > 1:
+            settings["tensor_parallel_size"] = self.profile.tensor_parallel_size
         if self.backend == "llamacpp":
             if self.model_path is not None:
                 settings["model_path"] = str(self.model_path)
@@ -248,20 +306,29 @@ class TokperfSession:
             url = self.server_settings.get("base_url", "no --tokperf-base-url")
             model = f"{self.server_settings.get('model', 'first served')} at {url}"
         unit = "GPU" if p.device_kind == "gpu" else "device"
+        # --tokperf-gpus changes what a GPU profile allocates; the cpu profile is one device
+        devices = (self.gpu_count or p.devices) if p.device_kind == "gpu" else p.devices
         return [
             f"tokperf: profile {p.name} ({self.profile_source}), engine {self.backend}, "
-            f"model {model}, {p.devices} {unit}{'' if p.devices == 1 else 's'}"
+            f"model {model}, {devices} {unit}{'' if devices == 1 else 's'}",
+            f"tokperf: GPUs: {self.inventory.describe()}",
         ]
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-        report_ = yield
-        if report_.failed and self.server is not None:
-            # a failing perf test against a launched server gets that server's log
-            report_.sections.append(("tokperf server log (tail)", self.server.log_tail()))
-        return report_
+    def allocate(self) -> gpus.Allocation:
+        """This process's GPUs for the profile (the CPU device for a cpu profile).
+
+        Not enough suitable free GPUs skips the tests that need them, or fails them
+        with --tokperf-require-hardware.
+        """
+        if self.profile.device_kind != "gpu":
+            return gpus.Allocation()
+        need = self.profile.need(self.gpu_count)
+        try:
+            return gpus.allocate(self.inventory, need, self.lock_dir, self.allow_busy)
+        except gpus.Shortage as exc:
+            if self.require_hardware:
+                pytest.fail(f"{exc} (--tokperf-require-hardware)", pytrace=False)
+            pytest.skip(str(exc))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -270,7 +337,7 @@ class TokperfSession:
             marker = item.get_closest_marker("throughput_floor")
             if marker is not None:
                 item.stash[BOUNDS] = verdict.parse_floor_marker(
-                    marker.args, marker.kwargs, item.nodeid, profiles.BUILTIN
+                    marker.args, marker.kwargs, item.nodeid, self.registry
                 )
             parity = item.get_closest_marker("accuracy_parity")
             if parity is not None:
@@ -297,7 +364,9 @@ class TokperfSession:
         if result is None:
             return
         outcome = verdict.judge(result, floors or {})
-        data = report.payload(item.nodeid, result, outcome, floors or {}, self.profile)
+        data = report.payload(
+            item.nodeid, result, outcome, floors or {}, self.profile, gpus=runner.gpus
+        )
         if floors is None:
             data["verdict"] = "MEASURED"  # no floor: reported, not gated
         item.user_properties.append((report.PROPERTY, json.dumps(data)))
@@ -318,6 +387,27 @@ class TokperfSession:
         if not result.passed:
             pytest.fail(report.parity_message(data), pytrace=False)
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        rep = yield
+        # a perf test skipped in setup for want of GPUs (the session-scoped allocation
+        # runs before any function fixture) still gets its row in the results
+        skip = call.excinfo.value if call.excinfo is not None else None
+        if (
+            rep.when == "setup"
+            and isinstance(skip, pytest.skip.Exception)
+            and BOUNDS in item.stash
+            and all(name != PROPERTY for name, _ in rep.user_properties)
+        ):
+            data = report.skipped(item.nodeid, self.profile, str(skip.msg))
+            rep.user_properties.append((PROPERTY, json.dumps(data)))
+        if rep.failed and self.server is not None:
+            # a failing perf test against a launched server gets that server's log
+            rep.sections.append(("tokperf server log (tail)", self.server.log_tail()))
+        return rep
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when not in ("setup", "call"):
             return
@@ -334,7 +424,9 @@ class TokperfSession:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.close()
         if self.json_path is not None and not self.is_worker:
-            doc = report.document(self._sorted(), self.profile, self.profile_source)
+            doc = report.document(
+                self._sorted(), self.profile, self.profile_source, inventory=self.inventory
+            )
             report.write_json(self.json_path, doc)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
@@ -367,15 +459,31 @@ def _session(config: pytest.Config) -> TokperfSession:
 
 
 @pytest.fixture(scope="session")
-def tokperf_engine(pytestconfig: pytest.Config) -> Iterator[Engine]:
-    """The profile's engine, loaded once per process (once per xdist worker)."""
+def tokperf_gpus(pytestconfig: pytest.Config) -> Iterator[gpus.Allocation]:
+    """This process's GPUs, locked for the session; CUDA_VISIBLE_DEVICES names them.
+
+    Each xdist worker gets a disjoint set. Without enough suitable free GPUs the
+    tests that need them skip (or fail with --tokperf-require-hardware).
+    """
+    allocation = _session(pytestconfig).allocate()
+    try:
+        # by UUID: NVML's order may differ from CUDA's; set before any engine loads
+        with gpus.cuda_visible(allocation):
+            yield allocation
+    finally:
+        allocation.release()
+
+
+@pytest.fixture(scope="session")
+def tokperf_engine(pytestconfig: pytest.Config, tokperf_gpus: gpus.Allocation) -> Iterator[Engine]:
+    """The profile's engine on this process's allocation (once per xdist worker)."""
     state = _session(pytestconfig)
     settings = state.engine_settings()
     try:
         if state.server_cmd is not None:
             state.server = launcher.start(state.server_cmd, settings.get("base_url"))
             settings["base_url"] = state.server.base_url
-        engine = load_engine(state.backend, settings, state.profile.devices)
+        engine = load_engine(state.backend, settings, tokperf_gpus.devices)
     except (EngineError, launcher.LaunchError) as exc:
         pytest.fail(f"tokperf could not load its engine: {exc}", pytrace=False)
     yield engine
@@ -394,11 +502,20 @@ def tokperf_reference_engine(pytestconfig: pytest.Config) -> Engine:
 
 
 @pytest.fixture
-def tokperf(request: pytest.FixtureRequest, tokperf_engine: Engine) -> Tokperf:
+def tokperf(
+    request: pytest.FixtureRequest, tokperf_engine: Engine, tokperf_gpus: gpus.Allocation
+) -> Tokperf:
     """Runs measured workloads: `tokperf.run(scenario="offline", requests=N, max_tokens=M)`,
     and accuracy parity: `tokperf.accuracy(dataset=..., samples=N)`."""
     state = _session(request.config)
-    runner = Tokperf(tokperf_engine, state.profile, state.loop, reference=state.reference_engine)
+    runner = Tokperf(
+        tokperf_engine,
+        state.profile,
+        state.loop,
+        reference=state.reference_engine,
+        telemetry=lambda: gpus.Sampler(state.nvml, tokperf_gpus.uuids),
+        gpus=tokperf_gpus.uuids,
+    )
     spec = request.node.stash.get(PARITY, None)
     if spec is not None:
         runner.parity_spec = spec

@@ -6,21 +6,42 @@ in FP4 with TensorRT-LLM did 1,100,948 output tokens/s on a GB300 NVL72 rack, ab
 and the H100 generation about 3,000. The cpu profile's floor is what the embedded
 SmolLM2-135M engine sustains on a 2-core CI machine with a wide margin (it measured
 about 108 output tokens/s there, single stream).
+
+A profile also says which hardware it needs (GPU name pattern, GPUs per node,
+minimum memory), so the plugin can allocate GPUs for it or detect it from the NVML
+inventory. Users define or extend profiles in TOML: `[tool.tokperf.profiles.NAME]`
+in the rootdir's pyproject.toml or `[profiles.NAME]` in its tokperf.toml.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_tokperf.engines import BACKENDS
+from pytest_tokperf.gpus import Inventory, Need, unsuitable
+from pytest_tokperf.verdict import FLOOR_METRICS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 DEFAULT_PROFILE = "cpu"
 ENV_PROFILE = "TOKPERF_PROFILE"
+BACKEND_NAMES = ("llamacpp", "openai", "trtllm")  # known names; `engines.BACKENDS` is what ships
+# MLPerf Inference Llama-2-70B latency bounds (FACTS.md), in seconds
+SLO_KEYS = ("server_ttft_p99_s", "server_tpot_p99_s", "interactive_ttft_p99_s",
+            "interactive_tpot_p99_s")  # fmt: skip
+# MLPerf's accuracy rule (FACTS.md): each ROUGE >= 99% of the reference, tokens per
+# sample within 90%-110% of the reference's
+PARITY_KEYS = ("rouge_fraction", "tokens_per_sample_low", "tokens_per_sample_high")
 
 
 @dataclass(frozen=True)
@@ -29,17 +50,50 @@ class Profile:
     description: str
     backend: str
     device_kind: str  # "cpu" or "gpu": how a per-device number is named
-    devices: int  # devices one engine uses (GPUs per node for the rack profiles)
+    devices: int  # devices one engine uses: the GPUs allocated (a node's GPUs on a rack)
     precision: str
     model: str
     requests: int  # default size of a run
     max_tokens: int
     warmup: int
     floors: Mapping[str, float] = field(default_factory=dict)  # marker keyword -> floor
-    engine: Mapping[str, Any] = field(default_factory=dict)
+    engine: Mapping[str, Any] = field(default_factory=dict)  # extra engine arguments
+    # hardware match: which GPUs may serve this profile
+    gpu_name: str = ""  # regular expression searched in NVML's GPU name, any case
+    min_memory_gib: float = 0.0
+    nodes: int = 1  # nodes of `devices` GPUs in the whole system (18 on an NVL72 rack)
+    tensor_parallel_size: int = 1
+    rack_floor: float | None = None  # output tokens/s of all `nodes` together
+    slos: Mapping[str, float] = field(default_factory=dict)  # SLO_KEYS -> seconds
+    parity: Mapping[str, float] = field(default_factory=dict)  # PARITY_KEYS -> fraction
+    defined_in: str = "built-in"  # or the file that defined it
     # accuracy parity: the precision a test engine is compared with (None: none named)
     reference_precision: str | None = None
 
+    def need(self, count: int | None = None) -> Need:
+        """What this profile asks of the GPUs; `count` overrides `devices`."""
+        return Need(self.name, count or self.devices, self.gpu_name, self.min_memory_gib)
+
+
+MLPERF_SLOS = {
+    "server_ttft_p99_s": 2.0,
+    "server_tpot_p99_s": 0.2,
+    "interactive_ttft_p99_s": 0.45,
+    "interactive_tpot_p99_s": 0.04,
+}
+MLPERF_PARITY = {
+    "rouge_fraction": 0.99,
+    "tokens_per_sample_low": 0.9,
+    "tokens_per_sample_high": 1.1,
+}
+_LLAMA2_70B: dict[str, Any] = {
+    "model": "llama2-70b",
+    "requests": 24_576,
+    "max_tokens": 1_024,
+    "warmup": 64,
+    "slos": MLPERF_SLOS,
+    "parity": MLPERF_PARITY,
+}
 
 BUILTIN: dict[str, Profile] = {
     p.name: p
@@ -58,6 +112,9 @@ BUILTIN: dict[str, Profile] = {
             floors={"per_gpu": 10.0},
             reference_precision="f16",
         ),
+        # The memory minimums sit well under the nominal 80 / 186 / 288 GB, so they
+        # reject a smaller part of the same name, never a healthy GPU whose driver
+        # reserves some memory.
         Profile(
             name="h100-sxm",
             description="ND H100 v5 class node, 8 H100 GPUs, FP8 TensorRT-LLM",
@@ -65,12 +122,14 @@ BUILTIN: dict[str, Profile] = {
             device_kind="gpu",
             devices=8,
             precision="fp8",
-            model="llama2-70b",
-            requests=24_576,
-            max_tokens=1_024,
-            warmup=64,
             floors={"per_gpu": 3_000.0},
+            gpu_name=r"H100.*(SXM|HBM3)",
+            min_memory_gib=70,
+            tensor_parallel_size=8,
+            **_LLAMA2_70B,
         ),
+        # rack_floor = 72 GPUs x the per-GPU floor: 864,000 (GB200, published about
+        # 865,000) and 1,094,400 (GB300, published 1,100,948)
         Profile(
             name="gb200-nvl72",
             description="GB200 NVL72 rack node, 4 GPUs, NVFP4 TensorRT-LLM",
@@ -78,11 +137,13 @@ BUILTIN: dict[str, Profile] = {
             device_kind="gpu",
             devices=4,
             precision="nvfp4",
-            model="llama2-70b",
-            requests=24_576,
-            max_tokens=1_024,
-            warmup=64,
             floors={"per_gpu": 12_000.0},
+            gpu_name="GB200",
+            min_memory_gib=160,
+            nodes=18,
+            tensor_parallel_size=4,
+            rack_floor=18 * 4 * 12_000.0,
+            **_LLAMA2_70B,
         ),
         Profile(
             name="gb300-nvl72",
@@ -91,20 +152,228 @@ BUILTIN: dict[str, Profile] = {
             device_kind="gpu",
             devices=4,
             precision="nvfp4",
-            model="llama2-70b",
-            requests=24_576,
-            max_tokens=1_024,
-            warmup=64,
             floors={"per_gpu": 15_200.0},
+            gpu_name="GB300",
+            min_memory_gib=250,
+            nodes=18,
+            tensor_parallel_size=4,
+            rack_floor=18 * 4 * 15_200.0,
+            **_LLAMA2_70B,
         ),
     )
 }
 
 
-def select(option: str | None, ini: str, inifile: str | None) -> tuple[Profile, str]:
+# --- user profiles -----------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """A bad value; `load_user` adds the file, profile and key."""
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Bad(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _int(value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _Bad(f"expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _float(value: object, minimum: float, strict: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad(f"expected a number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise _Bad(f"expected a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _choice(value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _Bad(f"expected one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _pattern(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"expected a regular expression string, got {value!r}")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise _Bad(f"not a regular expression ({exc}): {value!r}") from None
+    return value
+
+
+def _numbers(value: object, keys: tuple[str, ...]) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise _Bad(f"expected a table of {', '.join(keys)}, got {value!r}")
+    out: dict[str, float] = {}
+    for key, number in value.items():
+        if key not in keys:
+            raise _Bad(f"unknown key {key!r}; allowed: {', '.join(keys)}")
+        try:
+            out[key] = _float(number, 0, strict=True)
+        except _Bad as exc:
+            raise _Bad(f"{key}: {exc}") from None
+    return out
+
+
+def _table(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Bad(f"expected a table, got {value!r}")
+    return dict(value)
+
+
+# TOML key -> parser of its value; every key a user may set
+KEYS: dict[str, Any] = {
+    "description": _str,
+    "backend": lambda v: _choice(v, BACKEND_NAMES),
+    "device_kind": lambda v: _choice(v, ("cpu", "gpu")),
+    "devices": lambda v: _int(v, 1),
+    "precision": _str,
+    "model": _str,
+    "requests": lambda v: _int(v, 1),
+    "max_tokens": lambda v: _int(v, 1),
+    "warmup": lambda v: _int(v, 0),
+    "floors": lambda v: _numbers(v, tuple(FLOOR_METRICS)),
+    "engine": _table,
+    "gpu_name": _pattern,
+    "min_memory_gib": lambda v: _float(v, 0, strict=False),
+    "nodes": lambda v: _int(v, 1),
+    "tensor_parallel_size": lambda v: _int(v, 1),
+    "rack_floor": lambda v: _float(v, 0, strict=True),
+    "slos": lambda v: _numbers(v, SLO_KEYS),
+    "parity": lambda v: _numbers(v, PARITY_KEYS),
+}
+MERGED = ("floors", "engine", "slos", "parity")  # tables merge key by key with `extends`
+REQUIRED = tuple(
+    f.name for f in fields(Profile) if f.default is MISSING and f.default_factory is MISSING
+)
+
+
+def _tables(rootdir: Path) -> list[tuple[str, dict[str, Any], Path]]:
+    """(name, raw table, file) for every user profile, pyproject.toml first."""
+    found: list[tuple[str, dict[str, Any], Path]] = []
+    for filename, keys in (("pyproject.toml", ("tool", "tokperf", "profiles")),
+                           ("tokperf.toml", ("profiles",))):  # fmt: skip
+        path = rootdir / filename
+        if not path.is_file():
+            continue
+        try:
+            doc: Any = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise pytest.UsageError(f"{path}: not valid TOML: {exc}") from None
+        for key in keys:
+            doc = doc.get(key, {}) if isinstance(doc, dict) else {}
+        where = "[" + ".".join(keys) + "]"
+        if not isinstance(doc, dict):
+            raise pytest.UsageError(f"{path}: {where} must be a table of profiles")
+        for name, table in doc.items():
+            if not isinstance(table, dict):
+                raise pytest.UsageError(
+                    f"{path}: profile {name!r}: expected a table [{'.'.join(keys)}.{name}]"
+                )
+            found.append((name, table, path))
+    return found
+
+
+def load_user(rootdir: Path, builtin: Mapping[str, Profile] = BUILTIN) -> dict[str, Profile]:
+    """The built-in profiles plus the user's, every key validated.
+
+    A user profile `extends` a built-in or an earlier user profile: its keys replace
+    the parent's, and the tables (floors, engine, slos, parity) merge key by key.
+    """
+    raw = _tables(rootdir)
+    seen: dict[str, Path] = {}
+    for name, _, path in raw:
+        if name in builtin:
+            raise pytest.UsageError(
+                f"{path}: profile {name!r} is a built-in profile; give yours another "
+                f"name and `extends = {name!r}`"
+            )
+        if name in seen:
+            raise pytest.UsageError(f"{path}: profile {name!r} is also defined in {seen[name]}")
+        seen[name] = path
+    registry = dict(builtin)
+    for name, table, path in raw:
+        registry[name] = _build(name, table, path, registry)
+    return registry
+
+
+def _build(
+    name: str, table: Mapping[str, Any], path: Path, known: Mapping[str, Profile]
+) -> Profile:
+    def bad(key: str, why: str) -> pytest.UsageError:
+        return pytest.UsageError(f"{path}: profile {name!r}: key {key!r}: {why}")
+
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "extends":
+            continue
+        if key not in KEYS:
+            raise bad(key, f"unknown key; allowed: extends, {', '.join(KEYS)}")
+        try:
+            values[key] = KEYS[key](value)
+        except _Bad as exc:
+            raise bad(key, str(exc)) from None
+    parent_name = table.get("extends")
+    if parent_name is None:
+        missing = [k for k in REQUIRED if k not in values and k != "name"]
+        if missing:
+            raise pytest.UsageError(
+                f"{path}: profile {name!r}: missing keys {', '.join(missing)} "
+                '(or give `extends = "PROFILE"` to start from another profile)'
+            )
+        return Profile(name=name, defined_in=str(path), **values)
+    if not isinstance(parent_name, str) or parent_name not in known:
+        raise bad(
+            "extends",
+            f"{parent_name!r} is no profile defined before it; known: {', '.join(known)}",
+        )
+    parent = known[parent_name]
+    for key in MERGED:
+        if key in values:
+            values[key] = {**getattr(parent, key), **values[key]}
+    description = values.pop("description", f"{parent.description} (extended)")
+    return replace(parent, name=name, description=description, defined_in=str(path), **values)
+
+
+# --- selection ---------------------------------------------------------------------
+
+
+def detect(registry: Mapping[str, Profile], inventory: Inventory) -> tuple[Profile, str]:
+    """The first GPU profile (user profiles first) the inventory has enough GPUs for."""
+    cpu = registry[DEFAULT_PROFILE]
+    if not inventory.gpus:
+        return cpu, "default"
+    ordered = sorted(registry.values(), key=lambda p: p.defined_in == "built-in")
+    for profile in ordered:
+        if profile.device_kind != "gpu":
+            continue
+        need = profile.need()
+        # busy or MIG GPUs still say which machine this is; allocation judges them later
+        matching = [g for g in inventory.gpus if unsuitable(g, need, allow_busy=True) in
+                    (None, "MIG mode is enabled")]  # fmt: skip
+        if len(matching) >= need.count:
+            return profile, f"detected: {len(matching)} x {matching[0].name}"
+    return cpu, f"default: no GPU profile matches {inventory.describe()}"
+
+
+def select(
+    option: str | None,
+    ini: str,
+    inifile: str | None,
+    registry: Mapping[str, Profile] = BUILTIN,
+    inventory: Inventory | None = None,
+) -> tuple[Profile, str]:
     """The active profile and where its name came from.
 
-    Precedence: command line > environment > ini > default.
+    Precedence: command line > environment > ini > detected from the inventory >
+    default. Whether the profile's engine ships is checked when the engine loads,
+    after GPUs were allocated: a GPU profile on a machine without its GPUs skips.
     """
     env = os.environ.get(ENV_PROFILE)
     if option:
@@ -113,18 +382,13 @@ def select(option: str | None, ini: str, inifile: str | None) -> tuple[Profile, 
         name, source = env, f"environment variable {ENV_PROFILE}"
     elif ini:
         name, source = ini, f"ini option tokperf_profile in {inifile or 'the ini file'}"
+    elif inventory is not None:
+        return detect(registry, inventory)
     else:
         name, source = DEFAULT_PROFILE, "default"
-    if name not in BUILTIN:
+    if name not in registry:
         raise pytest.UsageError(
             f"unknown tokperf profile {name!r} (from {source}); "
-            f"available: {', '.join(sorted(BUILTIN))}"
+            f"available: {', '.join(sorted(registry))}"
         )
-    profile = BUILTIN[name]
-    if profile.backend not in BACKENDS:
-        raise pytest.UsageError(
-            f"tokperf profile {name!r} (from {source}) runs the {profile.backend!r} engine, "
-            f"which this version of pytest-tokperf does not include; "
-            f"available engines: {', '.join(sorted(BACKENDS))} (profile 'cpu')"
-        )
-    return profile, source
+    return registry[name], source

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_tokperf.accuracy import ParityResult
+from pytest_tokperf.gpus import Inventory
 from pytest_tokperf.metrics import Distribution, RunResult
 from pytest_tokperf.profiles import Profile
 from pytest_tokperf.verdict import FLOOR_METRICS, Verdict
@@ -78,6 +79,10 @@ def failure_message(payload: Mapping[str, Any]) -> str:
         for c in payload["checks"]
         if not c["passed"]
     ]
+    telemetry = payload.get("telemetry") or {}
+    if payload.get("throttled"):
+        why = ", ".join(telemetry["gpu"]["throttle_reasons"])
+        lines.append(f"  the GPUs slowed their clocks during the run ({why})")
     errors = payload["errors"]
     lines += [f"  request {e}" for e in errors[:3]]
     if len(errors) > 3:
@@ -100,9 +105,17 @@ def payload(
     verdict: Verdict,
     floors: Mapping[str, float],
     profile: Profile,
+    *,
+    gpus: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Everything known about one perf test, as JSON data."""
     engine = result.engine
+    # tuples become lists here, so the payload equals what a reader loads from JSON
+    telemetry = (
+        None
+        if result.telemetry is None
+        else json.loads(json.dumps(dataclasses.asdict(result.telemetry)))
+    )
     return {
         "nodeid": nodeid,
         "verdict": verdict.status,
@@ -122,6 +135,12 @@ def payload(
         "ttft_s": _dist(result.ttft),
         "tpot_s": _dist(result.tpot),
         "e2e_s": _dist(result.e2e),
+        "gpus": list(gpus),
+        "energy_j_per_token": result.energy_j_per_token,
+        "tokens_per_s_per_watt": result.tokens_per_s_per_watt,
+        "throttled": result.throttled,
+        "client_busy_cores": result.client_busy_cores,
+        "telemetry": telemetry,
         "floors": dict(floors),
         "checks": [dataclasses.asdict(c) for c in verdict.checks],
         "errors": result.errors,
@@ -137,7 +156,13 @@ def payload(
 
 
 def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One row per perf test, columns aligned."""
+    """One row per perf test, columns aligned.
+
+    Energy and client CPU columns appear only when some run measured them.
+    """
+    energy = any(p.get("energy_j_per_token") is not None for p in payloads)
+    cpu = any(p.get("client_busy_cores") is not None for p in payloads)
+    extra = (("J/token",) if energy else ()) + (("proc CPU",) if cpu else ())
     header = (
         "test",
         "scenario",
@@ -146,13 +171,21 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
         "per device",
         "floor",
         "TTFT p99",
+        *extra,
         "verdict",
     )
     rows = [header]
     for p in payloads:
         if p["verdict"] == "SKIPPED":
-            rows.append((p["nodeid"], "-", "-", "-", "-", "-", "-", "SKIPPED"))
+            rows.append((p["nodeid"], *["-"] * (len(header) - 2), "SKIPPED"))
             continue
+        cells: list[str] = []
+        if energy:
+            cells.append(num(p.get("energy_j_per_token")))
+        if cpu:
+            busy = p.get("client_busy_cores")
+            cores = ((p.get("telemetry") or {}).get("cpu") or {}).get("cores")
+            cells.append("-" if busy is None else f"{busy:.2f}/{cores}")
         floors = p["floors"]
         floor = ", ".join(
             f"{num(v)}{'/dev' if k == 'per_gpu' else ''}" for k, v in sorted(floors.items())
@@ -166,11 +199,12 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
                 num(p["tokens_per_s_per_gpu"]),
                 floor or "-",
                 ms(p["ttft_s"]["p99"]),
-                p["verdict"],
+                *cells,
+                p["verdict"] + (" (throttled)" if p.get("throttled") else ""),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = {2, 3, 4, 5, 6}
+    right = set(range(2, len(header) - 1))
     return [
         "  ".join(
             c.rjust(w) if i in right else c.ljust(w)
@@ -188,7 +222,11 @@ def _version(dist: str) -> str | None:
 
 
 def document(
-    payloads: Sequence[Mapping[str, Any]], profile: Profile, source: str
+    payloads: Sequence[Mapping[str, Any]],
+    profile: Profile,
+    source: str,
+    *,
+    inventory: Inventory | None = None,
 ) -> dict[str, Any]:
     """The self-describing JSON results file."""
     packages = (
@@ -212,7 +250,8 @@ def document(
             "cpu_count": os.cpu_count(),
             "python": sys.version.split()[0],
         },
-        "profile": {"name": profile.name, "source": source, **dataclasses.asdict(profile)},
+        "profile": {**dataclasses.asdict(profile), "name": profile.name, "source": source},
+        "inventory": None if inventory is None else inventory.to_json(),
         "summary": {
             status: sum(1 for p in payloads if p["verdict"] == status) for status in VERDICTS
         },

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pytest_tokperf import accuracy, driver, metrics, workloads
+from pytest_tokperf import gpus as gpus_module
 from pytest_tokperf.engines import Engine, LogitsEngine
 from pytest_tokperf.profiles import Profile
 
@@ -21,10 +22,16 @@ class Tokperf:
         profile: Profile,
         loop: asyncio.AbstractEventLoop | None = None,
         reference: Callable[[str], Engine] | None = None,
+        *,
+        telemetry: Callable[[], gpus_module.Sampler] | None = None,
+        gpus: Sequence[str] = (),
     ) -> None:
         self.engine = engine
         self.profile = profile
         self.loop = loop
+        # a fresh sampler per measured run: telemetry of the run, not of the warm-up
+        self.telemetry = telemetry or (lambda: gpus_module.Sampler(None, ()))
+        self.gpus = tuple(gpus)  # UUIDs of the GPUs the engine was given
         self.results: list[metrics.RunResult] = []
         # accuracy parity: the reference engine by precision (loaded lazily by the plugin)
         self.reference = reference
@@ -130,17 +137,16 @@ class Tokperf:
         measured = load.requests(count, max_tokens, self.profile.max_tokens)
         n_warmup = self.profile.warmup if warmup is None else warmup
         warm = load.requests(n_warmup, max_tokens, self.profile.max_tokens) if n_warmup else []
-        records = driver.run(
-            self.engine,
-            measured,
-            scenario=scenario,
-            warmup=warm,
-            timeout_s=timeout_s,
-            loop=self.loop,
-        )
+        if warm:  # apart from the measured run, so telemetry covers that run alone
+            driver.run(self.engine, warm, timeout_s=timeout_s, loop=self.loop)
+        with self.telemetry() as sampler:
+            records = driver.run(
+                self.engine, measured, scenario=scenario, timeout_s=timeout_s, loop=self.loop
+            )
         result = metrics.summarize(
             records, self.engine.info, scenario=scenario, workload=load.name, max_tokens=max_tokens
         )
+        result = metrics.with_telemetry(result, sampler.summary())
         self.results.append(result)
         return result
 

@@ -2,11 +2,30 @@
 
 pytester's in-process runs drop modules first imported inside them; numpy (under
 llama_cpp) cannot be imported twice in one process, so import it here, once.
+Tests marked `gpu` need the real NVML and a GPU; elsewhere they skip, saying why.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import pytest
+
 with contextlib.suppress(ImportError):
     import llama_cpp  # noqa: F401
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import pynvml
+
+    from pytest_tokperf.gpus import read_inventory
+
+    inventory = read_inventory(pynvml)  # the real NVML, never a recording
+    if inventory.gpus:
+        return
+    skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU; this machine: {inventory.describe()}")
+    for item in marked:
+        item.add_marker(skip)

@@ -163,6 +163,12 @@ def test_bad_marker_arguments_are_usage_errors(
         ([], {"TOKPERF_MAX_TOKENS": "x"}, "environment variable TOKPERF_MAX_TOKENS must be"),
         (["--tokperf-model-path", "nope.gguf"], {}, "model file 'nope.gguf'"),
         (["--tokperf-engine", "vllm"], {}, "unknown engine 'vllm' (from --tokperf-engine)"),
+        (["--tokperf-gpus", "0"], {}, "--tokperf-gpus must be a positive integer, got '0'"),
+        (
+            [],
+            {"TOKPERF_ALLOW_BUSY_GPUS": "maybe"},
+            "environment variable TOKPERF_ALLOW_BUSY_GPUS must be true or false",
+        ),
     ],
 )
 def test_bad_options_are_usage_errors(

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from pytest_tokperf.profiles import BUILTIN, select
+from pytest_tokperf.gpus import RecordedNvml, read_inventory
+from pytest_tokperf.profiles import BUILTIN, load_user, select
+
+DATA = Path(__file__).parent.parent / "data" / "nvml"
 
 
 def test_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,3 +38,152 @@ def test_gpu_profiles_carry_the_published_floors() -> None:
     assert BUILTIN["h100-sxm"].floors["per_gpu"] == 3_000
     # 18 nodes x 4 GPUs x 15,290 is the rack's 1,100,948 tokens/s, within rounding
     assert abs(18 * 4 * 15_290 - 1_100_948) / 1_100_948 < 0.001
+
+
+def test_a_profile_whose_engine_is_missing_is_still_selected() -> None:
+    # whether the engine ships is checked when it loads, after GPUs were allocated:
+    # on a machine without the GPUs the tests skip for want of hardware first
+    assert select("gb300-nvl72", "", None)[0].backend == "trtllm"
+
+
+# --- user profiles -----------------------------------------------------------------
+
+GOOD = """
+[tool.tokperf.profiles.my-gb300]
+extends = "gb300-nvl72"
+model = "/models/llama2-70b-nvfp4"
+floors = { per_gpu = 14400 }
+engine = { max_batch_size = 2048 }
+
+[tool.tokperf.profiles.my-gb300-tp2]
+extends = "my-gb300"
+tensor_parallel_size = 2
+slos = { server_ttft_p99_s = 1.5 }
+"""
+
+
+def test_user_profiles_extend_and_merge(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text(GOOD)
+    registry = load_user(tmp_path)
+    mine = registry["my-gb300"]
+    base = BUILTIN["gb300-nvl72"]
+    assert mine.model == "/models/llama2-70b-nvfp4" and mine.backend == "trtllm"
+    assert mine.floors == {"per_gpu": 14_400.0}
+    assert mine.engine == {"max_batch_size": 2048}
+    assert (mine.devices, mine.gpu_name, mine.nodes) == (base.devices, "GB300", 18)
+    assert mine.defined_in == str(tmp_path / "pyproject.toml")
+    tp2 = registry["my-gb300-tp2"]
+    assert tp2.tensor_parallel_size == 2 and tp2.floors == {"per_gpu": 14_400.0}
+    # tables merge key by key: the one SLO given replaces its own key only
+    assert tp2.slos == {**base.slos, "server_ttft_p99_s": 1.5}
+    assert set(BUILTIN) < set(registry)
+
+
+def test_tokperf_toml_defines_a_whole_profile(tmp_path: Path) -> None:
+    (tmp_path / "tokperf.toml").write_text(
+        """
+        [profiles.a100]
+        description = "one A100 with vLLM over HTTP"
+        backend = "openai"
+        device_kind = "gpu"
+        devices = 1
+        precision = "bf16"
+        model = "llama2-7b"
+        requests = 512
+        max_tokens = 256
+        warmup = 8
+        gpu_name = "A100"
+        min_memory_gib = 39.5
+        """
+    )
+    a100 = load_user(tmp_path)["a100"]
+    assert (a100.backend, a100.devices, a100.min_memory_gib) == ("openai", 1, 39.5)
+    assert a100.need().describe() == "1 GPU matching 'A100' with at least 39.5 GiB"
+
+
+@pytest.mark.parametrize(
+    ("toml", "says"),
+    [
+        (
+            '[tool.tokperf.profiles.x]\nextends = "gb300-nvl72"\nfloors = { per_gpu = -1 }',
+            "profile 'x': key 'floors': per_gpu: expected a number > 0, got -1",
+        ),
+        (
+            '[tool.tokperf.profiles.x]\nextends = "gb300-nvl72"\ndevice = 4',
+            "profile 'x': key 'device': unknown key; allowed: extends, description",
+        ),
+        (
+            '[tool.tokperf.profiles.x]\nextends = "gb300"',
+            "profile 'x': key 'extends': 'gb300' is no profile defined before it",
+        ),
+        (
+            '[tool.tokperf.profiles.x]\nextends = "cpu"\nbackend = "vllm"',
+            "key 'backend': expected one of llamacpp, openai, trtllm, got 'vllm'",
+        ),
+        (
+            '[tool.tokperf.profiles.x]\nextends = "cpu"\ngpu_name = "H100("',
+            "key 'gpu_name': not a regular expression",
+        ),
+        (
+            '[tool.tokperf.profiles.x]\nextends = "cpu"\nwarmup = true',
+            "key 'warmup': expected an integer >= 0, got True",
+        ),
+        ('[tool.tokperf.profiles.x]\nmodel = "m"', "profile 'x': missing keys description,"),
+        ("[tool.tokperf.profiles.cpu]\nwarmup = 1", "profile 'cpu' is a built-in profile"),
+        ("[tool.tokperf.profiles.x\n", "not valid TOML"),
+    ],
+)
+def test_broken_user_profiles_name_file_profile_and_key(
+    tmp_path: Path, toml: str, says: str
+) -> None:
+    (tmp_path / "pyproject.toml").write_text(toml)
+    with pytest.raises(pytest.UsageError) as info:
+        load_user(tmp_path)
+    assert str(info.value).startswith(str(tmp_path / "pyproject.toml"))
+    assert says in str(info.value)
+
+
+def test_a_profile_in_both_files_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[tool.tokperf.profiles.x]\nextends = "cpu"')
+    (tmp_path / "tokperf.toml").write_text('[profiles.x]\nextends = "cpu"')
+    with pytest.raises(pytest.UsageError, match=r"profile 'x' is also defined in .*pyproject"):
+        load_user(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("recording", "profile", "source"),
+    [
+        ("h100-sxm-8.json", "h100-sxm", "detected: 8 x NVIDIA H100 80GB HBM3"),
+        ("gb300-node-4.json", "gb300-nvl72", "detected: 4 x NVIDIA GB300"),
+        ("no-driver.json", "cpu", "default"),
+        # two H100s are not an 8-GPU h100-sxm node
+        ("h100-busy.json", "cpu", "default: no GPU profile matches 2 x NVIDIA H100 80GB HBM3"),
+    ],
+)
+def test_detection_from_the_inventory(
+    monkeypatch: pytest.MonkeyPatch, recording: str, profile: str, source: str
+) -> None:
+    monkeypatch.delenv("TOKPERF_PROFILE", raising=False)
+    inventory = read_inventory(RecordedNvml.load(DATA / recording))
+    chosen, said = select(None, "", None, BUILTIN, inventory)
+    assert chosen.name == profile
+    assert said.startswith(source)
+    # a name given anywhere wins over detection
+    assert select("cpu", "", None, BUILTIN, inventory)[0].name == "cpu"
+
+
+def test_user_profiles_are_detected_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKPERF_PROFILE", raising=False)
+    (tmp_path / "tokperf.toml").write_text('[profiles.pair]\nextends = "h100-sxm"\ndevices = 2')
+    registry = load_user(tmp_path)
+    inventory = read_inventory(RecordedNvml.load(DATA / "h100-busy.json"))
+    assert select(None, "", None, registry, inventory)[0].name == "pair"
+
+
+def test_nvl72_rack_floor_is_72_gpus_at_the_per_gpu_floor() -> None:
+    for name, published in (("gb300-nvl72", 1_100_948), ("gb200-nvl72", 865_000)):
+        p = BUILTIN[name]
+        assert p.nodes * p.devices == 72
+        assert p.rack_floor == 72 * p.floors["per_gpu"]
+        # the floor sits under the published rack result, within 1%
+        assert p.rack_floor is not None and 0.99 * published < p.rack_floor <= published

@@ -78,3 +78,38 @@ def test_json_document_round_trips(tmp_path: Path) -> None:
     assert loaded["tests"][0]["tokens_per_s_per_gpu"] == p["tokens_per_s_per_gpu"]
     assert "pytest" in loaded["packages"]
     assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temporary file left
+
+
+def test_gpu_telemetry_shows_in_table_message_and_payload() -> None:
+    import dataclasses
+
+    from pytest_tokperf.gpus import CpuTelemetry, GpuSample, Telemetry, summarize_gpus
+    from pytest_tokperf.metrics import with_telemetry
+
+    recs = [RequestRecord(f"r{i}", 0, NS, (NS // 2,), (12_480,)) for i in range(4)]
+    info = EngineInfo("trtllm", "llama2-70b", "nvfp4", 4)
+    res = summarize(recs, info, scenario="offline", workload="w", max_tokens=None)
+    # 4 GPUs x 1,000 J over the 1 s run: 49,920 tokens -> 0.0801 J/token
+    series = {
+        f"g{i}": [
+            GpuSample(0, 1000.0, 0.0, 1900, 80, 99, 0),
+            GpuSample(NS, 1000.0, 1000.0, 1700, 90, 99, 0x40),
+        ]
+        for i in range(4)
+    }
+    res = with_telemetry(res, Telemetry(CpuTelemetry(1.0, 0.5, 16, 2.0), summarize_gpus(series)))
+    floors = {"per_gpu": 15_200.0}
+    p = payload("t.py::test_x", res, judge(res, floors), floors, BUILTIN["gb300-nvl72"],
+                gpus=["GPU-a", "GPU-b", "GPU-c", "GPU-d"])  # fmt: skip
+    assert p["energy_j_per_token"] == 4_000 / 49_920
+    assert p["tokens_per_s_per_watt"] == 49_920 / 4_000
+    assert p["gpus"] == ["GPU-a", "GPU-b", "GPU-c", "GPU-d"]
+    gpu = dataclasses.asdict(res.telemetry)["gpu"]
+    assert p["telemetry"]["gpu"] == {**gpu, "throttle_reasons": ["hw_thermal_slowdown"]}
+    assert json.loads(json.dumps(p)) == p  # plain JSON data
+    header, row = table([p])
+    assert header.split()[-4:] == ["J/token", "proc", "CPU", "verdict"]
+    assert row.split()[-4:] == ["0.08", "0.50/16", "FAIL", "(throttled)"]
+    assert failure_message(p).splitlines()[1] == (
+        "  the GPUs slowed their clocks during the run (hw_thermal_slowdown)"
+    )
