@@ -278,8 +278,10 @@ class TokperfSession:
 
     def engine_settings(self, at: str | None = None) -> dict[str, Any]:
         settings = dict(self.profile.engine) if self.backend == self.profile.backend else {}
-        if self.backend == "trtllm" and self.profile.tensor_parallel_size > 1:
-            settings["tensor_parallel_size"] = self.profile.tensor_parallel_size
+        if self.backend == "trtllm":
+            settings.setdefault("model", self.profile.model)  # a user profile's checkpoint
+            if self.profile.tensor_parallel_size > 1:
+                settings["tensor_parallel_size"] = self.profile.tensor_parallel_size
         if self.backend == "llamacpp":
             if self.model_path is not None:
                 settings["model_path"] = str(self.model_path)
