@@ -4,8 +4,9 @@ The GPU profiles carry the published reference numbers (shared FACTS.md): Llama-
 in FP4 with TensorRT-LLM did 1,100,948 output tokens/s on a GB300 NVL72 rack, about
 15,290 per GPU, which the vendor rounds to 15,200; GB200 NVL72 did about 12,000 per GPU
 and the H100 generation about 3,000. The cpu profile's floor is what the embedded
-SmolLM2-135M engine sustains on a 2-core CI machine with a wide margin (it measured
-about 108 output tokens/s there, single stream).
+SmolLM2-135M engine sustains on a 2-core CI machine with a wide margin (5 output
+tokens/s: it measured 38-45 there in Offline runs, and 8-12 per xdist worker with
+`-n 2` while the machine was busy with other jobs).
 
 A profile also says which hardware it needs (GPU name pattern, GPUs per node,
 minimum memory), so the plugin can allocate GPUs for it or detect it from the NVML
@@ -109,7 +110,7 @@ BUILTIN: dict[str, Profile] = {
             requests=16,
             max_tokens=64,
             warmup=2,
-            floors={"per_gpu": 10.0},
+            floors={"per_gpu": 5.0},
             reference_precision="f16",
         ),
         # The memory minimums sit well under the nominal 80 / 186 / 288 GB, so they

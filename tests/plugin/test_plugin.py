@@ -98,9 +98,9 @@ def test_a_marked_test_without_a_run_gets_the_default_workload(pytester: pytest.
     result = pytester.runpytest(*SMALL, "--tokperf-json", "out.json")
     (test,) = json.loads((pytester.path / "out.json").read_text())["tests"]
     assert test["requests"] == 4 and test["workload"] == "default"
-    assert test["floors"] == {"per_gpu": 10.0}
+    assert test["floors"] == {"per_gpu": 5.0}
     # the verdict follows the numbers, whatever this (noisy, shared) machine reached
-    reached = test["tokens_per_s_per_gpu"] >= 10.0
+    reached = test["tokens_per_s_per_gpu"] >= 5.0
     result.assert_outcomes(passed=int(reached), failed=int(not reached))
     assert test["verdict"] == ("PASS" if reached else "FAIL")
 
