@@ -1,7 +1,7 @@
 """pytest-tokperf: LLM inference performance acceptance tests as pytest markers.
 
-Throughput floors today; the fixtures `tokperf_engine` and `tokperf` and the marker
-`throughput_floor` come from the plugin module, registered through `pytest11`.
+The fixtures `tokperf_engine` and `tokperf` and the markers `throughput_floor` and
+`latency_slo` come from the plugin module, registered through `pytest11`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from importlib import metadata
 
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import Chunk, Engine, EngineError, EngineInfo, Request, load_engine
-from pytest_tokperf.metrics import Distribution, RunResult, percentile
+from pytest_tokperf.metrics import Distribution, Interval, RunResult, percentile
 from pytest_tokperf.runner import Tokperf
 from pytest_tokperf.workloads import Prompt, Workload, WorkloadError
 
@@ -25,6 +25,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineInfo",
+    "Interval",
     "Prompt",
     "Request",
     "RequestRecord",

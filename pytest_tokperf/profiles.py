@@ -37,6 +37,21 @@ class Profile:
     warmup: int
     floors: Mapping[str, float] = field(default_factory=dict)  # marker keyword -> floor
     engine: Mapping[str, Any] = field(default_factory=dict)
+    # scenario -> latency_slo keyword -> limit in ms: what a bare latency_slo marker gates
+    slos: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+
+# MLPerf Inference Llama-2-70B (shared FACTS.md): Server p99 TTFT 2,000 ms and p99 TPOT
+# 200 ms; Interactive p99 TTFT 450 ms and p99 TPOT 40 ms. The GPU profiles gate on them.
+MLPERF_SLOS: dict[str, dict[str, float]] = {
+    "server": {"ttft_p99_ms": 2_000.0, "tpot_p99_ms": 200.0},
+    "interactive": {"ttft_p99_ms": 450.0, "tpot_p99_ms": 40.0},
+}
+# SmolLM2-135M on 2 CPU cores, one request at a time: see CPU_SLOS_MEASURED in README.
+CPU_SLOS: dict[str, dict[str, float]] = {
+    "server": {"ttft_p99_ms": 2_000.0, "tpot_p99_ms": 100.0},
+    "interactive": {"ttft_p99_ms": 500.0, "tpot_p99_ms": 40.0},
+}
 
 
 BUILTIN: dict[str, Profile] = {
@@ -54,6 +69,23 @@ BUILTIN: dict[str, Profile] = {
             max_tokens=64,
             warmup=2,
             floors={"per_gpu": 10.0},
+            slos=CPU_SLOS,
+        ),
+        Profile(
+            name="sim",
+            description="simulated engine (no model): dry-runs a suite in seconds",
+            backend="sim",
+            device_kind="cpu",
+            devices=1,
+            precision="none",
+            model="sim",
+            requests=16,
+            max_tokens=64,
+            warmup=0,
+            floors={"per_gpu": 10.0},
+            # 100 tokens/s per request, 4 at once: about 390 tokens/s in a closed loop
+            engine={"tokens_per_s": 100.0, "ttft_s": 0.05, "jitter": 0.2, "slots": 4},
+            slos=CPU_SLOS,
         ),
         Profile(
             name="h100-sxm",
@@ -67,6 +99,7 @@ BUILTIN: dict[str, Profile] = {
             max_tokens=1_024,
             warmup=64,
             floors={"per_gpu": 3_000.0},
+            slos=MLPERF_SLOS,
         ),
         Profile(
             name="gb200-nvl72",
@@ -80,6 +113,7 @@ BUILTIN: dict[str, Profile] = {
             max_tokens=1_024,
             warmup=64,
             floors={"per_gpu": 12_000.0},
+            slos=MLPERF_SLOS,
         ),
         Profile(
             name="gb300-nvl72",
@@ -93,6 +127,7 @@ BUILTIN: dict[str, Profile] = {
             max_tokens=1_024,
             warmup=64,
             floors={"per_gpu": 15_200.0},
+            slos=MLPERF_SLOS,
         ),
     )
 }

@@ -71,6 +71,7 @@ class MissingExtraError(EngineError):
 
 BACKENDS: dict[str, str] = {
     "llamacpp": "pytest_tokperf.engines.llamacpp",
+    "sim": "pytest_tokperf.engines.sim",
 }
 
 
