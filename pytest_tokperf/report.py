@@ -75,7 +75,8 @@ def _load(payload: Mapping[str, Any]) -> str:
 def _ci(check: Mapping[str, Any], confidence: float) -> str:
     if check.get("ci_low") is None:
         return ""
-    return f" ({confidence:.0%} CI {num(check['ci_low'])}-{num(check['ci_high'])})"
+    # a t interval can reach below zero; a rate cannot
+    return f" ({confidence:.0%} CI {num(max(0.0, check['ci_low']))}-{num(check['ci_high'])})"
 
 
 def _check_line(check: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
@@ -234,7 +235,7 @@ def progress_line(
     ci = (
         ""
         if interval is None
-        else f" ({interval.confidence:.0%} CI {num(interval.low)}-{num(interval.high)})"
+        else f" ({interval.confidence:.0%} CI {num(max(0.0, interval.low))}-{num(interval.high)})"
     )
     return (
         f"tokperf: {elapsed_s:.1f} s, {done:,}/{issued:,} requests done, {num(rate)} tokens/s{ci}"
