@@ -87,7 +87,7 @@ def test_require_hardware_turns_the_skip_into_an_error(
     result.stdout.fnmatch_lines([f"*{NO_GPUS} (--tokperf-require-hardware)"])
 
 
-def test_detected_gb300_node_allocates_then_says_its_engine_is_not_included(
+def test_detected_gb300_node_allocates_then_names_the_missing_engine_package(
     pytester: pytest.Pytester, recording
 ) -> None:
     recording("gb300-node-4.json")
@@ -110,8 +110,8 @@ def test_detected_gb300_node_allocates_then_says_its_engine_is_not_included(
         [
             "tokperf: profile gb300-nvl72 (detected: 4 x NVIDIA GB300), engine trtllm, *4 GPUs",
             "tokperf: GPUs: 4 x NVIDIA GB300 (driver 580.65.06, CUDA 13.0, recorded in *)",
-            "*tokperf profile 'gb300-nvl72' (detected: 4 x NVIDIA GB300) runs the 'trtllm' "
-            "engine, which this version of pytest-tokperf does not include*",
+            "*the 'trtllm' engine needs the Python module 'tensorrt_llm', which is not "
+            "installed; install it with: pip install 'pytest-tokperf?trtllm?'*",
         ]
     )
 
