@@ -1,8 +1,8 @@
 """pytest-tokperf: LLM inference performance acceptance tests as pytest markers.
 
-Throughput floors and accuracy parity; the fixtures `tokperf_engine`, `tokperf` and
-`tokperf_reference_engine` and the markers `throughput_floor` and `accuracy_parity`
-come from the plugin module, registered through `pytest11`.
+Throughput floors, latency SLOs and accuracy parity; the fixtures `tokperf_engine`,
+`tokperf` and `tokperf_reference_engine` and the markers `throughput_floor`, `latency_slo`
+and `accuracy_parity` come from the plugin module, registered through `pytest11`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pytest_tokperf.engines import (
     Request,
     load_engine,
 )
-from pytest_tokperf.metrics import Distribution, RunResult, percentile
+from pytest_tokperf.metrics import Distribution, Interval, RunResult, percentile
 from pytest_tokperf.runner import Tokperf
 from pytest_tokperf.workloads import Prompt, Workload, WorkloadError
 
@@ -35,6 +35,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineInfo",
+    "Interval",
     "LogitsEngine",
     "ParityResult",
     "ParitySpec",

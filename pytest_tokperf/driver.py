@@ -3,23 +3,37 @@
 The driver knows only the engine protocol. Every request ends as a `RequestRecord`,
 also when it fails or times out: an error is data, never an exception that ends the
 run. Times are integer nanoseconds from `time.perf_counter_ns`.
+
+Scenarios (MLPerf Inference names): `offline` issues everything at once; `server`
+issues at seeded Poisson arrival times (`interactive` is the same load, judged by
+tighter SLOs); `concurrency` keeps N requests in flight (closed loop). While a
+server or concurrency run goes on, a watcher looks at a snapshot of the records
+(in-flight requests included, up to now) to report progress and to stop early.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from pytest_tokperf.engines import Engine, Request
 
-SCENARIOS = ("offline",)
+NS = 1_000_000_000
+SCENARIOS = ("offline", "server", "interactive", "concurrency")
+LOOK_EVERY_S = 0.25  # how often the watcher wakes for progress and stop checks
 
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """What happened to one request, in `perf_counter_ns` nanoseconds."""
+    """What happened to one request, in `perf_counter_ns` nanoseconds.
+
+    `scheduled_ns` is the seeded arrival time a server run meant to issue at (None in
+    other scenarios): `issue_ns - scheduled_ns` is the driver's own lag.
+    """
 
     id: str
     issue_ns: int
@@ -29,6 +43,7 @@ class RequestRecord:
     text: str = ""
     error: str | None = None
     token_ids: tuple[int, ...] = ()  # when the engine reports them (accuracy parity)
+    scheduled_ns: int | None = None
 
     @property
     def output_tokens(self) -> int:
@@ -43,34 +58,51 @@ class RequestRecord:
         return self.error is None
 
 
-async def _issue(engine: Engine, request: Request, issue_ns: int) -> RequestRecord:
+@dataclass
+class _Live:
+    """A request in flight; the watcher snapshots it without waiting for the end."""
+
+    request: Request
+    issue_ns: int
+    scheduled_ns: int | None
+    chunk_ns: list[int] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+
+    def record(self, end_ns: int, error: str | None = None) -> RequestRecord:
+        return RequestRecord(
+            id=self.request.id,
+            issue_ns=self.issue_ns,
+            end_ns=end_ns,
+            chunk_ns=tuple(self.chunk_ns),
+            chunk_tokens=tuple(self.chunk_tokens),
+            text="".join(self.texts),
+            error=error,
+            token_ids=tuple(self.token_ids),
+            scheduled_ns=self.scheduled_ns,
+        )
+
+
+async def _stream(engine: Engine, live: _Live) -> RequestRecord:
     """Stream one request; timestamps are taken as each chunk reaches the client."""
     clock = time.perf_counter_ns
-    chunk_ns: list[int] = []
-    chunk_tokens: list[int] = []
-    texts: list[str] = []
-    token_ids: list[int] = []
     error: str | None = None
     try:
-        async for chunk in engine.stream(request):
-            chunk_ns.append(clock())
-            chunk_tokens.append(chunk.tokens)
-            texts.append(chunk.text)
-            token_ids.extend(chunk.token_ids)
+        async for chunk in engine.stream(live.request):
+            live.chunk_ns.append(clock())
+            live.chunk_tokens.append(chunk.tokens)
+            live.texts.append(chunk.text)
+            live.token_ids.extend(chunk.token_ids)
     except asyncio.CancelledError:
         error = "cancelled: the run's time limit was reached before this request completed"
     except Exception as exc:  # any engine failure becomes the record's error
         error = f"{type(exc).__name__}: {exc}"
-    return RequestRecord(
-        id=request.id,
-        issue_ns=issue_ns,
-        end_ns=clock(),
-        chunk_ns=tuple(chunk_ns),
-        chunk_tokens=tuple(chunk_tokens),
-        text="".join(texts),
-        error=error,
-        token_ids=tuple(token_ids),
-    )
+    return live.record(clock(), error)
+
+
+async def _issue(engine: Engine, request: Request, issue_ns: int) -> RequestRecord:
+    return await _stream(engine, _Live(request, issue_ns, None))
 
 
 async def run_offline(
@@ -88,6 +120,166 @@ async def run_offline(
     return list(await asyncio.gather(*tasks))
 
 
+def poisson_offsets_ns(qps: float, seed: int) -> Iterator[int]:
+    """Arrival times after the start, exponential gaps at `qps`; a seed fixes the schedule."""
+    rng = random.Random(seed)
+    at = 0.0
+    while True:
+        yield round(at * NS)
+        at += rng.expovariate(qps)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to issue: the scenario, its load and the bounds of the run."""
+
+    scenario: str
+    qps: float | None = None
+    concurrency: int | None = None
+    seed: int = 0
+    min_requests: int = 0  # completed requests before the run may stop early
+    min_duration_s: float = 0.0  # seconds before the run may stop early
+    max_duration_s: float | None = None  # stop issuing after this long
+    timeout_s: float = 600.0  # cancel whatever still runs after this long
+    look_every_s: float = LOOK_EVERY_S  # how often progress and early stopping look
+
+
+@dataclass(frozen=True)
+class Driven:
+    """A finished run: its records, the driver thread's CPU share and why it stopped.
+
+    `window_end_ns` is when a run bounded by time stopped issuing: its rate is taken
+    over the window the load was applied, not over the drain after it.
+    """
+
+    records: tuple[RequestRecord, ...]
+    client_cpu: float | None
+    stopped: str
+    window_end_ns: int | None = None
+
+
+Snapshot = Callable[[Sequence[RequestRecord], float], bool]
+
+
+async def drive(
+    engine: Engine,
+    requests: Iterable[Request],
+    plan: Plan,
+    *,
+    stop: Snapshot | None = None,
+    progress: Callable[[Sequence[RequestRecord], float], None] | None = None,
+) -> Driven:
+    """Issue `requests` (possibly endless, then bounded by `max_duration_s`) as `plan` says.
+
+    `stop(snapshot, elapsed_s)` is asked on every look once `min_requests` and
+    `min_duration_s` are met; True ends issuing (requests in flight finish). A snapshot
+    holds every record so far, in-flight requests cut at the present.
+    """
+    clock = time.perf_counter_ns
+    if plan.scenario == "offline":
+        cpu0, t0 = time.thread_time_ns(), clock()
+        records = await run_offline(engine, list(requests), plan.timeout_s)
+        wall = clock() - t0
+        cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
+        return Driven(tuple(records), cpu, "all requests issued")
+
+    t0 = clock()
+    cpu0 = time.thread_time_ns()
+    deadline = t0 + round(plan.timeout_s * NS)
+    end_issuing = deadline if plan.max_duration_s is None else t0 + round(plan.max_duration_s * NS)
+    lives: list[_Live] = []
+    tasks: list[asyncio.Task[RequestRecord]] = []
+    done: dict[int, RequestRecord] = {}
+    halt = asyncio.Event()
+    reason = ["all requests issued"]
+    stopped_at: list[int | None] = [None]
+
+    def finish(index: int, task: asyncio.Task[RequestRecord]) -> None:
+        if not task.cancelled():
+            done[index] = task.result()
+
+    def launch(request: Request, scheduled: int | None) -> asyncio.Task[RequestRecord]:
+        live = _Live(request, clock(), scheduled)
+        task = asyncio.create_task(_stream(engine, live))
+        index = len(tasks)
+        task.add_done_callback(lambda t: finish(index, t))
+        lives.append(live)
+        tasks.append(task)
+        return task
+
+    def snapshot(now: int) -> list[RequestRecord]:
+        return [done[i] if i in done else lv.record(now) for i, lv in enumerate(lives)]
+
+    async def watch() -> None:
+        while not halt.is_set():
+            await asyncio.sleep(plan.look_every_s)
+            now = clock()
+            if now >= end_issuing:
+                reason[0] = f"max_duration_s={plan.max_duration_s} reached"
+                stopped_at[0] = end_issuing
+                halt.set()
+                return
+            elapsed = (now - t0) / NS
+            if progress is None and stop is None:
+                continue
+            snap = snapshot(now)
+            if progress is not None:
+                progress(snap, elapsed)
+            ready = len(done) >= plan.min_requests and elapsed >= plan.min_duration_s
+            if stop is not None and ready and stop(snap, elapsed):
+                reason[0] = f"early stop after {elapsed:.1f} s: the verdict was decisive"
+                stopped_at[0] = now  # the window the decision saw
+                halt.set()
+
+    async def wait_halt(seconds: float) -> None:
+        """Sleep `seconds`, or less when the run is told to stop."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(halt.wait(), timeout=max(0.0, seconds))
+
+    watcher = asyncio.create_task(watch())
+    source = iter(requests)
+    if plan.scenario in ("server", "interactive"):
+        assert plan.qps is not None
+        for request, offset in zip(source, poisson_offsets_ns(plan.qps, plan.seed), strict=False):
+            scheduled = t0 + offset
+            if scheduled >= end_issuing:
+                reason[0] = f"max_duration_s={plan.max_duration_s} reached"
+                stopped_at[0] = end_issuing
+                break
+            await wait_halt((scheduled - clock()) / NS)
+            if halt.is_set():
+                break
+            launch(request, scheduled)
+    elif plan.scenario == "concurrency":
+        assert plan.concurrency is not None
+        halted = asyncio.create_task(halt.wait())
+        for request in source:
+            running = [t for t in tasks if not t.done()]
+            if len(running) >= plan.concurrency:
+                await asyncio.wait([*running, halted], return_when=asyncio.FIRST_COMPLETED)
+            if halt.is_set():
+                break
+            if clock() >= end_issuing:
+                reason[0] = f"max_duration_s={plan.max_duration_s} reached"
+                stopped_at[0] = end_issuing
+                break
+            launch(request, None)
+        halted.cancel()
+    else:
+        raise ValueError(f"unknown scenario {plan.scenario!r}; available: {', '.join(SCENARIOS)}")
+    halt.set()
+    await watcher
+    if tasks:
+        await asyncio.wait(tasks, timeout=max(0.0, (deadline - clock()) / NS))
+    for task in tasks:
+        task.cancel()  # a no-op for finished tasks; `_stream` turns it into a record
+    records = await asyncio.gather(*tasks)
+    wall = clock() - t0
+    cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
+    window_end = stopped_at[0] if plan.max_duration_s is not None else None
+    return Driven(tuple(records), cpu, reason[0], window_end)
+
+
 def run(
     engine: Engine,
     requests: Sequence[Request],
@@ -97,18 +289,42 @@ def run(
     timeout_s: float = 600.0,
     loop: asyncio.AbstractEventLoop | None = None,
 ) -> list[RequestRecord]:
-    """Run warm-up requests (discarded), then the measured scenario.
+    """Run warm-up requests (discarded), then the measured Offline scenario.
 
     `loop` is the process's long-lived event loop, so engines can keep connection
     pools across runs; without one, a fresh loop runs just this call.
     """
-    if scenario not in SCENARIOS:
-        raise ValueError(f"unknown scenario {scenario!r}; available: {', '.join(SCENARIOS)}")
+    if scenario != "offline":
+        raise ValueError(
+            f"unknown scenario {scenario!r} for driver.run; available: offline "
+            f"(use driver.run_plan for {', '.join(SCENARIOS[1:])})"
+        )
+    plan = Plan("offline", timeout_s=timeout_s)
+    return list(run_plan(engine, requests, plan, warmup=warmup, loop=loop).records)
 
-    async def main() -> list[RequestRecord]:
+
+def run_plan(
+    engine: Engine,
+    requests: Iterable[Request],
+    plan: Plan,
+    *,
+    warmup: Sequence[Request] = (),
+    stop: Snapshot | None = None,
+    progress: Callable[[Sequence[RequestRecord], float], None] | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> Driven:
+    """Run warm-up requests (discarded, all at once), then the measured scenario.
+
+    `loop` is the process's long-lived event loop (see `run`); without one, a fresh
+    loop runs just this call.
+    """
+    if plan.scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {plan.scenario!r}; available: {', '.join(SCENARIOS)}")
+
+    async def main() -> Driven:
         if warmup:
-            await run_offline(engine, warmup, timeout_s)
-        return await run_offline(engine, requests, timeout_s)
+            await run_offline(engine, warmup, plan.timeout_s)
+        return await drive(engine, requests, plan, stop=stop, progress=progress)
 
     if loop is None:
         return asyncio.run(main())

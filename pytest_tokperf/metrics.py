@@ -9,8 +9,11 @@ Percentiles follow MLPerf LoadGen: `sorted(values)[int(n * p)]`, no interpolatio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from statistics import NormalDist
 
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import EngineInfo
@@ -50,6 +53,9 @@ class Distribution:
         return cls(count=len(values), mean=sum(values) / len(values), **points)
 
 
+NO_SAMPLES = Distribution(0, None, None, None, None, None, None)
+
+
 def ttft_s(record: RequestRecord) -> float | None:
     """Time to first token: first chunk time - issue time."""
     first = record.first_chunk_ns
@@ -69,6 +75,61 @@ def tpot_s(record: RequestRecord) -> float | None:
     return (record.end_ns - first) / NS / (record.output_tokens - 1)
 
 
+def itl_s(record: RequestRecord) -> list[float]:
+    """Inter-token latencies: the gaps between consecutive chunks of one request."""
+    c = record.chunk_ns
+    return [(b - a) / NS for a, b in itertools.pairwise(c)]
+
+
+def lag_s(record: RequestRecord) -> float | None:
+    """How late the driver issued a request against its seeded schedule (None: unscheduled)."""
+    return None if record.scheduled_ns is None else (record.issue_ns - record.scheduled_ns) / NS
+
+
+def meets(record: RequestRecord, limits: Mapping[str, float]) -> bool:
+    """Whether one request met every per-request latency limit (seconds, keyed ttft/tpot/itl/e2e).
+
+    A request's ITL is its largest gap; a one-token request has no TPOT or ITL, so
+    those limits cannot fail it. A failed request, or one with no output, meets none.
+    """
+    if not record.ok or record.first_chunk_ns is None:
+        return False  # failed, or completed without output: nothing was served
+    observed = {
+        "ttft": ttft_s(record),
+        "tpot": tpot_s(record),
+        "itl": max(itl_s(record), default=None),
+        "e2e": e2e_s(record),
+    }
+    for metric, limit in limits.items():
+        value = observed[metric]
+        if value is not None and value > limit:
+            return False
+    return True
+
+
+def goodput(records: Sequence[RequestRecord], limits: Mapping[str, float]) -> float:
+    """Requests that met every SLO, per second of the run (first issue to last completion)."""
+    span = span_ns(records)
+    good = sum(1 for r in records if meets(r, limits))
+    return good * NS / span if span > 0 else 0.0
+
+
+def window_tokens_per_s(records: Sequence[RequestRecord], end_ns: int) -> float:
+    """Output tokens of completed requests that arrived by `end_ns`, per second since the
+    first issue: the rate while a run bounded by time applied its load."""
+    if not records:
+        return 0.0
+    span = end_ns - min(r.issue_ns for r in records)
+    tokens = sum(
+        n
+        for r in records
+        if r.ok
+        for at, n in zip(r.chunk_ns, r.chunk_tokens, strict=True)
+        if at <= end_ns
+    )
+    return tokens * NS / span if span > 0 else 0.0
+
+
 def span_ns(records: Sequence[RequestRecord]) -> int:
     """First issue to last completion: the span MLPerf's Offline rate is taken over."""
     if not records:
@@ -77,10 +138,97 @@ def span_ns(records: Sequence[RequestRecord]) -> int:
 
 
 def output_tokens_per_s(records: Sequence[RequestRecord]) -> float:
-    """MLPerf Offline: output tokens of the completed requests / (last end - first issue)."""
+    """Output tokens of the completed requests / (last end - first issue).
+
+    This is MLPerf's Offline rate and also its Server rate (completed tokens / time the
+    last query finished, counted from the start of the run).
+    """
     span = span_ns(records)
     tokens = sum(r.output_tokens for r in records if r.ok)
     return tokens * NS / span if span > 0 else 0.0
+
+
+def t_quantile(q: float, df: int) -> float:
+    """Student's t quantile by the Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5).
+
+    Within 0.2% of the exact value for df >= 5 at the quantiles used here; the
+    standard library has no t distribution and scipy is too heavy a dependency.
+    """
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {df}")
+    z = NormalDist().inv_cdf(q)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+
+
+def window_rates(
+    records: Sequence[RequestRecord], batches: int, end_ns: int | None = None
+) -> list[float]:
+    """Output tokens/s in `batches` equal windows of [first issue, last end] (or `end_ns`).
+
+    Tokens count when their chunk arrived, for completed requests only, so the mean of
+    the window rates is exactly `output_tokens_per_s` (the MLPerf number), or
+    `window_tokens_per_s` when the window ends at `end_ns`.
+    """
+    if not records or batches < 1:
+        return []
+    start = min(r.issue_ns for r in records)
+    span = span_ns(records) if end_ns is None else end_ns - start
+    if span <= 0:
+        return []
+    tokens = [0] * batches
+    for r in records:
+        if not r.ok:
+            continue
+        for at, n in zip(r.chunk_ns, r.chunk_tokens, strict=True):
+            if end_ns is not None and at > end_ns:
+                break  # arrived in the drain after the load stopped
+            tokens[min(max(0, (at - start) * batches // span), batches - 1)] += n
+    width_s = span / batches / NS
+    return [t / width_s for t in tokens]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A two-sided confidence interval around an estimate."""
+
+    estimate: float
+    low: float
+    high: float
+    confidence: float
+    batches: int
+
+
+BATCHES = 10  # Schmeiser (1982): 10 to 30 batches; few batches keep each one long
+
+
+def batch_means(values: Sequence[float], confidence: float) -> Interval | None:
+    """Student-t interval of the mean of batch means (None: fewer than 2 batches)."""
+    k = len(values)
+    if k < 2:
+        return None
+    mean = sum(values) / k
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1))
+    half = t_quantile((1 + confidence) / 2, k - 1) * sd / math.sqrt(k)
+    return Interval(mean, mean - half, mean + half, confidence, k)
+
+
+def throughput_interval(
+    records: Sequence[RequestRecord],
+    confidence: float,
+    batches: int = BATCHES,
+    end_ns: int | None = None,
+) -> Interval | None:
+    """Confidence interval of output tokens/s by batch means over time windows.
+
+    Token production is autocorrelated in time (one request spans many windows), so
+    resampling requests independently (a bootstrap) would understate the spread;
+    means of long consecutive windows are close to independent (see README).
+    """
+    return batch_means(window_rates(records, batches, end_ns), confidence)
 
 
 @dataclass(frozen=True)
@@ -109,10 +257,57 @@ class RunResult:
     tokens_per_s_per_watt: float | None = None  # tokens/s / mean power of those GPUs
     throttled: bool | None = None  # the GPUs slowed their clocks during the run
     client_busy_cores: float | None = None  # this process's CPU time / run time
+    itl: Distribution = NO_SAMPLES
+    qps: float | None = None  # the server scenario's target rate
+    concurrency: int | None = None  # the concurrency scenario's requests in flight
+    lag: Distribution = NO_SAMPLES  # issue time - scheduled time (server)
+    scheduled_qps: float | None = None  # the seeded schedule's own rate
+    achieved_qps: float | None = None  # completions per second net of one request's latency
+    client_cpu: float | None = None  # driver thread CPU time / wall time
+    stopped: str = ""  # why the driver stopped issuing (early stopping, duration, count)
+    window_end_ns: int | None = None  # a run bounded by time: when it stopped issuing
 
     @property
     def errors(self) -> list[str]:
         return [f"{r.id}: {r.error}" for r in self.records if r.error is not None]
+
+    def throughput_interval(self, confidence: float) -> Interval | None:
+        """Interval of `tokens_per_s`; scale it by 1/devices for the per-GPU number."""
+        return throughput_interval(self.records, confidence, end_ns=self.window_end_ns)
+
+    def goodput(self, limits: Mapping[str, float]) -> float:
+        return goodput(self.records, limits)
+
+
+def scheduled_rate(records: Sequence[RequestRecord]) -> float | None:
+    """Requests per second of the seeded schedule itself: (n - 1) / (last - first arrival).
+
+    A short Poisson sample legitimately deviates from the nominal qps, so whether the
+    engine kept up is judged against this rate, not the nominal one.
+    """
+    times = sorted(r.scheduled_ns for r in records if r.scheduled_ns is not None)
+    if len(times) < 2 or times[-1] == times[0]:
+        return None
+    return (len(times) - 1) * NS / (times[-1] - times[0])
+
+
+def achieved_rate(records: Sequence[RequestRecord]) -> float | None:
+    """Completed requests per second, over first arrival .. last completion less the median latency.
+
+    Taking off the median latency removes the drain of the last requests when the
+    engine keeps up; when it falls behind, latencies grow along the run, the last
+    completion lags the last arrival by about twice the median and the rate drops
+    below the schedule's.
+    """
+    times = [r.scheduled_ns for r in records if r.scheduled_ns is not None]
+    ok = [r for r in records if r.ok]
+    if len(times) < 2 or not ok:
+        return None
+    latencies = sorted(r.end_ns - r.issue_ns for r in ok)
+    median = latencies[len(latencies) // 2]
+    end = max(max(r.end_ns for r in ok) - median, max(times))
+    span = end - min(times)
+    return (len(ok) - 1) * NS / span if span > 0 else None
 
 
 def summarize(
@@ -122,13 +317,25 @@ def summarize(
     scenario: str,
     workload: str,
     max_tokens: int | None,
+    qps: float | None = None,
+    concurrency: int | None = None,
+    client_cpu: float | None = None,
+    stopped: str = "",
+    window_end_ns: int | None = None,
 ) -> RunResult:
-    """Every number of a run, from its records alone."""
+    """Every number of a run, from its records (and the driver's own CPU share).
+
+    A run bounded by time (`window_end_ns` set) takes its rates over the window the
+    load was applied; a run of a fixed count over first issue .. last completion.
+    """
     ok = [r for r in records if r.ok]
-    span = span_ns(records)
-    duration = span / NS
     tokens = sum(r.output_tokens for r in ok)
-    rate = output_tokens_per_s(records)
+    if window_end_ns is not None and records:
+        duration = (window_end_ns - min(r.issue_ns for r in records)) / NS
+        rate = window_tokens_per_s(records, window_end_ns)
+    else:
+        duration = span_ns(records) / NS
+        rate = output_tokens_per_s(records)
     return RunResult(
         scenario=scenario,
         workload=workload,
@@ -141,11 +348,24 @@ def summarize(
         duration_s=duration,
         tokens_per_s=rate,
         tokens_per_s_per_gpu=rate / engine.devices,
-        requests_per_s=len(ok) / duration if duration > 0 else 0.0,
+        requests_per_s=(
+            sum(1 for r in ok if window_end_ns is None or r.end_ns <= window_end_ns) / duration
+            if duration > 0
+            else 0.0
+        ),
         tokens_per_sample=tokens / len(ok) if ok else 0.0,
         ttft=Distribution.of([v for r in ok if (v := ttft_s(r)) is not None]),
         tpot=Distribution.of([v for r in ok if (v := tpot_s(r)) is not None]),
         e2e=Distribution.of([e2e_s(r) for r in ok]),
+        itl=Distribution.of([v for r in ok for v in itl_s(r)]),
+        qps=qps,
+        concurrency=concurrency,
+        lag=Distribution.of([v for r in records if (v := lag_s(r)) is not None]),
+        scheduled_qps=scheduled_rate(records),
+        achieved_qps=achieved_rate(records),
+        client_cpu=client_cpu,
+        stopped=stopped,
+        window_end_ns=window_end_ns,
     )
 
 

@@ -10,18 +10,31 @@ import asyncio
 import dataclasses
 import json
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_tokperf import accuracy, driver, gpus, launcher, precision, profiles, report, verdict
+from pytest_tokperf import (
+    accuracy,
+    driver,
+    gpus,
+    launcher,
+    metrics,
+    precision,
+    profiles,
+    report,
+    verdict,
+)
+from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import BACKENDS, Engine, EngineError, load_engine
-from pytest_tokperf.runner import Tokperf
+from pytest_tokperf.runner import Progress, Tokperf
 
 BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
 FLOORS = pytest.StashKey[dict[str, float]]()
+SLO_BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
+SLOS = pytest.StashKey[dict[str, float]]()
 RUNNER = pytest.StashKey[Tokperf]()
 PARITY = pytest.StashKey[accuracy.ParitySpec]()
 PROPERTY = report.PROPERTY
@@ -36,6 +49,15 @@ PARITY_MARKER = (
     "match the reference precision's by MLPerf's ROUGE rule (and the optional KL / top-1 "
     "limits); runs tokperf.accuracy() after the body if the test did not"
 )
+SLO_MARKER = (
+    "latency_slo(ttft_p99_ms=None, tpot_p99_ms=None, ...): fail the test unless its last "
+    "tokperf run keeps these latency percentiles (metric ttft/tpot/itl/e2e, percentile "
+    "p50/p90/p95/p99/p999) under the limit in ms; each a number or a dict keyed by "
+    "profile name; no keywords: the profile's defaults for the run's scenario"
+)
+INCONCLUSIVE_POLICIES = ("fail", "skip", "pass")
+PROGRESS_AFTER_S = 3.0  # runs shorter than this print no progress line
+PROGRESS_EVERY_S = 5.0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -136,6 +158,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="directory of the per-GPU lock files every tokperf process on this machine "
         f"shares (env TOKPERF_LOCK_DIR, ini tokperf_lock_dir; default {gpus.DEFAULT_LOCK_DIR})",
     )
+    group.addoption(
+        "--tokperf-inconclusive",
+        metavar="POLICY",
+        help="what an INCONCLUSIVE floor verdict does to the test: fail, skip or pass "
+        "(env TOKPERF_INCONCLUSIVE, ini tokperf_inconclusive; default fail)",
+    )
+    group.addoption(
+        "--tokperf-confidence",
+        metavar="LEVEL",
+        help="confidence of the throughput intervals, between 0.5 and 1 "
+        "(env TOKPERF_CONFIDENCE, ini tokperf_confidence; default 0.95)",
+    )
+    parser.addini("tokperf_inconclusive", "tokperf INCONCLUSIVE policy", default="")
+    parser.addini("tokperf_confidence", "tokperf confidence level", default="")
     parser.addini("tokperf_profile", "tokperf hardware profile", default="")
     parser.addini("tokperf_gpus", "tokperf GPUs per process", default="")
     parser.addini("tokperf_allow_busy_gpus", "tokperf: allocate busy GPUs", default="")
@@ -189,6 +225,35 @@ def _flag(config: pytest.Config, name: str) -> bool:
     if value.strip().lower() not in FLAGS:
         raise pytest.UsageError(f"{source} must be true or false (1/0, yes/no), got {value!r}")
     return FLAGS[value.strip().lower()]
+
+
+def _inconclusive_policy(config: pytest.Config) -> str:
+    setting = _setting(config, "tokperf_inconclusive")
+    if setting is None:
+        return "fail"
+    value, source = setting
+    if value not in INCONCLUSIVE_POLICIES:
+        raise pytest.UsageError(
+            f"{source} must be one of {', '.join(INCONCLUSIVE_POLICIES)}, got {value!r}"
+        )
+    return value
+
+
+def _confidence(config: pytest.Config) -> float:
+    setting = _setting(config, "tokperf_confidence")
+    if setting is None:
+        return 0.95
+    value, source = setting
+    try:
+        level = float(value)
+    except ValueError:
+        level = 0.0
+    if not 0.5 <= level < 1:
+        raise pytest.UsageError(
+            f"{source} must be a number from 0.5 up to (not including) 1, such as 0.95; "
+            f"got {value!r}"
+        )
+    return level
 
 
 class TokperfSession:
@@ -260,6 +325,8 @@ class TokperfSession:
         self.server_cmd = server_cmd[0] if server_cmd else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.server: launcher.Server | None = None
+        self.inconclusive = _inconclusive_policy(config)
+        self.confidence = _confidence(config)
         # xdist's documented marker of a worker process
         self.is_worker = hasattr(config, "workerinput")
         self.payloads: list[dict[str, Any]] = []
@@ -346,12 +413,18 @@ class TokperfSession:
                 item.stash[PARITY] = accuracy.parse_parity_marker(
                     parity.args, parity.kwargs, item.nodeid, self.precisions()
                 )
+            marker = item.get_closest_marker("latency_slo")
+            if marker is not None:
+                item.stash[SLO_BOUNDS] = verdict.parse_slo_marker(
+                    marker.args, marker.kwargs, item.nodeid, self.registry
+                )
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
         yield  # the test body; if it raised, that is the outcome and nothing below runs
         runner = item.stash.get(RUNNER, None)
         floors = item.stash.get(FLOORS, None)
+        slos = item.stash.get(SLOS, None)
         if runner is None:
             return
         if PARITY in item.stash:
@@ -360,20 +433,74 @@ class TokperfSession:
             data = report.parity_payload(item.nodeid, runner.last_parity, self.profile)
             data["verdict"] = "MEASURED"  # reported, not gated
             item.user_properties.append((report.PROPERTY, json.dumps(data)))
-        if floors is not None and runner.last is None:
+        gated = floors is not None or slos is not None
+        if gated and runner.last is None:
             runner.run()  # the marked test never ran a workload: run the profile's default
         result = runner.last
         if result is None:
             return
-        outcome = verdict.judge(result, floors or {})
-        data = report.payload(
-            item.nodeid, result, outcome, floors or {}, self.profile, gpus=runner.gpus
+        if slos == {}:  # a bare latency_slo(): the profile's limits for this scenario
+            slos = dict(self.profile.slos.get(result.scenario, {}))
+            if not slos:
+                pytest.fail(
+                    f"latency_slo() without limits: profile {self.profile.name!r} has no "
+                    f"default SLOs for the {result.scenario} scenario; give limits such as "
+                    "ttft_p99_ms=...",
+                    pytrace=False,
+                )
+        outcome = verdict.judge(
+            result, floors or {}, slos, confidence=self.confidence, looks=runner.looks[-1]
         )
-        if floors is None:
-            data["verdict"] = "MEASURED"  # no floor: reported, not gated
+        good = result.goodput(verdict.per_request_limits(slos)) if slos else None
+        data = report.payload(
+            item.nodeid, result, outcome, floors or {}, self.profile, slos, good, gpus=runner.gpus
+        )
+        if not gated:
+            data["verdict"] = "MEASURED"  # no floor and no SLO: reported, not gated
         item.user_properties.append((report.PROPERTY, json.dumps(data)))
-        if floors is not None and outcome.status == "FAIL":
+        if not gated:
+            return
+        if outcome.status in ("FAIL", "INVALID"):
             pytest.fail(report.failure_message(data), pytrace=False)
+        if outcome.status == "INCONCLUSIVE":
+            if self.inconclusive == "fail":
+                pytest.fail(report.failure_message(data), pytrace=False)
+            if self.inconclusive == "skip":
+                pytest.skip(report.failure_message(data))
+
+    def progress(self) -> Progress | None:
+        """The live line's callback, or None where it must stay quiet."""
+        if self.is_worker or self.config.get_verbosity() < 0:
+            return None
+        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if terminal is None:
+            return None
+        shown = [-PROGRESS_EVERY_S]  # when the last line was shown
+        confidence = self.confidence
+
+        def show(snapshot: Sequence[RequestRecord], elapsed_s: float) -> None:
+            if elapsed_s < PROGRESS_AFTER_S or elapsed_s - shown[0] < PROGRESS_EVERY_S:
+                return
+            shown[0] = elapsed_s
+            # requests in flight end "now" in a snapshot, the latest end of all
+            now = max((r.end_ns for r in snapshot), default=0)
+            done = sum(1 for r in snapshot if r.end_ns < now)
+            line = report.progress_line(
+                elapsed_s,
+                done,
+                len(snapshot),
+                metrics.output_tokens_per_s(snapshot),
+                metrics.throughput_interval(snapshot, confidence),
+            )
+            # like pytest's live logging: write past the capture to the real terminal
+            if capture is not None:
+                with capture.global_and_fixture_disabled():
+                    terminal.write_line(line)
+            else:
+                terminal.write_line(line)
+
+        return show
 
     def _judge_parity(self, item: pytest.Item, runner: Tokperf) -> None:
         """A marked parity test: its last accuracy result (run one if it ran none)."""
@@ -400,7 +527,7 @@ class TokperfSession:
         if (
             rep.when == "setup"
             and isinstance(skip, pytest.skip.Exception)
-            and BOUNDS in item.stash
+            and (BOUNDS in item.stash or SLO_BOUNDS in item.stash)
             and all(name != PROPERTY for name, _ in rep.user_properties)
         ):
             data = report.skipped(item.nodeid, self.profile, str(skip.msg))
@@ -451,6 +578,7 @@ class TokperfSession:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", FLOOR_MARKER)
     config.addinivalue_line("markers", PARITY_MARKER)
+    config.addinivalue_line("markers", SLO_MARKER)
     config.pluginmanager.register(TokperfSession(config), "tokperf-session")
 
 
@@ -507,8 +635,9 @@ def tokperf_reference_engine(pytestconfig: pytest.Config) -> Engine:
 def tokperf(
     request: pytest.FixtureRequest, tokperf_engine: Engine, tokperf_gpus: gpus.Allocation
 ) -> Tokperf:
-    """Runs measured workloads: `tokperf.run(scenario="offline", requests=N, max_tokens=M)`,
-    and accuracy parity: `tokperf.accuracy(dataset=..., samples=N)`."""
+    """Runs measured workloads: `tokperf.run(scenario="offline", requests=N, max_tokens=M)`
+    (also server/interactive with qps=, concurrency with concurrency=), and accuracy
+    parity: `tokperf.accuracy(dataset=..., samples=N)`."""
     state = _session(request.config)
     runner = Tokperf(
         tokperf_engine,
@@ -521,6 +650,9 @@ def tokperf(
     spec = request.node.stash.get(PARITY, None)
     if spec is not None:
         runner.parity_spec = spec
+    runner.confidence = state.confidence
+    runner.floors = request.node.stash.get(FLOORS, {})
+    runner.progress = state.progress()
     request.node.stash[RUNNER] = runner
     return runner
 
@@ -534,15 +666,28 @@ def _tokperf_parity(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(autouse=True)
 def _tokperf_floor(request: pytest.FixtureRequest) -> None:
-    """For tests marked throughput_floor: skip without a floor here, else load the engine."""
+    """For tests marked throughput_floor or latency_slo: skip without a bound for this
+    profile, else load the engine."""
     bounds = request.node.stash.get(BOUNDS, None)
-    if bounds is None:
+    slo_bounds = request.node.stash.get(SLO_BOUNDS, None)
+    if bounds is None and slo_bounds is None:
         return
     profile = _session(request.config).profile
-    floors = verdict.floors_for(bounds, profile.name, profile.floors)
-    if isinstance(floors, str):
-        data = report.skipped(request.node.nodeid, profile, floors)
-        request.node.user_properties.append((PROPERTY, json.dumps(data)))
-        pytest.skip(floors)
-    request.node.stash[FLOORS] = floors
-    request.getfixturevalue("tokperf")
+    floors = None if bounds is None else verdict.floors_for(bounds, profile.name, profile.floors)
+    # a bare latency_slo() resolves to {} here and to the scenario's defaults after the run
+    slos = (
+        None
+        if slo_bounds is None
+        else verdict.floors_for(slo_bounds, profile.name, {}, marker="latency_slo")
+    )
+    for reason in (floors, slos):
+        if isinstance(reason, str):
+            data = report.skipped(request.node.nodeid, profile, reason)
+            request.node.user_properties.append((PROPERTY, json.dumps(data)))
+            pytest.skip(reason)
+    if isinstance(floors, dict):
+        request.node.stash[FLOORS] = floors
+    if isinstance(slos, dict):
+        request.node.stash[SLOS] = slos
+    runner = request.getfixturevalue("tokperf")
+    runner.floors = floors or {}

@@ -26,8 +26,9 @@ from typing import Any
 
 import pytest
 
+from pytest_tokperf.driver import SCENARIOS
 from pytest_tokperf.gpus import Inventory, Need, unsuitable
-from pytest_tokperf.verdict import FLOOR_METRICS
+from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,10 +37,14 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 DEFAULT_PROFILE = "cpu"
 ENV_PROFILE = "TOKPERF_PROFILE"
-BACKEND_NAMES = ("llamacpp", "openai", "trtllm")  # known names; `engines.BACKENDS` is what ships
-# MLPerf Inference Llama-2-70B latency bounds (FACTS.md), in seconds
-SLO_KEYS = ("server_ttft_p99_s", "server_tpot_p99_s", "interactive_ttft_p99_s",
-            "interactive_tpot_p99_s")  # fmt: skip
+BACKEND_NAMES = (
+    "llamacpp",
+    "openai",
+    "trtllm",
+    "sim",
+)  # known names; `engines.BACKENDS` is what ships
+# a profile's `slos` table: scenario -> latency_slo keyword (ttft_p99_ms, ...) -> ms
+SLO_SCENARIOS = SCENARIOS
 # MLPerf's accuracy rule (FACTS.md): each ROUGE >= 99% of the reference, tokens per
 # sample within 90%-110% of the reference's
 PARITY_KEYS = ("rouge_fraction", "tokens_per_sample_low", "tokens_per_sample_high")
@@ -65,7 +70,8 @@ class Profile:
     nodes: int = 1  # nodes of `devices` GPUs in the whole system (18 on an NVL72 rack)
     tensor_parallel_size: int = 1
     rack_floor: float | None = None  # output tokens/s of all `nodes` together
-    slos: Mapping[str, float] = field(default_factory=dict)  # SLO_KEYS -> seconds
+    # scenario -> latency_slo keyword -> limit in ms: what a bare latency_slo marker gates
+    slos: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     parity: Mapping[str, float] = field(default_factory=dict)  # PARITY_KEYS -> fraction
     defined_in: str = "built-in"  # or the file that defined it
     # accuracy parity: the precision a test engine is compared with (None: none named)
@@ -76,11 +82,16 @@ class Profile:
         return Need(self.name, count or self.devices, self.gpu_name, self.min_memory_gib)
 
 
-MLPERF_SLOS = {
-    "server_ttft_p99_s": 2.0,
-    "server_tpot_p99_s": 0.2,
-    "interactive_ttft_p99_s": 0.45,
-    "interactive_tpot_p99_s": 0.04,
+# MLPerf Inference Llama-2-70B (shared FACTS.md): Server p99 TTFT 2,000 ms and p99 TPOT
+# 200 ms; Interactive p99 TTFT 450 ms and p99 TPOT 40 ms. The GPU profiles gate on them.
+MLPERF_SLOS: dict[str, dict[str, float]] = {
+    "server": {"ttft_p99_ms": 2_000.0, "tpot_p99_ms": 200.0},
+    "interactive": {"ttft_p99_ms": 450.0, "tpot_p99_ms": 40.0},
+}
+# SmolLM2-135M on 2 CPU cores, one request at a time: see CPU_SLOS_MEASURED in README.
+CPU_SLOS: dict[str, dict[str, float]] = {
+    "server": {"ttft_p99_ms": 2_000.0, "tpot_p99_ms": 100.0},
+    "interactive": {"ttft_p99_ms": 500.0, "tpot_p99_ms": 40.0},
 }
 MLPERF_PARITY = {
     "rouge_fraction": 0.99,
@@ -112,6 +123,23 @@ BUILTIN: dict[str, Profile] = {
             warmup=2,
             floors={"per_gpu": 5.0},
             reference_precision="f16",
+            slos=CPU_SLOS,
+        ),
+        Profile(
+            name="sim",
+            description="simulated engine (no model): dry-runs a suite in seconds",
+            backend="sim",
+            device_kind="cpu",
+            devices=1,
+            precision="none",
+            model="sim",
+            requests=16,
+            max_tokens=64,
+            warmup=0,
+            floors={"per_gpu": 10.0},
+            # 100 tokens/s per request, 4 at once: about 390 tokens/s in a closed loop
+            engine={"tokens_per_s": 100.0, "ttft_s": 0.05, "jitter": 0.2, "slots": 4},
+            slos=CPU_SLOS,
         ),
         # The memory minimums sit well under the nominal 80 / 186 / 288 GB, so they
         # reject a smaller part of the same name, never a healthy GPU whose driver
@@ -222,6 +250,24 @@ def _numbers(value: object, keys: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+def _slos(value: object) -> dict[str, dict[str, float]]:
+    """`{ server = { ttft_p99_ms = 1500 } }`: per scenario, latency_slo limits in ms."""
+    if not isinstance(value, dict):
+        raise _Bad(
+            f"expected a table of scenarios ({', '.join(SLO_SCENARIOS)}), each a table of "
+            f"latency_slo limits in ms, got {value!r}"
+        )
+    out: dict[str, dict[str, float]] = {}
+    for scenario, limits in value.items():
+        if scenario not in SLO_SCENARIOS:
+            raise _Bad(f"unknown scenario {scenario!r}; allowed: {', '.join(SLO_SCENARIOS)}")
+        try:
+            out[scenario] = _numbers(limits, SLO_KEYWORDS)
+        except _Bad as exc:
+            raise _Bad(f"{scenario}: {exc}") from None
+    return out
+
+
 def _table(value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _Bad(f"expected a table, got {value!r}")
@@ -246,7 +292,7 @@ KEYS: dict[str, Any] = {
     "nodes": lambda v: _int(v, 1),
     "tensor_parallel_size": lambda v: _int(v, 1),
     "rack_floor": lambda v: _float(v, 0, strict=True),
-    "slos": lambda v: _numbers(v, SLO_KEYS),
+    "slos": _slos,
     "parity": lambda v: _numbers(v, PARITY_KEYS),
 }
 MERGED = ("floors", "engine", "slos", "parity")  # tables merge key by key with `extends`
@@ -285,7 +331,8 @@ def load_user(rootdir: Path, builtin: Mapping[str, Profile] = BUILTIN) -> dict[s
     """The built-in profiles plus the user's, every key validated.
 
     A user profile `extends` a built-in or an earlier user profile: its keys replace
-    the parent's, and the tables (floors, engine, slos, parity) merge key by key.
+    the parent's, and the tables (floors, engine, slos, parity) merge key by key
+    (`slos` per scenario, then limit by limit).
     """
     raw = _tables(rootdir)
     seen: dict[str, Path] = {}
@@ -338,6 +385,12 @@ def _build(
     for key in MERGED:
         if key in values:
             values[key] = {**getattr(parent, key), **values[key]}
+    if "slos" in values:  # and within a scenario, limit by limit
+        values["slos"] = {
+            scenario: {**parent.slos.get(scenario, {}), **limits}
+            for scenario, limits in values["slos"].items()
+        }
+        values["slos"] = {**parent.slos, **values["slos"]}
     description = values.pop("description", f"{parent.description} (extended)")
     return replace(parent, name=name, description=description, defined_in=str(path), **values)
 

@@ -21,14 +21,15 @@ from typing import Any
 
 from pytest_tokperf.accuracy import ParityResult
 from pytest_tokperf.gpus import Inventory
-from pytest_tokperf.metrics import Distribution, RunResult
+from pytest_tokperf.metrics import Distribution, Interval, RunResult
 from pytest_tokperf.profiles import Profile
-from pytest_tokperf.verdict import FLOOR_METRICS, Verdict
+from pytest_tokperf.verdict import FLOOR_METRICS, SLO_METRICS, Verdict, slo_parts
 
 PROPERTY = "tokperf"
 SCHEMA = "pytest-tokperf/results/1"
-# PASS/FAIL: gated by a floor; MEASURED: ran without one; SKIPPED: no floor for this profile
-VERDICTS = ("PASS", "FAIL", "MEASURED", "SKIPPED")
+# PASS/FAIL/INCONCLUSIVE: gated by a floor or SLO; INVALID: the measurement cannot be
+# trusted; MEASURED: ran without a gate; SKIPPED: no floor or SLO for this profile
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID", "MEASURED", "SKIPPED")
 
 
 def num(value: float | None) -> str:
@@ -60,25 +61,56 @@ def context(payload: Mapping[str, Any]) -> str:
     return (
         f"[profile {payload['profile']}, engine {engine['backend']}, "
         f"model {engine['model']} {engine['precision']}, "
-        f"{devices} {unit}{'' if devices == 1 else 's'}, {payload['requests']:,} requests]"
+        f"{devices} {unit}{'' if devices == 1 else 's'}, {payload['requests']:,} requests"
+        f"{_load(payload)}]"
     )
 
 
-def _check_line(check: Mapping[str, Any], scenario: str, kind: str) -> str:
-    if check["metric"] == "failed_requests":
+def _load(payload: Mapping[str, Any]) -> str:
+    if payload.get("qps") is not None:
+        return f", qps {num(payload['qps'])}"
+    if payload.get("concurrency") is not None:
+        return f", concurrency {payload['concurrency']}"
+    return ""
+
+
+def _ci(check: Mapping[str, Any], confidence: float) -> str:
+    if check.get("ci_low") is None:
+        return ""
+    # a t interval can reach below zero; a rate cannot
+    return f" ({confidence:.0%} CI {num(max(0.0, check['ci_low']))}-{num(check['ci_high'])})"
+
+
+def _check_line(check: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
+    scenario, kind = payload["scenario"], payload["device_kind"]
+    metric = check["metric"]
+    if metric == "failed_requests":
         return f"{num(check['observed'])} requests failed (none may fail)"
-    name = metric_name(check["metric"], kind)
-    return f"{scenario} {name} {num(check['observed'])} < floor {num(check['limit'])}"
+    if metric in FLOOR_METRICS:
+        name = metric_name(metric, kind)
+        observed = f"{scenario} {name} {num(check['observed'])}"
+        ci = _ci(check, payload.get("confidence", 0.95))
+        if check.get("status") == "INCONCLUSIVE":
+            return (
+                f"INCONCLUSIVE: {observed}{ci} straddles floor {num(check['limit'])}; "
+                "a longer run narrows the interval"
+            )
+        return f"{observed}{ci} < floor {num(check['limit'])}"
+    what, pct = slo_parts(metric)
+    return (
+        f"{scenario} {SLO_METRICS[what]} {pct} {num(check['observed'])} ms "
+        f"> limit {num(check['limit'])} ms"
+    )
 
 
 def failure_message(payload: Mapping[str, Any]) -> str:
-    """One line per failed check in the shape: metric observed < limit [context]."""
+    """One line per failed check in the shape: metric observed < limit [context].
+
+    An invalid measurement says why, one line per reason, before anything else.
+    """
     ctx = context(payload)
-    lines = [
-        f"{_check_line(c, payload['scenario'], payload['device_kind'])} {ctx}"
-        for c in payload["checks"]
-        if not c["passed"]
-    ]
+    lines = [f"INVALID measurement: {reason} {ctx}" for reason in payload.get("invalid", ())]
+    lines += [f"{_check_line(c, payload)} {ctx}" for c in payload["checks"] if not c["passed"]]
     telemetry = payload.get("telemetry") or {}
     if payload.get("throttled"):
         why = ", ".join(telemetry["gpu"]["throttle_reasons"])
@@ -105,6 +137,8 @@ def payload(
     verdict: Verdict,
     floors: Mapping[str, float],
     profile: Profile,
+    slos: Mapping[str, float] | None = None,
+    goodput: float | None = None,
     *,
     gpus: Sequence[str] = (),
 ) -> dict[str, Any]:
@@ -141,7 +175,20 @@ def payload(
         "throttled": result.throttled,
         "client_busy_cores": result.client_busy_cores,
         "telemetry": telemetry,
+        "itl_s": _dist(result.itl),
+        "qps": result.qps,
+        "concurrency": result.concurrency,
+        "scheduled_qps": result.scheduled_qps,
+        "achieved_qps": result.achieved_qps,
+        "lag_s": _dist(result.lag),
+        "client_cpu": result.client_cpu,
+        "stopped": result.stopped,
+        "goodput_per_s": goodput,
         "floors": dict(floors),
+        "slos_ms": dict(slos or {}),
+        "confidence": verdict.confidence,
+        "looks": verdict.looks,
+        "invalid": list(verdict.invalid),
         "checks": [dataclasses.asdict(c) for c in verdict.checks],
         "errors": result.errors,
         "engine": {
@@ -171,6 +218,7 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
         "per device",
         "floor",
         "TTFT p99",
+        "TPOT p99",
         *extra,
         "verdict",
     )
@@ -199,6 +247,7 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
                 num(p["tokens_per_s_per_gpu"]),
                 floor or "-",
                 ms(p["ttft_s"]["p99"]),
+                ms(p["tpot_s"]["p99"]) if "tpot_s" in p else "-",
                 *cells,
                 p["verdict"] + (" (throttled)" if p.get("throttled") else ""),
             )
@@ -212,6 +261,20 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
         ).rstrip()
         for r in rows
     ]
+
+
+def progress_line(
+    elapsed_s: float, done: int, issued: int, rate: float, interval: Interval | None
+) -> str:
+    """tokperf: 12.5 s, 140/146 requests done, 2,719 tokens/s (95% CI 2,440-3,000)"""
+    ci = (
+        ""
+        if interval is None
+        else f" ({interval.confidence:.0%} CI {num(max(0.0, interval.low))}-{num(interval.high)})"
+    )
+    return (
+        f"tokperf: {elapsed_s:.1f} s, {done:,}/{issued:,} requests done, {num(rate)} tokens/s{ci}"
+    )
 
 
 def _version(dist: str) -> str | None:

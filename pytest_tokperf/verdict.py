@@ -1,61 +1,109 @@
-"""Compare a run's numbers with its floors: PASS or FAIL, check by check.
+"""Compare a run's numbers with its floors and SLOs: PASS, FAIL, INCONCLUSIVE or INVALID.
 
 Formatting the message a person reads is `report`'s job; this module only decides.
+
+- Floors are judged on a confidence interval of the throughput (batch means over time
+  windows, `metrics.throughput_interval`): PASS when the lower bound clears the floor,
+  FAIL when the upper bound is below it, INCONCLUSIVE when the interval straddles it.
+- SLOs are judged on the observed percentile (LoadGen's rule), pass or fail.
+- Validity is decided apart from both: a run whose driver fell behind its schedule,
+  whose engine did not sustain the offered load, whose client saturated, or that has
+  too few samples for the asked percentile is INVALID, never PASS.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from pytest_tokperf.metrics import RunResult
+from pytest_tokperf.driver import RequestRecord
+from pytest_tokperf.metrics import (
+    PERCENTILES,
+    Interval,
+    RunResult,
+    output_tokens_per_s,
+    throughput_interval,
+)
 
 # marker keyword -> (RunResult attribute, what it measures)
 FLOOR_METRICS: dict[str, tuple[str, str]] = {
     "min_tokens_per_s": ("tokens_per_s", "output tokens/s"),
     "per_gpu": ("tokens_per_s_per_gpu", "output tokens/s per device"),
 }
+# latency_slo keywords: <metric>_<percentile>_ms, e.g. ttft_p99_ms
+SLO_METRICS: dict[str, str] = {
+    "ttft": "TTFT",
+    "tpot": "TPOT",
+    "itl": "ITL",
+    "e2e": "E2E latency",
+}
+SLO_KEYWORDS: tuple[str, ...] = tuple(
+    f"{m}_{p}_ms" for m in SLO_METRICS for p in PERCENTILES
+)  # fmt: skip
+_SLO_KEY = re.compile(r"^(?P<metric>[a-z0-9]+)_(?P<pct>p\d+)_ms$")
+
+STATUSES = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID")
+# LoadGen's early-stopping estimate is taken at 99% confidence (shared FACTS.md)
+EARLY_STOPPING_CONFIDENCE = 0.99
+# schedule lag tolerance: this share of the mean gap between arrivals, at least LAG_MIN_S
+LAG_SHARE = 0.1
+LAG_MIN_S = 0.010
+ACHIEVED_SHARE = 0.9  # the engine must complete at least 90% of the schedule's rate
+CLIENT_CPU_MAX = 0.9  # driver thread CPU time / wall time above this: the client saturated
 
 Bound = float | dict[str, float]
 
 
 @dataclass(frozen=True)
 class Check:
-    metric: str  # marker keyword, e.g. "per_gpu", or "failed_requests"
+    metric: str  # marker keyword, e.g. "per_gpu", "ttft_p99_ms", or "failed_requests"
     observed: float
     limit: float
     passed: bool
+    status: str = ""  # PASS / FAIL / INCONCLUSIVE
+    ci_low: float | None = None  # a floor's confidence interval, same unit as observed
+    ci_high: float | None = None
 
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str  # "PASS" or "FAIL"
+    status: str  # one of STATUSES
     checks: tuple[Check, ...]
+    invalid: tuple[str, ...] = ()  # why the measurement is not valid, one reason each
+    confidence: float = 0.95  # of the floors' intervals, over all looks of a run together
+    looks: int = 1  # sequential looks the confidence was split over (Bonferroni)
 
     @property
     def failed(self) -> tuple[Check, ...]:
         return tuple(c for c in self.checks if not c.passed)
 
 
-def _number(value: object, where: str) -> float:
+def _number(value: object, where: str, what: str = "a floor") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise pytest.UsageError(f"{where}: expected a number, got {value!r}")
-    if not value > 0:
-        raise pytest.UsageError(f"{where}: a floor must be a positive number, got {value!r}")
+    if not value > 0 or not math.isfinite(value):
+        raise pytest.UsageError(f"{where}: {what} must be a positive number, got {value!r}")
     return float(value)
 
 
-def parse_floor_marker(
-    args: Sequence[object], kwargs: Mapping[str, object], where: str, profiles: Collection[str]
+def _parse_marker(
+    marker: str,
+    keywords: Sequence[str],
+    args: Sequence[object],
+    kwargs: Mapping[str, object],
+    where: str,
+    profiles: Collection[str],
+    what: str,
 ) -> dict[str, Bound]:
-    """Validate `throughput_floor(...)` arguments; `where` names the test for errors."""
-    usage = f"{where}: throughput_floor takes keywords {', '.join(FLOOR_METRICS)}"
+    usage = f"{where}: {marker} takes keywords {', '.join(keywords)}"
     if args:
         raise pytest.UsageError(f"{usage}; got positional arguments {list(args)!r}")
-    unknown = sorted(set(kwargs) - set(FLOOR_METRICS))
+    unknown = sorted(set(kwargs) - set(keywords))
     if unknown:
         raise pytest.UsageError(f"{usage}; got unknown keywords {', '.join(unknown)}")
     bounds: dict[str, Bound] = {}
@@ -66,21 +114,42 @@ def parse_floor_marker(
             bad = sorted(str(k) for k in value if k not in profiles)
             if bad:
                 raise pytest.UsageError(
-                    f"{where}: throughput_floor({key}=...) names unknown profiles "
+                    f"{where}: {marker}({key}=...) names unknown profiles "
                     f"{', '.join(bad)}; known profiles: {', '.join(sorted(profiles))}"
                 )
-            bounds[key] = {k: _number(v, f"{where}: {key}[{k!r}]") for k, v in value.items()}
+            bounds[key] = {k: _number(v, f"{where}: {key}[{k!r}]", what) for k, v in value.items()}
         else:
-            bounds[key] = _number(value, f"{where}: {key}")
+            bounds[key] = _number(value, f"{where}: {key}", what)
     return bounds
 
 
-def floors_for(
-    bounds: Mapping[str, Bound], profile: str, defaults: Mapping[str, float]
-) -> dict[str, float] | str:
-    """The floors that apply under `profile`, or the reason the test must skip.
+def parse_floor_marker(
+    args: Sequence[object], kwargs: Mapping[str, object], where: str, profiles: Collection[str]
+) -> dict[str, Bound]:
+    """Validate `throughput_floor(...)` arguments; `where` names the test for errors."""
+    return _parse_marker(
+        "throughput_floor", list(FLOOR_METRICS), args, kwargs, where, profiles, "a floor"
+    )
 
-    A marker without bounds takes the profile's default floors.
+
+def parse_slo_marker(
+    args: Sequence[object], kwargs: Mapping[str, object], where: str, profiles: Collection[str]
+) -> dict[str, Bound]:
+    """Validate `latency_slo(...)` arguments (`ttft_p99_ms=...` and the like)."""
+    return _parse_marker(
+        "latency_slo", SLO_KEYWORDS, args, kwargs, where, profiles, "a latency limit"
+    )
+
+
+def floors_for(
+    bounds: Mapping[str, Bound],
+    profile: str,
+    defaults: Mapping[str, float],
+    marker: str = "throughput_floor",
+) -> dict[str, float] | str:
+    """The bounds that apply under `profile`, or the reason the test must skip.
+
+    A marker without bounds takes the profile's defaults.
     """
     if not bounds:
         return dict(defaults)
@@ -88,8 +157,9 @@ def floors_for(
     for key, bound in bounds.items():
         if isinstance(bound, dict):
             if profile not in bound:
+                word = "floor" if marker == "throughput_floor" else "limit"
                 return (
-                    f"throughput_floor({key}=...) sets no floor for profile {profile!r} "
+                    f"{marker}({key}=...) sets no {word} for profile {profile!r} "
                     f"(it has {', '.join(sorted(bound))})"
                 )
             floors[key] = bound[profile]
@@ -98,11 +168,220 @@ def floors_for(
     return floors
 
 
-def judge(result: RunResult, floors: Mapping[str, float]) -> Verdict:
-    """PASS when no request failed and every floor is reached."""
-    checks = [Check("failed_requests", result.failed, 0, result.failed == 0)]
+def slo_parts(key: str) -> tuple[str, str]:
+    """ "ttft_p99_ms" -> ("ttft", "p99")."""
+    match = _SLO_KEY.match(key)
+    if match is None or match["metric"] not in SLO_METRICS or match["pct"] not in PERCENTILES:
+        raise ValueError(f"not a latency_slo keyword: {key!r}")
+    return match["metric"], match["pct"]
+
+
+def per_request_limits(slos: Mapping[str, float]) -> dict[str, float]:
+    """SLO limits in seconds per metric for goodput: the tightest of its percentiles."""
+    limits: dict[str, float] = {}
+    for key, limit_ms in slos.items():
+        metric, _ = slo_parts(key)
+        limits[metric] = min(limits.get(metric, math.inf), limit_ms / 1000)
+    return limits
+
+
+def samples_needed(p: float, confidence: float = EARLY_STOPPING_CONFIDENCE) -> int:
+    """Fewest samples for which, with none over the limit, the p-th percentile is shown
+    under it at `confidence`: LoadGen's early-stopping rule with zero overs.
+
+    Solves p**n <= 1 - confidence: 459 for p99 at 99% (shared FACTS.md), 44 for p90.
+    """
+    return math.ceil(math.log(1 - confidence) / math.log(p) - 1e-9)
+
+
+def floor_status(interval: Interval | None, observed: float, floor: float) -> str:
+    """PASS when the interval clears the floor, FAIL when it lies below, else INCONCLUSIVE.
+
+    Without an interval (a run of no measurable length) only the point estimate exists.
+    """
+    if interval is None:
+        return "PASS" if observed >= floor else "FAIL"
+    if interval.low >= floor:
+        return "PASS"
+    if interval.high < floor:
+        return "FAIL"
+    return "INCONCLUSIVE"
+
+
+def per_look(confidence: float, looks: int) -> float:
+    """Bonferroni: each of `looks` looks at 1 - (1 - confidence) / looks, so the chance
+    of any wrong decisive verdict over the whole sequence stays below 1 - confidence."""
+    return 1 - (1 - confidence) / max(1, looks)
+
+
+def floor_checks(
+    records: Sequence[RequestRecord],
+    observed: Mapping[str, float],
+    floors: Mapping[str, float],
+    devices: int,
+    confidence: float,
+    end_ns: int | None = None,
+) -> list[Check]:
+    """One check per floor, each with its interval (per-GPU floors scale it by devices)."""
+    interval = throughput_interval(records, confidence, end_ns=end_ns)
+    checks = []
     for key, floor in floors.items():
-        observed: Any = getattr(result, FLOOR_METRICS[key][0])
-        checks.append(Check(key, float(observed), floor, observed >= floor))
-    status = "PASS" if all(c.passed for c in checks) else "FAIL"
-    return Verdict(status, tuple(checks))
+        scale = 1 / devices if key == "per_gpu" else 1.0
+        iv = (
+            None
+            if interval is None
+            else Interval(
+                interval.estimate * scale,
+                interval.low * scale,
+                interval.high * scale,
+                interval.confidence,
+                interval.batches,
+            )
+        )
+        status = floor_status(iv, observed[key], floor)
+        checks.append(
+            Check(
+                key,
+                observed[key],
+                floor,
+                status == "PASS",
+                status,
+                None if iv is None else iv.low,
+                None if iv is None else iv.high,
+            )
+        )
+    return checks
+
+
+def _observed(result: RunResult, key: str) -> float:
+    value: Any = getattr(result, FLOOR_METRICS[key][0])
+    return float(value)
+
+
+def slo_checks(result: RunResult, slos: Mapping[str, float]) -> list[Check]:
+    checks = []
+    for key, limit_ms in slos.items():
+        metric, pct = slo_parts(key)
+        value = getattr(getattr(result, metric), pct)
+        if value is None:  # no samples: reported as invalid, and it cannot pass
+            checks.append(Check(key, math.nan, limit_ms, False, "FAIL"))
+            continue
+        ok = value * 1000 <= limit_ms
+        checks.append(Check(key, value * 1000, limit_ms, ok, "PASS" if ok else "FAIL"))
+    return checks
+
+
+def validity(result: RunResult, slos: Mapping[str, float]) -> tuple[str, ...]:
+    """Why the measurement cannot be trusted, if it cannot; empty when it can."""
+    reasons = []
+    if result.scheduled_qps is not None:
+        tolerance = max(LAG_MIN_S, LAG_SHARE / result.scheduled_qps)
+        lag = result.lag.p99
+        if lag is not None and lag > tolerance:
+            reasons.append(
+                f"the driver fell behind its seeded arrival schedule: p99 issue lag "
+                f"{lag * 1000:,.1f} ms > tolerance {tolerance * 1000:,.1f} ms"
+            )
+        achieved = result.achieved_qps or 0.0
+        if achieved < ACHIEVED_SHARE * result.scheduled_qps:
+            reasons.append(
+                f"the engine did not sustain the offered load: it completed "
+                f"{achieved:,.2f} requests/s < {ACHIEVED_SHARE:.0%} of the schedule's "
+                f"{result.scheduled_qps:,.2f} (target qps {result.qps:g}); lower qps"
+            )
+    if result.client_cpu is not None and result.client_cpu > CLIENT_CPU_MAX:
+        reasons.append(
+            f"the client saturated: the driver thread used {result.client_cpu:.0%} of a "
+            "core over the run, so the load generator, not the engine, was measured"
+        )
+    for key in slos:
+        metric, pct = slo_parts(key)
+        count = getattr(result, metric).count
+        needed = samples_needed(PERCENTILES[pct])
+        if count < needed:
+            reasons.append(
+                f"{count:,} {SLO_METRICS[metric]} samples are too few for a {pct}: "
+                f"at least {needed:,} are needed (LoadGen early stopping, none over the limit)"
+            )
+    return tuple(reasons)
+
+
+def judge(
+    result: RunResult,
+    floors: Mapping[str, float],
+    slos: Mapping[str, float] | None = None,
+    *,
+    confidence: float = 0.95,
+    looks: int = 1,
+) -> Verdict:
+    """The verdict of one run against its floors and SLOs.
+
+    FAIL when a request failed or a check failed decisively; otherwise INVALID when
+    the measurement is not valid; otherwise INCONCLUSIVE when a floor's interval
+    straddles it; otherwise PASS.
+    """
+    slos = slos or {}
+    checks = [Check("failed_requests", result.failed, 0, result.failed == 0)]
+    observed = {key: _observed(result, key) for key in floors}
+    checks += floor_checks(
+        result.records,
+        observed,
+        floors,
+        result.engine.devices,
+        per_look(confidence, looks),
+        result.window_end_ns,
+    )
+    checks += slo_checks(result, slos)
+    invalid = validity(result, slos)
+    statuses = {c.status or ("PASS" if c.passed else "FAIL") for c in checks}
+    if not checks[0].passed:
+        status = "FAIL"
+    elif invalid:
+        status = "INVALID"
+    elif "FAIL" in statuses:
+        status = "FAIL"
+    elif "INCONCLUSIVE" in statuses:
+        status = "INCONCLUSIVE"
+    else:
+        status = "PASS"
+    return Verdict(status, tuple(checks), invalid, confidence, looks)
+
+
+class Sequential:
+    """When a run bounded by `max_duration_s` may stop: looks at 1/16, 1/8, 1/4 and 1/2
+    of it (and the end), each at the Bonferroni share of the confidence.
+
+    Doubling intervals keep the number of looks (and so the price paid in confidence
+    per look) small while a clear case still stops at 1/16 of the maximum.
+    """
+
+    FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+    def __init__(
+        self, max_duration_s: float, floors: Mapping[str, float], devices: int, confidence: float
+    ) -> None:
+        self.times = [max_duration_s * f for f in self.FRACTIONS]
+        self.floors = dict(floors)
+        self.devices = devices
+        self.confidence = confidence
+        self.looks = len(self.FRACTIONS) + 1  # the end of the run is the last look
+        self.next = 0
+        self.decided_at: float | None = None
+
+    def __call__(self, records: Sequence[RequestRecord], elapsed_s: float) -> bool:
+        if self.next >= len(self.times) or elapsed_s < self.times[self.next]:
+            return False
+        while self.next < len(self.times) and elapsed_s >= self.times[self.next]:
+            self.next += 1  # a look skipped (too early to count) spends no confidence
+        if not self.floors or any(r.error is not None for r in records):
+            return False  # nothing to decide, or the verdict is already FAIL at the end
+        rate = output_tokens_per_s(records)
+        observed = {"min_tokens_per_s": rate, "per_gpu": rate / self.devices}
+        checks = floor_checks(
+            records, observed, self.floors, self.devices, per_look(self.confidence, self.looks)
+        )
+        statuses = {c.status for c in checks}
+        if "FAIL" in statuses or statuses == {"PASS"}:
+            self.decided_at = elapsed_s
+            return True
+        return False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,15 +40,16 @@ class Workload:
         """
         if count < 1:
             raise ValueError(f"requests must be at least 1, got {count}")
-        cycle = itertools.islice(itertools.cycle(self.prompts), count)
-        return [
-            Request(
+        return list(itertools.islice(self.endless(max_tokens, default_max_tokens), count))
+
+    def endless(self, max_tokens: int | None, default_max_tokens: int) -> Iterator[Request]:
+        """The same requests as `requests`, without end (a run bounded by time takes them)."""
+        for i, p in enumerate(itertools.cycle(self.prompts)):
+            yield Request(
                 id=p.id if i < len(self.prompts) else f"{p.id}#{i // len(self.prompts)}",
                 prompt=p.prompt,
                 max_tokens=max_tokens or p.max_tokens or default_max_tokens,
             )
-            for i, p in enumerate(cycle)
-        ]
 
 
 class WorkloadError(ValueError):

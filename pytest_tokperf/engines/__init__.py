@@ -89,6 +89,7 @@ BACKENDS: dict[str, str] = {
     "llamacpp": "pytest_tokperf.engines.llamacpp",
     "openai": "pytest_tokperf.engines.openai",
     "trtllm": "pytest_tokperf.engines.trtllm",
+    "sim": "pytest_tokperf.engines.sim",
 }
 
 

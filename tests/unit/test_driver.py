@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from pytest_tokperf.driver import run
+from pytest_tokperf.driver import Plan, run, run_plan
 from pytest_tokperf.engines import Chunk, EngineInfo, Request
 
 
@@ -70,5 +70,7 @@ def test_a_hanging_request_is_cut_at_the_time_limit() -> None:
 
 
 def test_unknown_scenario() -> None:
-    with pytest.raises(ValueError, match="unknown scenario 'server'; available: offline"):
+    with pytest.raises(ValueError, match=r"unknown scenario .server. for driver\.run; available"):
         run(Scripted(), [Request("r", "ok", 1)], scenario="server")
+    with pytest.raises(ValueError, match="unknown scenario 'batch'; available: offline, server"):
+        run_plan(Scripted(), [Request("r", "ok", 1)], Plan("batch"))

@@ -58,7 +58,7 @@ engine = { max_batch_size = 2048 }
 [tool.tokperf.profiles.my-gb300-tp2]
 extends = "my-gb300"
 tensor_parallel_size = 2
-slos = { server_ttft_p99_s = 1.5 }
+slos = { server = { ttft_p99_ms = 1500 } }
 """
 
 
@@ -74,8 +74,9 @@ def test_user_profiles_extend_and_merge(tmp_path: Path) -> None:
     assert mine.defined_in == str(tmp_path / "pyproject.toml")
     tp2 = registry["my-gb300-tp2"]
     assert tp2.tensor_parallel_size == 2 and tp2.floors == {"per_gpu": 14_400.0}
-    # tables merge key by key: the one SLO given replaces its own key only
-    assert tp2.slos == {**base.slos, "server_ttft_p99_s": 1.5}
+    # tables merge key by key: the one SLO given replaces its own limit only
+    assert tp2.slos == {**base.slos, "server": {**base.slos["server"], "ttft_p99_ms": 1500.0}}
+    assert tp2.slos["server"]["tpot_p99_ms"] == 200.0
     assert set(BUILTIN) < set(registry)
 
 
@@ -118,7 +119,15 @@ def test_tokperf_toml_defines_a_whole_profile(tmp_path: Path) -> None:
         ),
         (
             '[tool.tokperf.profiles.x]\nextends = "cpu"\nbackend = "vllm"',
-            "key 'backend': expected one of llamacpp, openai, trtllm, got 'vllm'",
+            "key 'backend': expected one of llamacpp, openai, trtllm, sim, got 'vllm'",
+        ),
+        (
+            '[tool.tokperf.profiles.x]\nextends = "cpu"\nslos = { server_ttft_p99_s = 1.5 }',
+            "key 'slos': unknown scenario 'server_ttft_p99_s'; allowed: offline, server",
+        ),
+        (
+            '[tool.tokperf.profiles.x]\nextends = "cpu"\nslos = { server = { ttft_p99 = 1 } }',
+            "key 'slos': server: unknown key 'ttft_p99'; allowed: ttft_p50_ms",
         ),
         (
             '[tool.tokperf.profiles.x]\nextends = "cpu"\ngpu_name = "H100("',

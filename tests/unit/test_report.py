@@ -14,8 +14,17 @@ from pytest_tokperf.verdict import judge
 
 
 def _payload(tokens: int, devices: int, floors: dict[str, float], error: str | None = None):
+    # four requests issued at 0, each delivering 1/20 of its tokens in the middle of every
+    # 50 ms: a steady rate, so the 95% interval has zero width
     recs = [
-        RequestRecord(f"r{i}", 0, NS, (NS // 2,), (tokens // 4,), error=error if i == 0 else None)
+        RequestRecord(
+            f"r{i}",
+            0,
+            NS,
+            tuple((2 * k + 1) * NS // 40 for k in range(20)),
+            (tokens // 80,) * 20,
+            error=error if i == 0 else None,
+        )
         for i in range(4)
     ]
     info = EngineInfo("trtllm", "llama2-70b", "nvfp4", devices)
@@ -36,7 +45,7 @@ def test_number_format() -> None:
 def test_failure_message_has_metric_observed_floor_and_context() -> None:
     p = _payload(49_920, devices=4, floors={"per_gpu": 15_200})  # 12,480 per GPU
     assert failure_message(p) == (
-        "offline output tokens/s per GPU 12,480 < floor 15,200 "
+        "offline output tokens/s per GPU 12,480 (95% CI 12,480-12,480) < floor 15,200 "
         "[profile gb300-nvl72, engine trtllm, model llama2-70b nvfp4, 4 GPUs, 4 requests]"
     )
 
@@ -60,7 +69,9 @@ def test_table_has_one_aligned_row_per_test() -> None:
         "49,920",
         "12,480",
         "15,200/dev",
-        "500",
+        "25",  # TTFT p99: the first chunk at 25 ms
+        "ms",
+        "0.08",  # TPOT p99: (1 s - 25 ms) / (12,480 - 1) tokens
         "ms",
         "FAIL",
     ]
@@ -73,7 +84,14 @@ def test_json_document_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "results.json"
     write_json(path, doc)
     loaded = json.loads(path.read_text())
-    assert loaded["summary"] == {"PASS": 0, "FAIL": 1, "MEASURED": 0, "SKIPPED": 0}
+    assert loaded["summary"] == {
+        "PASS": 0,
+        "FAIL": 1,
+        "INCONCLUSIVE": 0,
+        "INVALID": 0,
+        "MEASURED": 0,
+        "SKIPPED": 0,
+    }
     assert loaded["profile"]["name"] == "gb300-nvl72"
     assert loaded["tests"][0]["tokens_per_s_per_gpu"] == p["tokens_per_s_per_gpu"]
     assert "pytest" in loaded["packages"]
@@ -86,7 +104,9 @@ def test_gpu_telemetry_shows_in_table_message_and_payload() -> None:
     from pytest_tokperf.gpus import CpuTelemetry, GpuSample, Telemetry, summarize_gpus
     from pytest_tokperf.metrics import with_telemetry
 
-    recs = [RequestRecord(f"r{i}", 0, NS, (NS // 2,), (12_480,)) for i in range(4)]
+    # tokens spread evenly over the run: a narrow interval, so the verdict is decisive
+    chunks = tuple(NS * (2 * k + 1) // 20 for k in range(10))
+    recs = [RequestRecord(f"r{i}", 0, NS, chunks, (1_248,) * 10) for i in range(4)]
     info = EngineInfo("trtllm", "llama2-70b", "nvfp4", 4)
     res = summarize(recs, info, scenario="offline", workload="w", max_tokens=None)
     # 4 GPUs x 1,000 J over the 1 s run: 49,920 tokens -> 0.0801 J/token

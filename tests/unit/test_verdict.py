@@ -53,19 +53,24 @@ def test_floors_for_profile() -> None:
 
 
 def _result(tokens: int, seconds: float, devices: int, error: str | None = None):
-    rec = RequestRecord("r", 0, int(seconds * NS), (1,) * 1, (tokens,), error=error)
+    """One request streaming `tokens` one-token chunks at an exactly steady rate."""
+    span = int(seconds * NS)
+    chunks = tuple(span * (2 * i + 1) // (2 * tokens) for i in range(tokens))
+    rec = RequestRecord("r", 0, span, chunks, (1,) * tokens, error=error)
     return summarize(
         [rec], EngineInfo("t", "m", "p", devices), scenario="offline", workload="w", max_tokens=None
     )
 
 
 def test_judge_compares_each_floor() -> None:
-    res = _result(1000, 1.0, devices=4)  # 1000 tok/s, 250 per device
+    res = _result(1000, 1.0, devices=4)  # 1000 tok/s, 250 per device, the same in every window
     assert judge(res, {"per_gpu": 250.0}).status == "PASS"  # equal to the floor passes
     v = judge(res, {"per_gpu": 251.0, "min_tokens_per_s": 900.0})
     assert v.status == "FAIL"
     assert [c.metric for c in v.failed] == ["per_gpu"]
     assert v.failed[0].observed == pytest.approx(250.0)
+    # a steady rate has a zero-width interval at the observed value
+    assert v.failed[0].ci_low == pytest.approx(250.0) == v.failed[0].ci_high
 
 
 def test_a_failed_request_fails_the_verdict() -> None:

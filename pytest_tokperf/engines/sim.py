@@ -1,0 +1,151 @@
+"""The simulated engine: token timings drawn from distributions you set, seeded.
+
+It implements the same protocol as the real backends, so a pipeline (markers, CI
+jobs, reports) can be dry-run without a model, and the verdict's statistics can be
+measured against a known true throughput (benchmarks/verdict_quality.py).
+
+Timing model, per request (all in simulated seconds, divided by `time_scale` before
+sleeping): wait for one of `slots` serving slots (first come, first served), then
+the first token after `ttft_s` (gamma distributed, coefficient of variation
+`jitter`), then each further token after a gap of mean 1 / `tokens_per_s` (same
+jitter), plus with probability `stall_prob` per token a stall of `stall_s`. With
+probability `fail_prob` a request fails half-way. Each request draws from its own
+generator seeded by (`seed`, request id), so a run is reproducible whatever the
+interleaving. Chunks are released at absolute target times, so the event loop's own
+overhead does not accumulate into the simulated rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from pytest_tokperf.engines import Chunk, EngineError, EngineInfo, Request
+
+DEFAULTS: dict[str, float] = {
+    "tokens_per_s": 100.0,  # per request, once its first token is out
+    "ttft_s": 0.05,
+    "jitter": 0.2,  # coefficient of variation of every gap (0: fixed gaps)
+    "stall_prob": 0.0,
+    "stall_s": 0.5,
+    "fail_prob": 0.0,
+    "slots": 1,  # requests served at once; more wait (1: like the embedded engine)
+    "output_tokens": 0,  # tokens per request; 0: the request's max_tokens
+    "chunk_tokens": 1,  # tokens per streamed chunk
+    "time_scale": 1.0,  # simulated seconds per wall second (10: runs 10x faster)
+    "seed": 0,
+    "devices": 1,
+}
+POSITIVE = ("tokens_per_s", "time_scale", "slots", "chunk_tokens", "devices")
+PROBABILITIES = ("stall_prob", "fail_prob")
+INTEGERS = ("slots", "output_tokens", "chunk_tokens", "seed", "devices")
+
+
+class SimError(RuntimeError):
+    """The failure a simulated request reports."""
+
+
+def parse_settings(settings: Mapping[str, Any]) -> dict[str, float]:
+    """Defaults overlaid with `settings`, each checked; the error says which and why."""
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise EngineError(
+            f"unknown sim engine settings {', '.join(unknown)}; allowed: {', '.join(DEFAULTS)}"
+        )
+    out = dict(DEFAULTS)
+    for key, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EngineError(f"sim engine setting {key}: expected a number, got {value!r}")
+        if key in INTEGERS and value != int(value):
+            raise EngineError(f"sim engine setting {key}: expected an integer, got {value!r}")
+        if value < 0 or (key in POSITIVE and value == 0):
+            raise EngineError(f"sim engine setting {key}: out of range, got {value!r}")
+        if key in PROBABILITIES and value > 1:
+            raise EngineError(f"sim engine setting {key}: a probability is at most 1")
+        out[key] = float(value)
+    return out
+
+
+def _gap(rng: random.Random, mean: float, cv: float) -> float:
+    """A gamma-distributed gap with this mean and coefficient of variation."""
+    if cv <= 0 or mean <= 0:
+        return mean
+    shape = 1 / cv**2
+    return rng.gammavariate(shape, mean / shape)
+
+
+def request_timeline(settings: Mapping[str, float], request: Request) -> tuple[list[float], bool]:
+    """Simulated seconds from service start to each token, and whether the request fails.
+
+    Pure and seeded: the benchmark derives the true throughput from the same model.
+    """
+    s = settings
+    rng = random.Random(f"{int(s['seed'])}:{request.id}")
+    count = int(s["output_tokens"]) or request.max_tokens
+    fails = rng.random() < s["fail_prob"]
+    at = _gap(rng, s["ttft_s"], s["jitter"])
+    times = [at]
+    for _ in range(count - 1):
+        at += _gap(rng, 1 / s["tokens_per_s"], s["jitter"])
+        if s["stall_prob"] and rng.random() < s["stall_prob"]:
+            at += s["stall_s"]
+        times.append(at)
+    return times, fails
+
+
+def mean_request_s(settings: Mapping[str, float], tokens: int) -> float:
+    """Expected simulated service time of a request of `tokens` tokens (no queueing)."""
+    s = settings
+    return (
+        s["ttft_s"]
+        + (tokens - 1) / s["tokens_per_s"]
+        + (tokens - 1) * s["stall_prob"] * s["stall_s"]
+    )
+
+
+class SimEngine:
+    def __init__(self, settings: Mapping[str, float]) -> None:
+        self.settings = dict(settings)
+        self.info = EngineInfo(
+            backend="sim",
+            model="sim",
+            precision="none",
+            devices=int(settings["devices"]),
+            versions={},
+            settings=dict(settings),
+        )
+        # asyncio primitives belong to one event loop; each tokperf run has its own
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(int(self.settings["slots"])))
+        return self._slots[1]
+
+    async def stream(self, request: Request) -> AsyncIterator[Chunk]:
+        times, fails = request_timeline(self.settings, request)
+        scale = self.settings["time_scale"]
+        per_chunk = int(self.settings["chunk_tokens"])
+        async with self._semaphore():
+            start = time.perf_counter()
+            for i in range(0, len(times), per_chunk):
+                if fails and i >= len(times) // 2:
+                    raise SimError(f"simulated failure after {i} tokens")
+                last = times[min(i + per_chunk, len(times)) - 1]
+                delay = start + last / scale - time.perf_counter()
+                await asyncio.sleep(max(0.0, delay))
+                n = min(per_chunk, len(times) - i)
+                yield Chunk(n, " tok" * n)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def load(settings: Mapping[str, Any], devices: int) -> SimEngine:
+    """`devices` from the profile, unless the settings name their own."""
+    merged = {"devices": devices, **settings}
+    return SimEngine(parse_settings(merged))
