@@ -103,3 +103,32 @@ def test_the_plugin_launches_the_server_and_attaches_its_log(pytester: pytest.Py
         " < floor 1,000,000,000 [profile cpu, engine openai, model smollm2 served, 1 device, "
         "2 requests]" in result.stdout.str()
     )
+
+
+def test_server_scenario_over_http_reports_latency_percentiles(server: launcher.Server) -> None:
+    """MLPerf Server semantics through the openai engine: seeded Poisson arrivals at a
+    modest rate this 2-core machine sustains, every request timed from its issue."""
+    from pytest_tokperf.engines.llamacpp import shipped_model_path
+    from pytest_tokperf.profiles import BUILTIN
+    from pytest_tokperf.runner import Tokperf
+
+    remote = load_engine(
+        "openai",
+        {"base_url": server.base_url, "tokenizer": str(shipped_model_path()), "extra_body": GREEDY},
+    )
+    loop = driver.new_loop()
+    try:
+        result = Tokperf(remote, BUILTIN["cpu"], loop).run(
+            "server", qps=0.5, requests=8, max_tokens=8, warmup=1
+        )
+    finally:
+        loop.run_until_complete(remote.aclose())
+        loop.close()
+    assert result.scenario == "server" and result.requests == 8 and result.failed == 0
+    assert result.ttft.count == 8 and result.tpot.count > 0
+    assert result.ttft.p50 is not None and result.ttft.p99 is not None
+    assert 0 < result.ttft.p50 <= result.ttft.p99
+    # each request was issued at its own scheduled time, not all at t0
+    issues = sorted(r.issue_ns for r in result.records)
+    assert issues[-1] - issues[0] > 1_000_000_000
+    assert all(r.scheduled_ns is not None for r in result.records)
