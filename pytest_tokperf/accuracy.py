@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pytest_tokperf.verdict import check_keywords
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -337,12 +339,7 @@ def parse_parity_marker(
     any name, the backend decides).
     """
     known = ("reference", "rouge_ratio", "tokens_per_sample", "max_kl", "min_top1", "dataset")
-    usage = f"{where}: accuracy_parity takes keywords {', '.join(known)}"
-    if args:
-        raise pytest.UsageError(f"{usage}; got positional arguments {list(args)!r}")
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
-        raise pytest.UsageError(f"{usage}; got unknown keywords {', '.join(unknown)}")
+    check_keywords("accuracy_parity", known, args, kwargs, where)
     spec = ParitySpec()
     reference = kwargs.get("reference")
     bad_name = not isinstance(reference, str) or (

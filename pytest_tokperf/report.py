@@ -252,15 +252,7 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
                 p["verdict"] + (" (throttled)" if p.get("throttled") else ""),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = set(range(2, len(header) - 1))
-    return [
-        "  ".join(
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ).rstrip()
-        for r in rows
-    ]
+    return _aligned(rows, right=set(range(2, len(header) - 1)))
 
 
 def progress_line(
@@ -478,8 +470,12 @@ def parity_table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
                 + ("" if p["verdict"] in (p["status"], "MEASURED") else f" ({p['status']})"),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = {2, 3, 4, 5, 6, 7, 8}
+    return _aligned(rows, right={2, 3, 4, 5, 6, 7, 8})
+
+
+def _aligned(rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
+    """Columns padded to their widest cell; numbers (the `right` columns) right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(
             c.rjust(w) if i in right else c.ljust(w)

@@ -91,6 +91,22 @@ def _number(value: object, where: str, what: str = "a floor") -> float:
     return float(value)
 
 
+def check_keywords(
+    marker: str,
+    keywords: Sequence[str],
+    args: Sequence[object],
+    kwargs: Mapping[str, object],
+    where: str,
+) -> None:
+    """A marker takes only these keywords: anything else is a usage error naming the test."""
+    usage = f"{where}: {marker} takes keywords {', '.join(keywords)}"
+    if args:
+        raise pytest.UsageError(f"{usage}; got positional arguments {list(args)!r}")
+    unknown = sorted(set(kwargs) - set(keywords))
+    if unknown:
+        raise pytest.UsageError(f"{usage}; got unknown keywords {', '.join(unknown)}")
+
+
 def _parse_marker(
     marker: str,
     keywords: Sequence[str],
@@ -100,12 +116,7 @@ def _parse_marker(
     profiles: Collection[str],
     what: str,
 ) -> dict[str, Bound]:
-    usage = f"{where}: {marker} takes keywords {', '.join(keywords)}"
-    if args:
-        raise pytest.UsageError(f"{usage}; got positional arguments {list(args)!r}")
-    unknown = sorted(set(kwargs) - set(keywords))
-    if unknown:
-        raise pytest.UsageError(f"{usage}; got unknown keywords {', '.join(unknown)}")
+    check_keywords(marker, keywords, args, kwargs, where)
     bounds: dict[str, Bound] = {}
     for key, value in kwargs.items():
         if value is None:
