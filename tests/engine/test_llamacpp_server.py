@@ -20,6 +20,9 @@ pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server]")
 pytest.importorskip("aiohttp", reason="needs the 'openai' extra")
 
 GREEDY = {"top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+# this server answers one request at a time: in Offline the last request's first token
+# waits for all the others, which takes minutes on a busy 2-core machine
+QUEUE_OK = {"first_token_timeout_s": 900}
 
 
 def server_command() -> str:
@@ -46,7 +49,12 @@ def test_http_and_in_process_engines_agree_token_for_token(server: launcher.Serv
 
     remote = load_engine(
         "openai",
-        {"base_url": server.base_url, "tokenizer": str(shipped_model_path()), "extra_body": GREEDY},
+        {
+            "base_url": server.base_url,
+            "tokenizer": str(shipped_model_path()),
+            "extra_body": GREEDY,
+            **QUEUE_OK,
+        },
     )
     local = load_engine("llamacpp", {})
     assert remote.info.model == "smollm2"
@@ -114,7 +122,12 @@ def test_server_scenario_over_http_reports_latency_percentiles(server: launcher.
 
     remote = load_engine(
         "openai",
-        {"base_url": server.base_url, "tokenizer": str(shipped_model_path()), "extra_body": GREEDY},
+        {
+            "base_url": server.base_url,
+            "tokenizer": str(shipped_model_path()),
+            "extra_body": GREEDY,
+            **QUEUE_OK,
+        },
     )
     loop = driver.new_loop()
     try:
