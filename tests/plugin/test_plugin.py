@@ -30,6 +30,9 @@ def test_rack_only(tokperf):
     raise AssertionError("must not run on the cpu profile")
 """
 
+# what SUITE's three tests come to on the cpu profile
+SUITE_SUMMARY = {"PASS": 1, "FAIL": 1, "INCONCLUSIVE": 0, "INVALID": 0, "MEASURED": 0, "SKIPPED": 1}
+
 FAIL_LINE = re.compile(
     r"offline output tokens/s (?P<observed>[\d,.]+) \(95% CI [\d,.-]+\) < floor 1,000,000,000 "
     r"\[profile cpu, engine llamacpp, model SmolLM2-135M-Instruct q4_1, 1 device, 4 requests\]"
@@ -58,14 +61,7 @@ def test_floors_gate_the_suite(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*SKIPPED*sets no floor for profile 'cpu'*"])
 
     doc = json.loads((pytester.path / "out.json").read_text())
-    assert doc["summary"] == {
-        "PASS": 1,
-        "FAIL": 1,
-        "INCONCLUSIVE": 0,
-        "INVALID": 0,
-        "MEASURED": 0,
-        "SKIPPED": 1,
-    }
+    assert doc["summary"] == SUITE_SUMMARY
     tests = {t["nodeid"].split("::")[1]: t for t in doc["tests"]}
     for name in ("test_reachable", "test_impossible"):
         t = tests[name]
@@ -215,14 +211,7 @@ def test_xdist_gives_the_same_verdicts(pytester: pytest.Pytester) -> None:
     assert FAIL_LINE.search(result.stdout.str()) is not None
     result.stdout.fnmatch_lines(["*= tokperf =*", "test_suite.py::test_reachable * PASS"])
     doc = json.loads((pytester.path / "out.json").read_text())
-    assert doc["summary"] == {
-        "PASS": 1,
-        "FAIL": 1,
-        "INCONCLUSIVE": 0,
-        "INVALID": 0,
-        "MEASURED": 0,
-        "SKIPPED": 1,
-    }
+    assert doc["summary"] == SUITE_SUMMARY
     # each worker had its own engine, given one of the two cores
     threads = {t["engine"]["settings"]["n_threads"] for t in doc["tests"] if "engine" in t}
     assert threads == {1}
