@@ -13,6 +13,7 @@ dies, so a crashed or killed xdist worker frees its GPUs without any clean-up.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import os
@@ -80,6 +81,8 @@ class Nvml(Protocol):
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any: ...
     def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> int: ...
+    def nvmlDeviceGetGpuFabricInfoV(self, handle: Any, info: Any) -> int: ...
+    def c_nvmlGpuFabricInfoV_t(self) -> Any: ...  # the struct (ctypes in pynvml)
 
 
 # --- inventory ---------------------------------------------------------------------
@@ -100,6 +103,10 @@ class Gpu:
     power_limit_w: float | None
     max_sm_clock_mhz: int | None
     processes: tuple[int, ...] = ()  # pids of compute processes running on it
+    # NVLink domain (NVL72 racks): all GPUs of one rack share cluster UUID and clique
+    fabric_cluster: str | None = None  # clusterUuid's 16 raw bytes, as hex
+    fabric_clique: int | None = None
+    fabric_state: int | None = None  # 3: registration with the fabric completed
 
     @property
     def memory_gib(self) -> float:
@@ -182,6 +189,24 @@ def _active_links(nvml: Nvml, handle: Any) -> int:
     return active
 
 
+FABRIC_COMPLETED = 3  # NVML_GPU_FABRIC_STATE_COMPLETED
+
+
+def fabric(nvml: Nvml, handle: Any) -> tuple[str, int, int] | None:
+    """(clusterUuid as hex, cliqueId, state) of a GPU's NVLink fabric, None without one.
+
+    clusterUuid is read as its raw bytes (a uint8 array), never as text; a driver
+    without the V call raises NVMLLibraryMismatchError, a plain Exception.
+    """
+    try:
+        info = nvml.c_nvmlGpuFabricInfoV_t()
+        ref = ctypes.byref(info) if isinstance(info, ctypes.Structure) else info
+        nvml.nvmlDeviceGetGpuFabricInfoV(handle, ref)
+    except Exception:  # NotSupported, no such call, or a driver too old for it
+        return None
+    return bytes(info.clusterUuid).hex(), int(info.cliqueId), int(info.state)
+
+
 def _cuda_version(raw: int | None) -> str | None:
     # NVML encodes CUDA 12.8 as 12080
     return None if raw is None else f"{raw // 1000}.{raw % 1000 // 10}"
@@ -207,6 +232,7 @@ def read_inventory(nvml: Nvml | None, why_not: str | None = None) -> Inventory:
                 nvml, functools.partial(nvml.nvmlDeviceGetMaxClockInfo, h, nvml.NVML_CLOCK_SM)
             )
             procs = _optional(nvml, functools.partial(nvml.nvmlDeviceGetComputeRunningProcesses, h))
+            cluster, clique, state = fabric(nvml, h) or (None, None, None)
             gpus.append(
                 Gpu(
                     index=index,
@@ -220,6 +246,9 @@ def read_inventory(nvml: Nvml | None, why_not: str | None = None) -> Inventory:
                     power_limit_w=None if power is None else power / 1000,
                     max_sm_clock_mhz=clock,
                     processes=tuple(int(p.pid) for p in procs or ()),
+                    fabric_cluster=cluster,
+                    fabric_clique=clique,
+                    fabric_state=state,
                 )
             )
         driver = _optional(nvml, nvml.nvmlSystemGetDriverVersion)
@@ -265,7 +294,8 @@ class RecordedNvml:
     "mig_mode": [current, pending], "nvlink_active": int, "power_limit_mw": int,
     "max_sm_clock_mhz": int, "processes": [{"pid", "usedGpuMemory"}],
     "samples": [{"power_mw", "energy_mj", "sm_clock_mhz", "temperature_c",
-    "utilization": {"gpu", "memory"}, "throttle_reasons"}]}]}`. A missing key reads
+    "utilization": {"gpu", "memory"}, "throttle_reasons"}],
+    "fabric": {"cluster_uuid": 32 hex digits, "clique_id", "state"}}]}`. A missing key reads
     as NVML's NotSupported. Each telemetry call steps that GPU's value through
     `samples`, holding the last one, as a real counter would be read over time.
     """
@@ -375,6 +405,18 @@ class RecordedNvml:
 
     def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: int) -> int:
         return int(self._sample(handle, "throttle_reasons"))
+
+    class c_nvmlGpuFabricInfoV_t:  # pynvml's name
+        clusterUuid: bytes = b""
+        cliqueId: int = 0
+        state: int = 0
+
+    def nvmlDeviceGetGpuFabricInfoV(self, handle: int, info: Any) -> int:
+        recorded = self._get(handle, "fabric")
+        info.clusterUuid = bytes.fromhex(recorded["cluster_uuid"])
+        info.cliqueId = int(recorded["clique_id"])
+        info.state = int(recorded["state"])
+        return 0
 
 
 # --- allocation --------------------------------------------------------------------

@@ -24,6 +24,9 @@ from pytest_tokperf import (
     metrics,
     precision,
     profiles,
+    rack,
+    rackjudge,
+    records,
     report,
     verdict,
 )
@@ -35,13 +38,15 @@ BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
 FLOORS = pytest.StashKey[dict[str, float]]()
 SLO_BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
 SLOS = pytest.StashKey[dict[str, float]]()
+RACK_FLOOR = pytest.StashKey[float]()
 RUNNER = pytest.StashKey[Tokperf]()
 PARITY = pytest.StashKey[accuracy.ParitySpec]()
 PROPERTY = report.PROPERTY
 FLOOR_MARKER = (
-    "throughput_floor(min_tokens_per_s=None, per_gpu=None): fail the test unless its last "
-    "tokperf run reaches these output tokens/s floors; each a number or a dict keyed by "
-    "profile name (a profile missing from the dict skips the test)"
+    "throughput_floor(min_tokens_per_s=None, per_gpu=None, per_rack=None): fail the test "
+    "unless its last tokperf run reaches these output tokens/s floors (per_rack: all MPI "
+    "ranks together); each a number or a dict keyed by profile name (a profile missing "
+    "from the dict skips the test)"
 )
 PARITY_MARKER = (
     "accuracy_parity(reference=None, rouge_ratio=0.99, tokens_per_sample=(0.9, 1.1), "
@@ -170,6 +175,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="confidence of the throughput intervals, between 0.5 and 1 "
         "(env TOKPERF_CONFIDENCE, ini tokperf_confidence; default 0.95)",
     )
+    group.addoption(
+        "--tokperf-records",
+        metavar="PATH",
+        help="append every measured request as a JSON line on a wall clock (env "
+        "TOKPERF_RECORDS, ini tokperf_records; under MPI each rank writes PATH.rankN)",
+    )
+    group.addoption(
+        "--tokperf-rack-timeout",
+        metavar="SECONDS",
+        help="how long MPI ranks wait for each other at each meeting (env "
+        f"TOKPERF_RACK_TIMEOUT, ini tokperf_rack_timeout; default {rack.DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.addini("tokperf_records", "path of the tokperf per-request records", default="")
+    parser.addini("tokperf_rack_timeout", "tokperf MPI meeting timeout in s", default="")
     parser.addini("tokperf_inconclusive", "tokperf INCONCLUSIVE policy", default="")
     parser.addini("tokperf_confidence", "tokperf confidence level", default="")
     parser.addini("tokperf_profile", "tokperf hardware profile", default="")
@@ -237,6 +256,20 @@ def _inconclusive_policy(config: pytest.Config) -> str:
             f"{source} must be one of {', '.join(INCONCLUSIVE_POLICIES)}, got {value!r}"
         )
     return value
+
+
+def _seconds(config: pytest.Config, name: str, default: float) -> float:
+    setting = _setting(config, name)
+    if setting is None:
+        return default
+    value, source = setting
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise pytest.UsageError(f"{source} must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def _confidence(config: pytest.Config) -> float:
@@ -331,6 +364,32 @@ class TokperfSession:
         self.is_worker = hasattr(config, "workerinput")
         self.payloads: list[dict[str, Any]] = []
         self.references: dict[str, Engine] = {}  # reference engines by precision, lazily
+        self.rack = rack.connect(
+            _seconds(config, "tokperf_rack_timeout", rack.DEFAULT_TIMEOUT_S),
+            {"profile": self.profile.name, "backend": self.backend,
+             "model": self.profile.model, "precision": self.profile.precision},
+            tuple((g.fabric_cluster, g.fabric_clique, g.fabric_state)
+                  for g in self.inventory.gpus),
+        )  # fmt: skip
+        if isinstance(self.rack, rack.Rack):
+            config.pluginmanager.register(self.rack, "tokperf-rack")
+        records_setting = _setting(config, "tokperf_records")
+        self.records_path = Path(records_setting[0]) if records_setting else None
+        if self.records_path is not None and self.rack.size > 1:
+            path = self.records_path
+            self.records_path = path.with_name(f"{path.stem}.rank{self.rack.rank}{path.suffix}")
+
+    def write_records(self, nodeid: str, runner: Tokperf) -> None:
+        """Append the last run's records (after every measured run, when asked)."""
+        result = runner.last
+        if self.records_path is None or result is None:
+            return
+        run = len(runner.results) - 1
+        node = self.rack.node
+        rows = records.to_rows(
+            result.records, runner.anchors[-1], nodeid, run, node, result.window_end_ns
+        )
+        records.append(self.records_path, rows)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -421,10 +480,18 @@ class TokperfSession:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
-        yield  # the test body; if it raised, that is the outcome and nothing below runs
         runner = item.stash.get(RUNNER, None)
         floors = item.stash.get(FLOORS, None)
         slos = item.stash.get(SLOS, None)
+        gated = floors is not None or slos is not None
+        try:
+            yield  # the test body; if it raised, that is the outcome and nothing below runs
+        except BaseException as exc:
+            if gated:  # other ranks may be waiting for this one
+                skipped = isinstance(exc, pytest.skip.Exception)
+                status = f"skipped: {exc}" if skipped else f"failed: {type(exc).__name__}: {exc}"
+                self.rack.abandon(status, bool(runner and runner.last))
+            raise
         if runner is None:
             return
         if PARITY in item.stash:
@@ -433,7 +500,6 @@ class TokperfSession:
             data = report.parity_payload(item.nodeid, runner.last_parity, self.profile)
             data["verdict"] = "MEASURED"  # reported, not gated
             item.user_properties.append((report.PROPERTY, json.dumps(data)))
-        gated = floors is not None or slos is not None
         if gated and runner.last is None:
             runner.run()  # the marked test never ran a workload: run the profile's default
         result = runner.last
@@ -457,16 +523,33 @@ class TokperfSession:
         )
         if not gated:
             data["verdict"] = "MEASURED"  # no floor and no SLO: reported, not gated
-        item.user_properties.append((report.PROPERTY, json.dumps(data)))
-        if not gated:
+            item.user_properties.append((report.PROPERTY, json.dumps(data)))
             return
-        if outcome.status in ("FAIL", "INVALID"):
-            pytest.fail(report.failure_message(data), pytrace=False)
-        if outcome.status == "INCONCLUSIVE":
+        # the rack's floor: the marker's per_rack, else the profile's rack_floor (nodes > 1);
+        # kept in the node's payload too, for `merge` of nodes that ran apart
+        rack_floor = item.stash.get(RACK_FLOOR, None)
+        default_rack = rack_floor is None and floors is not None and self.profile.nodes > 1
+        data["rack_floor"] = self.profile.rack_floor if default_rack else rack_floor
+        data["rack_nodes"] = self.profile.nodes if default_rack else None
+        data, rows = self.rack.settle(
+            item.nodeid,
+            data,
+            rackjudge.timeline(result.records, runner.anchors[-1], result.window_end_ns),
+            floor=data["rack_floor"],
+            confidence=self.confidence,
+            expected_nodes=data["rack_nodes"],
+        )
+        for row in rows:
+            item.user_properties.append((report.PROPERTY, json.dumps(row)))
+        status = data["verdict"]
+        message = rackjudge.message if data.get("kind") == "rack" else report.failure_message
+        if status in ("FAIL", "INVALID"):
+            pytest.fail(message(data), pytrace=False)
+        if status == "INCONCLUSIVE":
             if self.inconclusive == "fail":
-                pytest.fail(report.failure_message(data), pytrace=False)
+                pytest.fail(message(data), pytrace=False)
             if self.inconclusive == "skip":
-                pytest.skip(report.failure_message(data))
+                pytest.skip(message(data))
 
     def progress(self) -> Progress | None:
         """The live line's callback, or None where it must stay quiet."""
@@ -528,10 +611,15 @@ class TokperfSession:
             rep.when == "setup"
             and isinstance(skip, pytest.skip.Exception)
             and (BOUNDS in item.stash or SLO_BOUNDS in item.stash)
-            and all(name != PROPERTY for name, _ in rep.user_properties)
         ):
-            data = report.skipped(item.nodeid, self.profile, str(skip.msg))
-            rep.user_properties.append((PROPERTY, json.dumps(data)))
+            outcome, why = self.rack.skipped_in_setup(str(skip.msg))
+            if all(name != PROPERTY for name, _ in rep.user_properties):
+                data = report.skipped(item.nodeid, self.profile, why)
+                rep.user_properties.append((PROPERTY, json.dumps(data)))
+            if outcome == "fail":  # the rack fails this test on every rank alike
+                rep.outcome, rep.longrepr = "failed", why
+            elif isinstance(rep.longrepr, tuple):
+                rep.longrepr = (rep.longrepr[0], rep.longrepr[1], f"Skipped: {why}")
         if rep.failed and self.server is not None:
             # a failing perf test against a launched server gets that server's log
             rep.sections.append(("tokperf server log (tail)", self.server.log_tail()))
@@ -553,10 +641,26 @@ class TokperfSession:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.close()
         if self.json_path is not None and not self.is_worker:
+            self._write_json(self.json_path)
+
+    def _write_json(self, path: Path) -> None:
+        """Rank 0 (or the only process) writes PATH; under MPI each rank also writes its
+        own node's rows to PATH.rankN, the files `merge` takes."""
+        rank, rows = self.rack.rank, self._sorted()
+        where = {
+            "node": {"name": self.rack.node, "rank": rank, "host": self.rack.host},
+            "records": None if self.records_path is None else str(self.records_path.resolve()),
+        }
+        docs = [(path, rows)] if rank == 0 else []
+        if self.rack.size > 1:
+            own = [r for r in rows if r.get("kind") != "rack" and r.get("node", {}).get("rank",
+                   rank) == rank]  # fmt: skip
+            docs.append((path.with_name(f"{path.stem}.rank{rank}{path.suffix}"), own))
+        for target, payloads in docs:
             doc = report.document(
-                self._sorted(), self.profile, self.profile_source, inventory=self.inventory
+                payloads, self.profile, self.profile_source, inventory=self.inventory
             )
-            report.write_json(self.json_path, doc)
+            report.write_json(target, {**doc, **where})
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.is_worker or not self.payloads:
@@ -567,6 +671,9 @@ class TokperfSession:
         for line in report.table(perf) if perf else []:
             terminalreporter.write_line(line)
         for line in report.parity_table(parity) if parity else []:
+            terminalreporter.write_line(line)
+        racks = [p for p in self._sorted() if p.get("kind") == "rack" and p["rack"]["nodes"]]
+        for line in rackjudge.table(racks) if racks else []:
             terminalreporter.write_line(line)
         if self.json_path is not None:
             terminalreporter.write_line(f"results: {self.json_path}")
@@ -653,6 +760,8 @@ def tokperf(
     runner.confidence = state.confidence
     runner.floors = request.node.stash.get(FLOORS, {})
     runner.progress = state.progress()
+    runner.before_run = state.rack.start
+    runner.after_run = lambda _result, _anchor: state.write_records(request.node.nodeid, runner)
     request.node.stash[RUNNER] = runner
     return runner
 
@@ -682,6 +791,16 @@ def _tokperf_floor(request: pytest.FixtureRequest) -> None:
     )
     for reason in (floors, slos):
         if isinstance(reason, str):
+            data = report.skipped(request.node.nodeid, profile, reason)
+            request.node.user_properties.append((PROPERTY, json.dumps(data)))
+            pytest.skip(reason)
+    if isinstance(floors, dict) and "per_rack" in floors:
+        request.node.stash[RACK_FLOOR] = floors.pop("per_rack")
+        if _session(request.config).rack.size == 1:
+            reason = (
+                "throughput_floor(per_rack=...) needs every node of the rack: launch one "
+                "pytest per node under MPI (srun/mpiexec, extra [rack])"
+            )
             data = report.skipped(request.node.nodeid, profile, reason)
             request.node.user_properties.append((PROPERTY, json.dumps(data)))
             pytest.skip(reason)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_tokperf import accuracy, driver, metrics, verdict, workloads
+from pytest_tokperf import accuracy, driver, metrics, records, verdict, workloads
 from pytest_tokperf import gpus as gpus_module
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import Engine, LogitsEngine, Request
@@ -61,6 +61,10 @@ class Tokperf:
         self.floors: Mapping[str, float] = {}
         self.confidence = 0.95
         self.progress: Progress | None = None
+        # the rack's start meeting (MPI): called right before each measured run
+        self.before_run: Callable[[], None] = lambda: None
+        self.anchors: list[records.Anchor] = []  # per result: its wall-clock anchor
+        self.after_run: Callable[[metrics.RunResult, records.Anchor], None] | None = None
         # accuracy parity: the reference engine by precision (loaded lazily by the plugin)
         self.reference = reference
         self.parity_spec = accuracy.ParitySpec()  # the test's marker, when it has one
@@ -236,6 +240,8 @@ class Tokperf:
             )
         if warm:  # apart from the measured run, so telemetry covers that run alone
             driver.run(self.engine, warm, timeout_s=timeout_s, loop=self.loop)
+        self.before_run()
+        anchor = records.anchor()
         with self.telemetry() as sampler:
             driven = driver.run_plan(
                 self.engine, measured, plan, stop=stop, progress=self.progress, loop=self.loop
@@ -255,6 +261,9 @@ class Tokperf:
         result = metrics.with_telemetry(result, sampler.summary())
         self.results.append(result)
         self.looks.append(1 if stop is None else stop.looks)
+        self.anchors.append(anchor)
+        if self.after_run is not None:
+            self.after_run(result, anchor)
         return result
 
 

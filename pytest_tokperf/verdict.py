@@ -139,7 +139,7 @@ def parse_floor_marker(
 ) -> dict[str, Bound]:
     """Validate `throughput_floor(...)` arguments; `where` names the test for errors."""
     return _parse_marker(
-        "throughput_floor", list(FLOOR_METRICS), args, kwargs, where, profiles, "a floor"
+        "throughput_floor", [*FLOOR_METRICS, "per_rack"], args, kwargs, where, profiles, "a floor"
     )
 
 
