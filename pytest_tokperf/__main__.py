@@ -1,4 +1,9 @@
-"""Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle` and `parity`.
+"""Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle`, `parity`, `merge`
+and `recompute`.
+
+`python -m pytest_tokperf merge node*.json --out rack.json` judges a rack from nodes
+launched by separate jobs; `python -m pytest_tokperf recompute RECORDS --json DOC`
+recomputes every run's metrics from a records file and checks them against the JSON.
 
 `python -m pytest_tokperf parity --precision q4_0` measures accuracy parity of the
 embedded engine outside a test suite, with the same code and report as the marker.
@@ -110,6 +115,48 @@ def parity(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def merge(args: argparse.Namespace) -> int:
+    """Judge the rack from node JSON files; print the table; 0 when every rack passed."""
+    from pytest_tokperf import merge as merging
+    from pytest_tokperf import rackjudge, report
+
+    try:
+        rows = merging.merge(args.nodes, args.per_rack)
+    except (merging.MergeError, OSError, KeyError, ValueError) as exc:
+        print(f"merge: {exc}", file=sys.stderr)
+        return 2
+    racks = [r for r in rows if r.get("kind") == "rack"]
+    for line in rackjudge.table(racks):
+        print(line)
+    for row in racks:
+        if row["verdict"] != "PASS":
+            print(f"{row['nodeid']}: {row['verdict']}\n{rackjudge.message(row)}")
+    if args.out:
+        doc = {
+            "schema": report.SCHEMA,
+            "kind": "merge",
+            "inputs": [str(p) for p in args.nodes],
+            "summary": {s: sum(1 for r in racks if r["verdict"] == s) for s in report.VERDICTS},
+            "tests": rows,
+        }
+        report.write_json(Path(args.out), doc)
+        print(f"results: {args.out}")
+    return 0 if all(r["verdict"] == "PASS" for r in racks) else 1
+
+
+def recompute(args: argparse.Namespace) -> int:
+    """Metrics of every run from the records; 1 when a last run disagrees with the JSON."""
+    from pytest_tokperf import merge as merging
+
+    doc = json.loads(Path(args.json).read_text(encoding="utf-8")) if args.json else None
+    table, ok = merging.recompute(Path(args.records), doc)
+    for line in merging.aligned(table):
+        print(line)
+    if doc is not None:
+        print("every last run matches the JSON" if ok else "MISMATCH: records and JSON differ")
+    return 0 if ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_tokperf")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,9 +182,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     par.add_argument("--threads", type=int, default=None, help="llama.cpp threads per engine")
     par.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine")
     par.add_argument("--json", default=None, help="write the result payload here")
+    mer = commands.add_parser(
+        "merge", help="judge a rack from node JSON files (each run with --tokperf-records)"
+    )
+    mer.add_argument("nodes", type=Path, nargs="+", help="one JSON results file per node")
+    mer.add_argument("--out", default=None, help="write the rack results here")
+    mer.add_argument("--per-rack", type=float, default=None, help="rack floor, output tokens/s")
+    rec = commands.add_parser("recompute", help="every metric again, from a records file")
+    rec.add_argument("records", help="the --tokperf-records file")
+    rec.add_argument("--json", default=None, help="the --tokperf-json file to compare with")
     args = parser.parse_args(argv)
     if args.command == "parity":
         return parity(args)
+    if args.command == "merge":
+        return merge(args)
+    if args.command == "recompute":
+        return recompute(args)
     if not args.allow_pickle:
         parser.error(
             f"refusing to load {args.source}: loading a pickle runs the code inside it; "

@@ -25,7 +25,7 @@ import atexit
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -313,8 +313,8 @@ class Rack:
         """Every node's result to rank 0, one rack verdict back to every rank."""
         row, nodes = self._settle_nodes(nodeid, data, timeline, floor, confidence, expected_nodes)
         if self.rank != 0:
-            return row, [_node_row(nodeid, data, self.rank, self.host)]
-        return row, [*(_node_row(nodeid, n.payload, n.rank, n.host) for n in nodes), row]
+            return row, [rackjudge.node_row(nodeid, data, self.rank, self.host)]
+        return row, [*(rackjudge.node_row(nodeid, n.payload, n.rank, n.host) for n in nodes), row]
 
     def _settle_nodes(
         self,
@@ -356,12 +356,6 @@ class Rack:
             return _failed_row(nodeid, data, f"rack: {exc}"), nodes
         self.alive, self.broken = set(alive), broken
         return row, nodes
-
-
-def _node_row(nodeid: str, payload: Mapping[str, Any], rank: int, host: str) -> dict[str, Any]:
-    """A node's own payload as a row of the rack test's results."""
-    return {**payload, "nodeid": f"{nodeid} [rank {rank} ({host})]", "kind": "node", "test": nodeid,
-            "node": {"rank": rank, "host": host}}  # fmt: skip
 
 
 def _failed_row(nodeid: str, data: dict[str, Any], why: str) -> dict[str, Any]:

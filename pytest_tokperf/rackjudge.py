@@ -338,6 +338,17 @@ def judge(
     }
 
 
+def node_row(nodeid: str, payload: Mapping[str, Any], rank: int, host: str) -> dict[str, Any]:
+    """A node's own payload as a row of the rack test's results."""
+    return {
+        **payload,
+        "nodeid": f"{nodeid} [rank {rank} ({host})]",
+        "kind": "node",
+        "test": nodeid,
+        "node": {"rank": rank, "host": host},
+    }
+
+
 def _worst(nodes: Sequence[Node], key: str) -> Any:
     """The node's latency distribution with the highest p99 (None: none measured)."""
     dists = [n.payload[key] for n in nodes if (n.payload.get(key) or {}).get("p99") is not None]
