@@ -490,7 +490,12 @@ class TokperfSession:
             if gated:  # other ranks may be waiting for this one
                 skipped = isinstance(exc, pytest.skip.Exception)
                 status = f"skipped: {exc}" if skipped else f"failed: {type(exc).__name__}: {exc}"
-                self.rack.abandon(status, bool(runner and runner.last))
+                common = self.rack.abandon(status, bool(runner and runner.last))
+                if common is not None:  # every rank reports the rack's one outcome
+                    kind, why = common
+                    if kind == "skip":
+                        pytest.skip(why)
+                    pytest.fail(why, pytrace=False)
             raise
         if runner is None:
             return

@@ -80,8 +80,8 @@ class Local:
     def skipped_in_setup(self, reason: str) -> tuple[str, str]:
         return "skip", reason
 
-    def abandon(self, status: str, started: bool) -> None:
-        pass
+    def abandon(self, status: str, started: bool) -> tuple[str, str] | None:
+        return None
 
 
 def connect(timeout_s: float, info: dict[str, Any], fabric: Fabric) -> Local | Rack:
@@ -290,15 +290,17 @@ class Rack:
     def pytest_runtest_setup(self) -> None:
         self.decided = False
 
-    def abandon(self, status: str, started: bool) -> None:
-        """This rank's gated test ended early: tell the ranks waiting for it."""
+    def abandon(self, status: str, started: bool) -> tuple[str, str] | None:
+        """This rank's gated test ended early: tell the ranks waiting for it, and say
+        what every rank reports ('skip' or 'fail', why); None: already decided."""
         if self.decided or self.broken is not None:
-            return  # a meeting already decided this test for every rank
+            return None  # a meeting already decided this test for every rank
         if not started:
-            self._meet(status)
-            return
+            kind, why = self._meet(status)
+            return ("skip", why) if kind == "skip" else ("fail", why)
         failed = {"verdict": "FAIL", "error": status, "checks": []}
-        self._settle_nodes("", failed, Timeline(0, 0, ()), None, 0.95, None)
+        row, _ = self._settle_nodes("", failed, Timeline(0, 0, ()), None, 0.95, None)
+        return "fail", rackjudge.message(row) if row.get("rack") else status
 
     def settle(
         self,

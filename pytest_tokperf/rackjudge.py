@@ -136,7 +136,7 @@ def identity(nodes: Sequence[Node]) -> list[str]:
     problems = []
     for n in nodes:
         done = {(c, q) for c, q, s in n.fabric if s == FABRIC_COMPLETED}
-        if not n.fabric or len(done) < len(n.fabric):
+        if not n.fabric or any(c is None or s != FABRIC_COMPLETED for c, _, s in n.fabric):
             problems.append(
                 f"{n.label} has GPUs without a completed NVLink fabric registration "
                 "(NVML fabric state is not 3, or no fabric info)"
