@@ -24,6 +24,9 @@ PER_GPU = {"gb300-nvl72": 15_200, "gb200-nvl72": 12_000, "h100-sxm": 3_000, "cpu
 # a node is 4 GPUs on the NVL72 racks, 8 on an H100 VM
 PER_NODE = {"gb300-nvl72": 4 * 15_200, "gb200-nvl72": 4 * 12_000, "h100-sxm": 8 * 3_000, "cpu": 5}
 SLOWEST_NODE_PER_GPU = {"gb300-nvl72": 14_400}
+# whole racks, 18 nodes x 4 GPUs at the per-GPU floor: 1,094,400 (published 1,100,948)
+# and 864,000 (published about 865,000)
+PER_RACK = {"gb300-nvl72": 18 * 4 * 15_200, "gb200-nvl72": 18 * 4 * 12_000}
 SUPPORT = Path(__file__).parent / "prompts" / "support.jsonl"
 
 
@@ -50,6 +53,14 @@ def test_customer_support_prompts(tokperf):
 @pytest.mark.throughput_floor(per_gpu=SLOWEST_NODE_PER_GPU)
 def test_no_node_slower_than_the_slowest_published(tokperf):
     """Rack nodes only: no node may fall below the slowest of the 18 published nodes."""
+    tokperf.run(scenario="offline")
+
+
+@pytest.mark.throughput_floor(per_rack=PER_RACK, per_gpu=PER_GPU)
+def test_whole_rack_offline(tokperf):
+    """All 18 nodes at once, one pytest per node under MPI (see README, "A whole rack"):
+    the rack's summed rate over the window all nodes ran, and every node's per-GPU floor.
+    Skipped on a laptop (no rack floor for the cpu profile) and on a single node."""
     tokperf.run(scenario="offline")
 
 

@@ -530,10 +530,11 @@ class TokperfSession:
             data["verdict"] = "MEASURED"  # no floor and no SLO: reported, not gated
             item.user_properties.append((report.PROPERTY, json.dumps(data)))
             return
-        # the rack's floor: the marker's per_rack, else the profile's rack_floor (nodes > 1);
-        # kept in the node's payload too, for `merge` of nodes that ran apart
+        # the rack's floor: the marker's per_rack, else for a bare throughput_floor() the
+        # profile's rack_floor (nodes > 1); kept in the node's payload for `merge`
         rack_floor = item.stash.get(RACK_FLOOR, None)
-        default_rack = rack_floor is None and floors is not None and self.profile.nodes > 1
+        bare = item.stash.get(BOUNDS, None) == {}
+        default_rack = rack_floor is None and bare and self.profile.nodes > 1
         data["rack_floor"] = self.profile.rack_floor if default_rack else rack_floor
         data["rack_nodes"] = self.profile.nodes if default_rack else None
         data, rows = self.rack.settle(
