@@ -364,7 +364,9 @@ class TokperfSession:
         self.is_worker = hasattr(config, "workerinput")
         self.payloads: list[dict[str, Any]] = []
         self.references: dict[str, Engine] = {}  # reference engines by precision, lazily
-        self.rack = rack.connect(
+        # xdist workers inherit the launcher's MPI environment but are no MPI ranks
+        connect = rack.connect if not self.is_worker else lambda *_: rack.Local()
+        self.rack = connect(
             _seconds(config, "tokperf_rack_timeout", rack.DEFAULT_TIMEOUT_S),
             {"profile": self.profile.name, "backend": self.backend,
              "model": self.profile.model, "precision": self.profile.precision},

@@ -35,6 +35,7 @@ from pytest_tokperf.rackjudge import Node, Timeline
 
 DEFAULT_TIMEOUT_S = 900.0  # covers engines loading at different speeds and run-length spread
 POLL_S = 0.0005
+POLL_MAX_S = 0.01
 # launchers' own word for the number of ranks: MPICH/Hydra and Slurm PMI, Open MPI, MVAPICH
 SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 ENV_RACK = "TOKPERF_RACK"
@@ -151,13 +152,15 @@ class Rack:
         self._sending.append(self.comm.isend(value, dest=dest, tag=tag))
 
     def _receive(self, source: int, tag: int, deadline: float) -> tuple[bool, Any]:
+        pause = POLL_S
         while True:
             message = self.comm.improbe(source=source, tag=tag)
             if message is not None:
                 return True, message.recv()
             if time.monotonic() > deadline:
                 return False, None
-            time.sleep(POLL_S)
+            time.sleep(pause)
+            pause = min(POLL_MAX_S, pause * 1.5)  # long waits (engines loading) stay cheap
 
     def _gather(self, value: Any) -> dict[int, Any]:
         """Rank 0: the values of every live rank that arrived in time; others: {}."""
@@ -318,7 +321,7 @@ class Rack:
         """Every node's result to rank 0, one rack verdict back to every rank."""
         row, nodes = self._settle_nodes(nodeid, data, timeline, floor, confidence, expected_nodes)
         if self.rank != 0:
-            return row, [rackjudge.node_row(nodeid, data, self.rank, self.host)]
+            return row, [rackjudge.node_row(nodeid, data, self.rank, self.host), row]
         return row, [*(rackjudge.node_row(nodeid, n.payload, n.rank, n.host) for n in nodes), row]
 
     def _settle_nodes(
