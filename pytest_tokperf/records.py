@@ -75,13 +75,18 @@ def to_rows(
 
 
 def append(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Append rows and flush them to disk: a run's records survive a later crash."""
+    """Append rows in one write on an O_APPEND file, then fsync: processes sharing the
+    file (xdist workers) never interleave lines, and a run's rows survive a later crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, separators=(",", ":")) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def record(row: dict[str, Any]) -> RequestRecord:
