@@ -404,7 +404,7 @@ def message(row: Mapping[str, Any]) -> str:
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Per rack test: one line per node, then the rack."""
+    """Per rack test: one line per node, then the rack; then any notes (clock offsets)."""
     out = [("test", "node", "tokens/s", "tokens in window", "clock ms", "verdict")]
     for row in rows:
         for n in row["rack"]["nodes"]:
@@ -432,10 +432,11 @@ def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             )
         )
     widths = [max(len(r[i]) for r in out) for i in range(len(out[0]))]
+    notes = [f"{row['nodeid']}: note: {n}" for row in rows for n in row.get("notes", [])]
     return [
         "  ".join(
             c.rjust(w) if i in (2, 3) else c.ljust(w)
             for i, (c, w) in enumerate(zip(r, widths, strict=True))
         ).rstrip()
         for r in out
-    ]
+    ] + notes

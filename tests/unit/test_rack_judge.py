@@ -107,6 +107,7 @@ def test_clock_offsets_above_a_few_ms_are_reported() -> None:
         "rank 1 (host1)'s clock is +12.0 ms off rank 0's (over 5 ms: check NTP/PTP); "
         "windows were corrected by it"
     ]
+    assert rackjudge.table([row])[-1] == f"t: note: {row['notes'][0]}"
     assert rackjudge.judge("t", [a, b], floor=1.0)["notes"] == []
 
 
