@@ -376,22 +376,10 @@ class TokperfSession:
         if isinstance(self.rack, rack.Rack):
             config.pluginmanager.register(self.rack, "tokperf-rack")
         records_setting = _setting(config, "tokperf_records")
-        self.records_path = Path(records_setting[0]) if records_setting else None
-        if self.records_path is not None and self.rack.size > 1:
-            path = self.records_path
-            self.records_path = path.with_name(f"{path.stem}.rank{self.rack.rank}{path.suffix}")
-
-    def write_records(self, nodeid: str, runner: Tokperf) -> None:
-        """Append the last run's records (after every measured run, when asked)."""
-        result = runner.last
-        if self.records_path is None or result is None:
-            return
-        run = len(runner.results) - 1
-        node = self.rack.node
-        rows = records.to_rows(
-            result.records, runner.anchors[-1], nodeid, run, node, result.window_end_ns
-        )
-        records.append(self.records_path, rows)
+        self.records = None
+        if records_setting is not None:
+            rank = self.rack.rank if self.rack.size > 1 else None
+            self.records = records.Writer(Path(records_setting[0]), self.rack.node, rank)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -657,7 +645,7 @@ class TokperfSession:
         rank, rows = self.rack.rank, self._sorted()
         where = {
             "node": {"name": self.rack.node, "rank": rank, "host": self.rack.host},
-            "records": None if self.records_path is None else str(self.records_path.resolve()),
+            "records": None if self.records is None else str(self.records.path.resolve()),
         }
         docs = [(path, rows)] if rank == 0 else []
         if self.rack.size > 1:
@@ -769,7 +757,12 @@ def tokperf(
     runner.floors = request.node.stash.get(FLOORS, {})
     runner.progress = state.progress()
     runner.before_run = state.rack.start
-    runner.after_run = lambda _result, _anchor: state.write_records(request.node.nodeid, runner)
+    if state.records is not None:
+        write = state.records.write
+        runner.after_run = lambda result, anchor: write(
+            result.records, anchor, request.node.nodeid, len(runner.results) - 1,
+            result.window_end_ns,
+        )  # fmt: skip
     request.node.stash[RUNNER] = runner
     return runner
 

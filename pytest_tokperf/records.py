@@ -89,6 +89,20 @@ def append(path: Path, rows: Iterable[dict[str, Any]]) -> None:
         os.close(fd)
 
 
+class Writer:
+    """Appends each measured run's rows to one file (under MPI: PATH.rankN per rank)."""
+
+    def __init__(self, path: Path, node: str, rank: int | None = None) -> None:
+        self.path = path if rank is None else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+        self.node = node
+
+    def write(
+        self, records: Sequence[RequestRecord], anchor: Anchor, test: str, run: int,
+        window_end_ns: int | None = None,
+    ) -> None:  # fmt: skip
+        append(self.path, to_rows(records, anchor, test, run, self.node, window_end_ns))
+
+
 def record(row: dict[str, Any]) -> RequestRecord:
     """A row back as a RequestRecord (its times are wall-clock ns; metrics use differences).
 
