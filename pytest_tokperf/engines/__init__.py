@@ -106,6 +106,7 @@ BACKENDS: dict[str, str] = {
     "openai": "pytest_tokperf.engines.openai",
     "trtllm": "pytest_tokperf.engines.trtllm",
     "sim": "pytest_tokperf.engines.sim",
+    "transformers": "pytest_tokperf.engines.transformers",
 }
 
 
