@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("torch", reason="the transformers extra (torch) is not installed")
 pytest.importorskip("transformers", reason="the transformers extra is not installed")
 
-from pytest_tokperf.engines.transformers import PRESETS  # noqa: E402
+from pytest_tokperf.engines.transformers import PRESETS
 
 EXAMPLES = Path(__file__).parent.parent.parent / "examples"
 
