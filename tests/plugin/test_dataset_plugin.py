@@ -27,7 +27,6 @@ import pytest
 def test_default_floor():
     pass
 
-@pytest.mark.throughput_floor(per_gpu={"orca-sim": 1})
 def test_own_workload(tokperf, tmp_path):
     own = tmp_path / "own.jsonl"
     own.write_text('{"id": "a", "prompt": "mine"}\\n')
