@@ -29,6 +29,7 @@ from pytest_tokperf import (
     records,
     report,
     verdict,
+    workloads,
 )
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import BACKENDS, Engine, EngineError, load_engine
@@ -81,7 +82,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--tokperf-model-path",
         metavar="PATH",
-        help="GGUF model for the embedded engine instead of the shipped SmolLM2-135M "
+        help="GGUF model for the embedded engine instead of the shipped SmolLM2-135M; "
+        "transformers engine: a model folder, or a config JSON for random weights "
         "(env TOKPERF_MODEL_PATH, ini tokperf_model_path)",
     )
     group.addoption(
@@ -200,6 +202,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("tokperf_max_tokens", "tokperf max new tokens per request", default="")
     parser.addini("tokperf_json", "path of the tokperf JSON results", default="")
     parser.addini("tokperf_model_path", "GGUF model for the embedded engine", default="")
+    group.addoption(
+        "--tokperf-dataset",
+        metavar="PATH",
+        help="JSONL workload a run without one measures, e.g. MLPerf's OpenOrca converted "
+        "with `python -m pytest_tokperf convert-openorca` (env TOKPERF_DATASET, ini "
+        "tokperf_dataset); the GPU profiles' floors need it",
+    )
+    parser.addini("tokperf_dataset", "JSONL workload of runs that name none", default="")
 
 
 def _setting(config: pytest.Config, name: str) -> tuple[str, str] | None:
@@ -340,11 +350,21 @@ class TokperfSession:
         model = _setting(config, "tokperf_model_path")
         if model is not None:
             self.model_path = Path(model[0])
-            if not self.model_path.is_file():
+            folder = self.backend == "transformers" and self.model_path.is_dir()
+            if not (self.model_path.is_file() or folder):
                 raise pytest.UsageError(
                     f"model file {model[0]!r} (from {model[1]}) does not exist; "
-                    "give the path of a GGUF file"
+                    "give the path of a GGUF file (transformers: a model folder or config JSON)"
                 )
+        try:
+            self.dataset, self.dataset_missing = workloads.profile_dataset(
+                self.profile.name,
+                self.profile.dataset,
+                self.profile.defined_in,
+                _setting(config, "tokperf_dataset"),
+            )
+        except workloads.WorkloadError as exc:
+            raise pytest.UsageError(str(exc)) from None
         self.server_settings = {
             key: value
             for key, name in (
@@ -404,6 +424,11 @@ class TokperfSession:
             settings["precision"] = at or self.profile.precision
         if self.backend == "openai":
             settings.update(self.server_settings)
+        if self.backend == "transformers":
+            if self.model_path is not None:
+                settings["model"] = str(self.model_path)
+            if at is not None:
+                settings["dtype"] = at
         return settings
 
     def reference_engine(self, at: str) -> Engine:
@@ -754,6 +779,9 @@ def tokperf(
     if spec is not None:
         runner.parity_spec = spec
     runner.confidence = state.confidence
+    runner.dataset = state.dataset
+    if state.dataset_missing is not None:
+        runner.dataset_missing = lambda: _no_dataset(request.node, state)
     runner.floors = request.node.stash.get(FLOORS, {})
     runner.progress = state.progress()
     runner.before_run = state.rack.start
@@ -765,6 +793,17 @@ def tokperf(
         )  # fmt: skip
     request.node.stash[RUNNER] = runner
     return runner
+
+
+def _no_dataset(item: pytest.Item, state: TokperfSession) -> None:
+    """A run of the profile's default workload without its dataset: skip, or fail with
+    --tokperf-require-hardware; never the built-in prompts against its floors."""
+    reason = str(state.dataset_missing)
+    data = report.skipped(item.nodeid, state.profile, reason)
+    item.user_properties.append((PROPERTY, json.dumps(data)))
+    if state.require_hardware:
+        pytest.fail(f"{reason} (--tokperf-require-hardware)", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from typing import Any
 from pytest_tokperf import accuracy, driver, metrics, records, verdict, workloads
 from pytest_tokperf import gpus as gpus_module
 from pytest_tokperf.driver import RequestRecord
-from pytest_tokperf.engines import Engine, LogitsEngine, Request
+from pytest_tokperf.engines import Engine, LogitsEngine, PreparingEngine, Request
 from pytest_tokperf.profiles import Profile
 
 Progress = Callable[[Sequence[RequestRecord], float], None]
@@ -69,6 +69,10 @@ class Tokperf:
         self.reference = reference
         self.parity_spec = accuracy.ParitySpec()  # the test's marker, when it has one
         self.parity_results: list[accuracy.ParityResult] = []
+        # the workload of a run that names none (None: the built-in set), and what
+        # happens when the profile's floors need a dataset that is not there
+        self.dataset: str | Path | None = None
+        self.dataset_missing: Callable[[], None] | None = None
 
     @property
     def last_parity(self) -> accuracy.ParityResult | None:
@@ -213,15 +217,21 @@ class Tokperf:
         elif bound is not None and timeout_s <= bound:
             raise ValueError(f"tokperf.run(timeout_s={timeout_s}) must exceed the duration {bound}")
 
-        load = workloads.load(workload)
+        if workload is None and self.dataset_missing is not None:
+            self.dataset_missing()  # skips or fails: the profile's floors need its dataset
+        load = workloads.load(workload if workload is not None else self.dataset)
         default = self.profile.max_tokens
         measured: Iterable[Request]
+        # a throughput run needs token counts, not text (accuracy runs keep text)
         if requests is None and bound is not None:
-            measured = load.endless(max_tokens, default)
+            measured = load.endless(max_tokens, default, detokenize=False)
         else:
-            measured = load.requests(requests or self.profile.requests, max_tokens, default)
+            count = requests or self.profile.requests
+            measured = load.requests(count, max_tokens, default, detokenize=False)
         n_warmup = self.profile.warmup if warmup is None else warmup
-        warm = load.requests(n_warmup, max_tokens, default) if n_warmup else []
+        warm = load.requests(n_warmup, max_tokens, default, detokenize=False) if n_warmup else []
+        if isinstance(self.engine, PreparingEngine):  # tokenize before, not during, the run
+            self.engine.prepare([p.prompt for p in load.prompts])
         plan = driver.Plan(
             scenario=scenario,
             qps=qps,

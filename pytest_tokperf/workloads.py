@@ -15,6 +15,12 @@ from pathlib import Path
 from pytest_tokperf.engines import Request
 
 BUILTIN = ("default",)
+# MLPerf Inference Llama-2-70B's dataset: 24,576 OpenOrca samples (shared FACTS.md)
+MLPERF_OPENORCA = "mlperf-openorca"
+MAKE_OPENORCA = (
+    "python -m pytest_tokperf convert-openorca "
+    "open_orca_gpt4_tokenized_llama.sampled_24576.pkl openorca.jsonl --allow-pickle"
+)
 
 
 @dataclass(frozen=True)
@@ -31,24 +37,33 @@ class Workload:
     prompts: tuple[Prompt, ...]
 
     def requests(
-        self, count: int, max_tokens: int | None, default_max_tokens: int
+        self,
+        count: int,
+        max_tokens: int | None,
+        default_max_tokens: int,
+        *,
+        detokenize: bool = True,
     ) -> list[Request]:
         """`count` requests cycling through the prompts.
 
         `max_tokens`, when given, overrides each prompt's own; otherwise a prompt
-        without one gets `default_max_tokens`.
+        without one gets `default_max_tokens`. `detokenize` False: no text is needed.
         """
         if count < 1:
             raise ValueError(f"requests must be at least 1, got {count}")
-        return list(itertools.islice(self.endless(max_tokens, default_max_tokens), count))
+        endless = self.endless(max_tokens, default_max_tokens, detokenize=detokenize)
+        return list(itertools.islice(endless, count))
 
-    def endless(self, max_tokens: int | None, default_max_tokens: int) -> Iterator[Request]:
+    def endless(
+        self, max_tokens: int | None, default_max_tokens: int, *, detokenize: bool = True
+    ) -> Iterator[Request]:
         """The same requests as `requests`, without end (a run bounded by time takes them)."""
         for i, p in enumerate(itertools.cycle(self.prompts)):
             yield Request(
                 id=p.id if i < len(self.prompts) else f"{p.id}#{i // len(self.prompts)}",
                 prompt=p.prompt,
                 max_tokens=max_tokens or p.max_tokens or default_max_tokens,
+                detokenize=detokenize,
             )
 
 
@@ -115,3 +130,41 @@ def load(workload: str | Path | None) -> Workload:
             "nor an existing JSONL file"
         )
     return Workload(str(path), parse_jsonl(path.read_text("utf-8"), str(path)))
+
+
+def profile_dataset(
+    profile: str, dataset: str | None, defined_in: str, given: tuple[str, str] | None
+) -> tuple[Path | None, str | None]:
+    """(the workload a run without one measures, why it is missing) for a profile.
+
+    `given` is (path, where it came from) of --tokperf-dataset; `dataset` the profile's
+    key: a JSONL path (relative to the file defining the profile) or a name. None, None:
+    the built-in set. A given path that does not exist raises WorkloadError.
+    """
+    if given is not None:
+        path = Path(given[0])
+        if not path.is_file():
+            raise WorkloadError(f"dataset {given[0]!r} (from {given[1]}) is not a file")
+        return path, None
+    if dataset is None:
+        return None, None
+    path = Path(dataset)
+    if not path.is_absolute() and defined_in != "built-in":
+        path = Path(defined_in).parent / path
+    if path.is_file():
+        return path, None
+    what = (
+        "the MLPerf OpenOrca set (24,576 samples, EOS honoured)"
+        if dataset == MLPERF_OPENORCA
+        else f"the dataset {dataset!r}"
+    )
+    how = (
+        f"make its JSONL once from MLPerf's pickle with `{MAKE_OPENORCA}`, then"
+        if dataset == MLPERF_OPENORCA
+        else "then"
+    )
+    return None, (
+        f"profile {profile!r}: its floors were measured on {what}, which is not here; "
+        f"{how} pass --tokperf-dataset PATH (env TOKPERF_DATASET, ini tokperf_dataset). "
+        "The built-in prompts would not be comparable"
+    )

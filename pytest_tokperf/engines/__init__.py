@@ -17,11 +17,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt to complete: greedy decoding, at most `max_tokens` new tokens."""
+    """One prompt to complete: greedy decoding, at most `max_tokens` new tokens.
+
+    `detokenize` False says the caller needs token counts only (a throughput run):
+    an engine that can skip turning tokens into text on the hot path does.
+    """
 
     id: str
     prompt: str
     max_tokens: int
+    detokenize: bool = True
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,17 @@ class Engine(Protocol):
 
 
 @runtime_checkable
+class PreparingEngine(Protocol):
+    """An engine that can tokenize a workload's prompts before the measured run.
+
+    trtllm-bench sends token ids; tokenizing each prompt once, up front, keeps that
+    CPU work out of the measurement.
+    """
+
+    def prepare(self, prompts: Sequence[str]) -> None: ...
+
+
+@runtime_checkable
 class LogitsEngine(Protocol):
     """An engine that can also score a given continuation (in-process engines).
 
@@ -90,6 +106,7 @@ BACKENDS: dict[str, str] = {
     "openai": "pytest_tokperf.engines.openai",
     "trtllm": "pytest_tokperf.engines.trtllm",
     "sim": "pytest_tokperf.engines.sim",
+    "transformers": "pytest_tokperf.engines.transformers",
 }
 
 

@@ -70,6 +70,7 @@ def test_user_profiles_extend_and_merge(tmp_path: Path) -> None:
     assert mine.model == "/models/llama2-70b-nvfp4" and mine.backend == "trtllm"
     assert mine.floors == {"per_gpu": 14_400.0}
     assert mine.engine == {"max_batch_size": 2048}
+    assert mine.dataset == "mlperf-openorca"
     assert (mine.devices, mine.gpu_name, mine.nodes) == (base.devices, "GB300", 18)
     assert mine.defined_in == str(tmp_path / "pyproject.toml")
     tp2 = registry["my-gb300-tp2"]
@@ -119,7 +120,8 @@ def test_tokperf_toml_defines_a_whole_profile(tmp_path: Path) -> None:
         ),
         (
             '[tool.tokperf.profiles.x]\nextends = "cpu"\nbackend = "vllm"',
-            "key 'backend': expected one of llamacpp, openai, trtllm, sim, got 'vllm'",
+            "key 'backend': expected one of llamacpp, openai, trtllm, sim, transformers, "
+            "got 'vllm'",
         ),
         (
             '[tool.tokperf.profiles.x]\nextends = "cpu"\nslos = { server_ttft_p99_s = 1.5 }',

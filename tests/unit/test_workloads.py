@@ -80,3 +80,31 @@ def test_every_builtin_prompt_has_a_scorable_reference() -> None:
         # a one-to-three sentence answer: long enough for ROUGE-2, short enough for 64 tokens
         assert 8 <= len(words) <= 45, (p.id, len(words))
         assert p.reference.rstrip()[-1] in ".!?", p.id
+
+
+def test_a_profile_measured_on_a_dataset_needs_it(tmp_path: Path) -> None:
+    """The GPU floors are MLPerf OpenOrca numbers: without that set, say how to make it."""
+    from pytest_tokperf import workloads as w
+
+    path, missing = w.profile_dataset("gb300-nvl72", w.MLPERF_OPENORCA, "built-in", None)
+    assert path is None and missing is not None
+    assert "profile 'gb300-nvl72'" in missing and "24,576" in missing
+    assert w.MAKE_OPENORCA in missing and "--tokperf-dataset PATH" in missing
+    orca = tmp_path / "openorca.jsonl"
+    orca.write_text('{"id": "0", "prompt": "p", "reference": "r"}\n')
+    given = (str(orca), "--tokperf-dataset")
+    assert w.profile_dataset("gb300-nvl72", w.MLPERF_OPENORCA, "built-in", given) == (orca, None)
+    with pytest.raises(WorkloadError, match=r"'nope.jsonl' \(from --tokperf-dataset\)"):
+        w.profile_dataset("cpu", None, "built-in", ("nope.jsonl", "--tokperf-dataset"))
+    # no dataset in the profile: the built-in set; a user profile's path is relative to it
+    assert w.profile_dataset("cpu", None, "built-in", None) == (None, None)
+    toml = tmp_path / "tokperf.toml"
+    assert w.profile_dataset("mine", "openorca.jsonl", str(toml), None) == (orca, None)
+    _, missing = w.profile_dataset("mine", "other.jsonl", str(toml), None)
+    assert missing is not None and "the dataset 'other.jsonl'" in missing
+
+
+def test_throughput_requests_can_go_without_text() -> None:
+    wl = load(None)
+    assert all(r.detokenize for r in wl.requests(3, None, 8))
+    assert not any(r.detokenize for r in wl.requests(3, None, 8, detokenize=False))

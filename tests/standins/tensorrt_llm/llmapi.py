@@ -1,4 +1,10 @@
-"""Mirror of tensorrt_llm/llmapi (1.2.x): LLM, KvCacheConfig, and the streamed result."""
+"""Mirror of tensorrt_llm/llmapi (1.2.x): LLM, KvCacheConfig, and the streamed result.
+
+Like the real classes, `LLM(...)` rejects keywords `LlmArgs` does not know (the real
+one is a pydantic model that forbids extra fields; the list here is the subset a
+caller of this project could mean), `KvCacheConfig` is strict, and `generate_async`
+takes a prompt as text or as token ids.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,33 @@ from tensorrt_llm.sampling_params import SamplingParams
 CREATED: list[LLM] = []  # every LLM the stand-in built, for the tests to inspect
 
 
-@dataclass
-class KvCacheConfig:
+@dataclass(kw_only=True)
+class KvCacheConfig:  # a StrictBaseModel upstream: unknown fields raise
+    enable_block_reuse: bool = True  # upstream's default; trtllm-bench turns it off
+    max_tokens: int | None = None
     free_gpu_memory_fraction: float | None = None
-    enable_block_reuse: bool = True
+
+
+# LlmArgs fields (tensorrt_llm/llmapi/llm_args.py) beyond LLM's named parameters
+LLM_ARGS = {
+    "pipeline_parallel_size",
+    "context_parallel_size",
+    "gpus_per_node",
+    "moe_expert_parallel_size",
+    "enable_attention_dp",
+    "kv_cache_config",
+    "max_batch_size",
+    "max_num_tokens",
+    "max_seq_len",
+    "max_input_len",
+    "max_beam_width",
+    "enable_chunked_prefill",
+    "scheduler_config",
+    "cuda_graph_config",
+    "build_config",
+    "backend",
+    "speculative_config",
+}
 
 
 @dataclass
@@ -44,13 +73,16 @@ class CompletionOutput:
 class RequestOutput:
     """The streamed result: async iteration yields itself after each decoding step."""
 
-    def __init__(self, prompt: str, params: SamplingParams) -> None:
+    def __init__(self, prompt: str | list[int], params: SamplingParams) -> None:
         self.prompt = prompt
         self.sampling_params = params
         self.outputs = [CompletionOutput(0)]
-        digest = hashlib.sha256(prompt.encode()).digest()
-        # as long as max_tokens allows, or a prompt-dependent "EOS" before that
-        self._planned = min(params.max_tokens, 5 + digest[0] % 20)
+        key = prompt if isinstance(prompt, str) else ",".join(map(str, prompt))
+        digest = hashlib.sha256(key.encode()).digest()
+        # as long as max_tokens allows, or a prompt-dependent "EOS" before that unless
+        # ignore_eos says to generate the full length
+        eos_at = 5 + digest[0] % 20
+        self._planned = params.max_tokens if params.ignore_eos else min(params.max_tokens, eos_at)
         self._ids = [100 + b for b in digest] * 8
         self.finished = False
 
@@ -67,7 +99,8 @@ class RequestOutput:
         step = 2 if len(out.token_ids) % 3 == 2 else 1
         new = self._ids[len(out.token_ids) : min(len(out.token_ids) + step, self._planned)]
         out.token_ids.extend(new)
-        out.text += "".join(f" t{t}" for t in new)
+        if self.sampling_params.detokenize:
+            out.text += "".join(f" t{t}" for t in new)
         if len(out.token_ids) >= self._planned:
             self.finished = True
             out.finish_reason = (
@@ -77,14 +110,27 @@ class RequestOutput:
 
 
 class _Tokenizer:
+    """Byte-level: id = byte + 3; 1 is BOS, which `encode` prepends by default."""
+
+    def __init__(self) -> None:
+        self.calls = 0  # how often the tokenizer ran (the hot path must not call it)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.calls += 1
+        return ([1] if add_special_tokens else []) + [b + 3 for b in text.encode()]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
+
     def apply_chat_template(
         self,
         messages: list[dict[str, str]],
         tokenize: bool = True,
         add_generation_prompt: bool = False,
-    ) -> str:
+    ) -> str | list[int]:
         text = "".join(f"<|{m['role']}|>{m['content']}" for m in messages)
-        return text + ("<|assistant|>" if add_generation_prompt else "")
+        text += "<|assistant|>" if add_generation_prompt else ""
+        return self.encode(text) if tokenize else text
 
 
 class LLM:
@@ -92,32 +138,54 @@ class LLM:
         self,
         model: str,
         tokenizer: str | None = None,
+        tokenizer_mode: str = "auto",
+        skip_tokenizer_init: bool = False,
+        trust_remote_code: bool = False,
         tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
+        dtype: str = "auto",
+        revision: str | None = None,
+        tokenizer_revision: str | None = None,
         **kwargs: Any,
     ) -> None:
+        extra = sorted(set(kwargs) - LLM_ARGS)
+        if extra:  # pydantic's message for a model that forbids extra fields
+            raise ValueError(f"{extra[0]}: Extra inputs are not permitted")
         if not Path(model).exists():
             raise ValueError(f"model path {model} does not exist")
         self.model = model
         self.args = {
             "tokenizer": tokenizer,
+            "skip_tokenizer_init": skip_tokenizer_init,
             "tensor_parallel_size": tensor_parallel_size,
-            "pipeline_parallel_size": pipeline_parallel_size,
+            "pipeline_parallel_size": 1,
+            "context_parallel_size": 1,
             **kwargs,
         }
-        self.tokenizer = _Tokenizer()
-        self.requests: list[tuple[str, SamplingParams]] = []
+        self.tokenizer = None if skip_tokenizer_init else _Tokenizer()
+        self.requests: list[tuple[str | list[int], SamplingParams]] = []
         self.is_shutdown = False
         CREATED.append(self)
 
     def generate_async(
-        self, inputs: str, sampling_params: SamplingParams | None = None, streaming: bool = False
+        self,
+        inputs: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        lora_request: Any = None,
+        prompt_adapter_request: Any = None,
+        streaming: bool = False,
     ) -> RequestOutput:
         if self.is_shutdown:
             raise RuntimeError("LLM is shut down")
+        if isinstance(inputs, str) and self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer (skip_tokenizer_init=True)")
         params = sampling_params or SamplingParams()
         self.requests.append((inputs, params))
         return RequestOutput(inputs, params)
+
+    @property
+    def world_size(self) -> int:  # ParallelConfig.world_size: tp x pp x cp
+        a = self.args
+        return a["tensor_parallel_size"] * a["pipeline_parallel_size"] * a["context_parallel_size"]
 
     def shutdown(self) -> None:
         self.is_shutdown = True

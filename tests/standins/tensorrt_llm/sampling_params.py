@@ -1,15 +1,19 @@
-"""Mirror of tensorrt_llm/sampling_params.py (1.2.x): the fields the adapter sets."""
+"""Mirror of tensorrt_llm/sampling_params.py (1.2.x): keyword-only, as the real class
+(`@dataclass(slots=True, kw_only=True)`), with the fields a caller may set; an
+unknown keyword raises TypeError as it does there."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True, kw_only=True)
 class SamplingParams:
     end_id: int | None = None
     pad_id: int | None = None
     max_tokens: int = 32
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
     n: int = 1
     best_of: int | None = None
     use_beam_search: bool = False
@@ -17,8 +21,12 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None
     temperature: float | None = None
+    min_tokens: int | None = None
+    return_perf_metrics: bool = False
     ignore_eos: bool = False
     detokenize: bool = True
+    add_special_tokens: bool = True
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if self.pad_id is None:
