@@ -80,7 +80,7 @@ def _load(payload: Mapping[str, Any]) -> str:
 
 
 def _ci(check: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
-    """ (95% CI 12,310-12,650), or with early stopping the confidence of each look and
+    """(95% CI 12,310-12,650), or with early stopping the confidence of each look and
     of the whole run: (99% CI 12,310-12,650 per look; 95% over 5 looks)."""
     if check.get("ci_low") is None:
         return ""

@@ -13,10 +13,10 @@ probability `fail_prob` a request fails half-way. With `slow_factor` < 1 the eng
 alternates fast and slow phases (thermal or power throttling, a noisy neighbour),
 starting fast at its first request, each lasting an exponential time of mean
 `phase_s` simulated seconds (seeded by `seed`); in a slow phase every gap is divided
-by `slow_factor`. The phases belong to the engine, shared by all its requests. Each request draws from its own
-generator seeded by (`seed`, request id), so a run is reproducible whatever the
-interleaving. Chunks are released at absolute target times, so the event loop's own
-overhead does not accumulate into the simulated rate.
+by `slow_factor`. The phases belong to the engine, shared by all its requests.
+Each request draws from its own generator seeded by (`seed`, request id), so a run
+is reproducible whatever the interleaving. Chunks are released at absolute target
+times, so the event loop's own overhead does not accumulate into the simulated rate.
 """
 
 from __future__ import annotations

@@ -181,7 +181,9 @@ def _slow_firsts(n: int, slow: int, failed: int = 0, ttft_ms: int = 2500) -> lis
         at = k * NS // 10
         first = at + (ttft_ms if k < slow else 100) * NS // 1000
         error = "boom" if k >= n - failed else None
-        out.append(RequestRecord(f"r{k}", at, first + NS // 100, (first,), (1,), None, error, (), at))
+        out.append(
+            RequestRecord(f"r{k}", at, first + NS // 100, (first,), (1,), None, error, (), at)
+        )
     return out
 
 
