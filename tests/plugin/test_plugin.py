@@ -80,6 +80,12 @@ def test_floors_gate_the_suite(pytester: pytest.Pytester) -> None:
         "status": "FAIL",
         "ci_low": check["ci_low"],
         "ci_high": check["ci_high"],
+        "confidence": 0.95,  # the interval's own confidence (one look)
+        "batches": 10,  # an Offline run's fixed windows
+        "count": None,  # the SLO keys: none for a floor
+        "over": None,
+        "needed": None,
+        "estimate": None,
     }
     assert tests["test_rack_only"]["reason"].startswith("throughput_floor(per_gpu=...)")
 
