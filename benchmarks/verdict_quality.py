@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import statistics
 import sys
 import time
@@ -88,19 +87,27 @@ SLO_CELLS = (
 INFO = EngineInfo("sim", "sim", "none", 1)
 
 
-def _record(rid: str, issue: int, chunks: Sequence[int], tokens: Sequence[int],
-            scheduled: int | None = None, cut: int | None = None) -> RequestRecord:
+def _record(
+    rid: str,
+    issue: int,
+    chunks: Sequence[int],
+    tokens: Sequence[int],
+    scheduled: int | None = None,
+    cut: int | None = None,
+) -> RequestRecord:
     """The driver's record of a request; `cut`: as a snapshot at that instant sees it."""
     if cut is not None:
         n = sum(1 for c in chunks if c <= cut)
-        return RequestRecord(rid, issue, cut, tuple(chunks[:n]), tuple(tokens[:n]),
-                             scheduled_ns=scheduled)
+        return RequestRecord(
+            rid, issue, cut, tuple(chunks[:n]), tuple(tokens[:n]), scheduled_ns=scheduled
+        )
     return RequestRecord(rid, issue, chunks[-1], tuple(chunks), tuple(tokens),
                          scheduled_ns=scheduled)  # fmt: skip
 
 
-def _chunked(settings: dict[str, float], times: Sequence[float], start: float,
-             phases: Phases) -> tuple[list[int], list[int]]:
+def _chunked(
+    settings: dict[str, float], times: Sequence[float], start: float, phases: Phases
+) -> tuple[list[int], list[int]]:
     """Chunk arrival times (ns) and sizes of a request whose service starts at `start`."""
     per = int(settings["chunk_tokens"])
     chunks, sizes = [], []
@@ -190,15 +197,21 @@ def server_run(pct: str, share: float, requests: int, seed: int) -> Outcome:
     return Outcome(f"{pct} {share:.1%} over, {requests}", v.status, decided)
 
 
-def driver_run(engine: str, factor: float, seed: int, confidence: float,
-               time_scale: float) -> Outcome:
+def driver_run(
+    engine: str, factor: float, seed: int, confidence: float, time_scale: float
+) -> Outcome:
     """The same throughput cell through the real driver, in scaled wall time."""
     settings = parse_settings({**ENGINES[engine], "seed": seed, "time_scale": time_scale})
     runner = Tokperf(load_engine("sim", settings, 1), replace(BUILTIN["sim"], warmup=0))
     runner.floors = {"min_tokens_per_s": true_rate(settings) * factor * time_scale}
     runner.confidence = confidence
-    result = runner.run("concurrency", concurrency=CONCURRENCY, max_tokens=TOKENS,
-                        max_duration_s=MAX_S / time_scale, seed=seed)
+    result = runner.run(
+        "concurrency",
+        concurrency=CONCURRENCY,
+        max_tokens=TOKENS,
+        max_duration_s=MAX_S / time_scale,
+        seed=seed,
+    )
     v = verdict.judge(result, runner.floors, confidence=confidence, looks=runner.looks[-1])
     decided = result.duration_s * time_scale if v.status in ("PASS", "FAIL") else None
     return Outcome(f"driver {engine} x{factor:.2f}", v.status, decided)  # fmt: skip
