@@ -26,9 +26,9 @@ plugin's own (`Sequential`, `metrics.summarize`, `verdict.judge`). `--driver N`
 also runs N seeds of each throughput cell through the real driver (`Tokperf.run` on
 the sim engine at `--time-scale`) as a check of the virtual-time model.
 
-Run (about 3-6 minutes on a busy 2-core machine):
+Run (about 5-8 minutes on a busy 2-core machine; `--driver 10` adds 2-3):
 
-    python benchmarks/verdict_quality.py                 # 200 seeds per cell
+    python benchmarks/verdict_quality.py --driver 10     # 200 seeds per cell
     python benchmarks/verdict_quality.py --seeds 20      # a quick look
 """
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=200, help="seeded runs per cell")
     parser.add_argument("--confidence", type=float, default=0.95)
-    parser.add_argument("--slo-requests", type=int, nargs="+", default=[459])
+    parser.add_argument("--slo-requests", type=int, nargs="+", default=[459, 1157])
     parser.add_argument("--driver", type=int, default=0, help="seeds per cell via the driver")
     parser.add_argument("--time-scale", type=float, default=20.0)
     args = parser.parse_args(argv)
