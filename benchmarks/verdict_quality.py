@@ -96,7 +96,7 @@ def _record(
     cut: int | None = None,
 ) -> RequestRecord:
     """The driver's record of a request; `cut`: as a snapshot at that instant sees it."""
-    if cut is not None:
+    if cut is not None and chunks[-1] > cut:  # in flight at `cut`: as far as it got
         n = sum(1 for c in chunks if c <= cut)
         return RequestRecord(
             rid, issue, cut, tuple(chunks[:n]), tuple(tokens[:n]), scheduled_ns=scheduled
