@@ -1,184 +1,304 @@
-"""Verdict quality: how often the throughput verdict is wrong, and how fast it decides.
+"""Verdict quality: how often a decisive verdict is wrong, and how fast it comes.
 
-Runs the plugin's real path (`Tokperf.run` -> driver -> metrics -> `verdict.judge`)
-against the `sim` engine, whose true throughput is known from its timing model, with
-the floor set so the truth is `margin` above or below it (+10% and -10% by default).
-Each run is a closed loop (`scenario="concurrency"`) bounded by `max_duration_s` with
-sequential early stopping at the chosen confidence; each seed draws different token
-timings (jitter and stalls).
+Throughput cells: a closed loop (4 requests in flight, 64 tokens each) on the `sim`
+engine's timing model, whose true rate is known, against floors at the true rate x
+0.90, 0.95, 1.00, 1.05 and 1.10; each run is bounded by `max_duration_s` (60
+simulated s) with sequential early stopping at 95% overall (`verdict.Sequential`),
+then judged by `verdict.judge`. Two engines: independent noise (gamma gaps, stalls),
+and the same with phases (`slow_factor=0.6, phase_s=3`: the engine alternates full
+and 60% speed, each phase an exponential time of mean 3 s).
 
-A wrong verdict is FAIL when the truth is above the floor, PASS when it is below;
-INCONCLUSIVE is counted apart (not wrong, not decided). Time to verdict is the length
-of the measured window when the run stopped, in simulated seconds (wall seconds
-times `time_scale`), over decided runs.
+Latency cells: a Server run (Poisson arrivals, no queueing) whose TTFT is
+exponential, with the `latency_slo` limit set so a known share of requests is over
+it (0.1%, 1%, 1.5% at p99 and p90, and 5%, 10%, 15% at p90), judged by LoadGen's
+early-stopping rule (`verdict.slo_check`) after a fixed number of requests.
 
-The true rate is the renewal rate of the closed loop: concurrency x tokens / mean
-request time, from `sim.mean_request_s` (the sim serves `slots` >= concurrency
-requests at once, so there is no queueing).
+A wrong verdict is the decisive one on the wrong side of the truth: FAIL when the
+truth meets the floor/limit, PASS when it misses; at x1.00 and at exactly the
+percentile's share the truth sits on the limit and no verdict is wrong.
 
-Run:
+Virtual time: each run is simulated, not slept through. `closed_loop` and
+`server_run` apply the sim engine's own timing model (`sim.request_timeline` for
+each request, `sim.Phases` for the engine's phases) to the scenario's issue rule and
+build the `RequestRecord`s the driver would record (at each look, in-flight requests
+cut at that instant, as the driver's snapshots are); the verdict path is the
+plugin's own (`Sequential`, `metrics.summarize`, `verdict.judge`). `--driver N`
+also runs N seeds of each throughput cell through the real driver (`Tokperf.run` on
+the sim engine at `--time-scale`) as a check of the virtual-time model.
 
-    python benchmarks/verdict_quality.py               # about 1-2 minutes on 2 cores
-    python benchmarks/verdict_quality.py --runs 100    # the README's figures
+Run (about 5-8 minutes on a busy 2-core machine; `--driver 10` adds 2-3):
+
+    python benchmarks/verdict_quality.py --driver 10     # 200 seeds per cell
+    python benchmarks/verdict_quality.py --seeds 20      # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pytest_tokperf import verdict
-from pytest_tokperf.engines import load_engine
-from pytest_tokperf.engines.sim import mean_request_s, parse_settings
+from pytest_tokperf import metrics, verdict
+from pytest_tokperf.driver import NS, RequestRecord, poisson_offsets_ns
+from pytest_tokperf.engines import EngineInfo, Request, load_engine
+from pytest_tokperf.engines.sim import (
+    Phases,
+    mean_request_s,
+    mean_speed,
+    parse_settings,
+    request_timeline,
+)
 from pytest_tokperf.profiles import BUILTIN
 from pytest_tokperf.runner import Tokperf
 
 # a noisy engine: gamma gaps with CV 0.5, and one token in 200 stalls for 0.5 s
-SIM = {
+NOISE = {
     "tokens_per_s": 50.0,
     "ttft_s": 0.2,
     "jitter": 0.5,
     "stall_prob": 0.005,
     "stall_s": 0.5,
     "slots": 4,
-    "chunk_tokens": 4,  # fewer event-loop wake-ups, so the client stays far from saturation
+    "chunk_tokens": 4,
 }
+PHASES = {**NOISE, "slow_factor": 0.6, "phase_s": 3.0}
+ENGINES = {"noise": NOISE, "phases": PHASES}
+FLOORS = (0.90, 0.95, 1.00, 1.05, 1.10)  # floor / true rate
+CONCURRENCY, TOKENS, MAX_S = 4, 64, 60.0
+# latency: exponential TTFT (jitter 1 makes the gamma an exponential), no queueing
+LATENCY = {"tokens_per_s": 50.0, "ttft_s": 0.1, "jitter": 1.0, "slots": 10_000}
+QPS = 5.0
+SLO_CELLS = (
+    ("p99", 0.001),
+    ("p99", 0.01),
+    ("p99", 0.015),
+    ("p90", 0.001),
+    ("p90", 0.01),
+    ("p90", 0.015),
+    ("p90", 0.05),
+    ("p90", 0.10),
+    ("p90", 0.15),
+)
+INFO = EngineInfo("sim", "sim", "none", 1)
+
+
+def _record(
+    rid: str,
+    issue: int,
+    chunks: Sequence[int],
+    tokens: Sequence[int],
+    scheduled: int | None = None,
+    cut: int | None = None,
+) -> RequestRecord:
+    """The driver's record of a request; `cut`: as a snapshot at that instant sees it."""
+    if cut is not None and chunks[-1] > cut:  # in flight at `cut`: as far as it got
+        n = sum(1 for c in chunks if c <= cut)
+        return RequestRecord(
+            rid, issue, cut, tuple(chunks[:n]), tuple(tokens[:n]), scheduled_ns=scheduled
+        )
+    return RequestRecord(rid, issue, chunks[-1], tuple(chunks), tuple(tokens),
+                         scheduled_ns=scheduled)  # fmt: skip
+
+
+def _chunked(
+    settings: dict[str, float], times: Sequence[float], start: float, phases: Phases
+) -> tuple[list[int], list[int]]:
+    """Chunk arrival times (ns) and sizes of a request whose service starts at `start`."""
+    per = int(settings["chunk_tokens"])
+    chunks, sizes = [], []
+    for i in range(0, len(times), per):
+        last = times[min(i + per, len(times)) - 1]
+        chunks.append(round(phases.after(start, last) * NS))
+        sizes.append(min(per, len(times) - i))
+    return chunks, sizes  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Outcome:
-    margin: float
-    seed: int
+    cell: str
     status: str
-    window_sim_s: float
-    requests: int
-    observed: float
-    floor: float
+    decided_s: float | None  # simulated seconds to a decisive verdict
 
 
-def true_rate(settings: dict[str, float], concurrency: int, tokens: int) -> float:
-    """Wall-clock tokens/s of the closed loop in the long run."""
-    return concurrency * tokens / mean_request_s(settings, tokens) * settings["time_scale"]
+def closed_loop(
+    settings: dict[str, float],
+    stop: Callable[[Sequence[RequestRecord], float], bool],
+    max_s: float,
+    looks: Iterable[float],
+) -> tuple[list[RequestRecord], int]:
+    """A closed loop of CONCURRENCY lanes in virtual time; `stop` asked at each look.
+
+    Returns every request issued before the stop (completed) and the window's end.
+    """
+    phases = Phases(settings["slow_factor"], settings["phase_s"], int(settings["seed"]))
+    issued: list[tuple[str, int, list[int], list[int]]] = []
+    for lane in range(CONCURRENCY):
+        at, k = 0.0, 0
+        while at < max_s:
+            rid = f"l{lane}-{k}"
+            times, _ = request_timeline(settings, Request(rid, "", TOKENS))
+            chunks, sizes = _chunked(settings, times, at, phases)
+            issued.append((rid, round(at * NS), chunks, sizes))
+            at, k = chunks[-1] / NS, k + 1
+    issued.sort(key=lambda r: r[1])
+    end = round(max_s * NS)
+    for look in looks:
+        now = round(look * NS)
+        snap = [_record(r, i, c, s, cut=now) for r, i, c, s in issued if i < now]
+        if stop(snap, look):
+            end = now
+            break
+    return [_record(r, i, c, s) for r, i, c, s in issued if i < end], end
 
 
-def one_run(
-    margin: float, seed: int, args: argparse.Namespace, settings: dict[str, float]
+def throughput_run(engine: str, factor: float, seed: int, confidence: float) -> Outcome:
+    settings = parse_settings({**ENGINES[engine], "seed": seed})
+    floor = true_rate(settings) * factor
+    floors = {"min_tokens_per_s": floor}
+    stop = verdict.Sequential(MAX_S, floors, 1, confidence)
+    records, end = closed_loop(settings, stop, MAX_S, stop.times)
+    result = metrics.summarize(
+        records, INFO, scenario="concurrency", workload="sim", max_tokens=TOKENS,
+        concurrency=CONCURRENCY, window_end_ns=end,
+    )  # fmt: skip
+    v = verdict.judge(result, floors, confidence=confidence, looks=stop.looks)
+    decided = end / NS if v.status in ("PASS", "FAIL") else None
+    return Outcome(f"{engine} x{factor:.2f}", v.status, decided)
+
+
+def true_rate(settings: dict[str, float]) -> float:
+    """Long-run tokens/s of the closed loop (simulated): lanes x tokens / mean request
+    time, times the mean speed over fast and slow phases (no queueing: slots >= lanes)."""
+    return CONCURRENCY * TOKENS / mean_request_s(settings, TOKENS) * mean_speed(settings)
+
+
+def server_run(pct: str, share: float, requests: int, seed: int) -> Outcome:
+    """A Server run of `requests` Poisson arrivals; TTFT limit with `share` over it."""
+    settings = parse_settings({**LATENCY, "seed": seed, "output_tokens": 4})
+    phases = Phases(1.0, 0.0, seed)
+    records = []
+    offsets = poisson_offsets_ns(QPS, seed)
+    for k in range(requests):
+        at = next(offsets)
+        times, _ = request_timeline(settings, Request(f"r{k}", "", 4))
+        chunks, sizes = _chunked(settings, times, at / NS, phases)
+        records.append(_record(f"r{k}", at, chunks, sizes, scheduled=at))
+    limit_ms = -settings["ttft_s"] * math.log(share) * 1000  # P(exponential > limit) = share
+    result = metrics.summarize(
+        records, INFO, scenario="server", workload="sim", max_tokens=4, qps=QPS
+    )
+    v = verdict.judge(result, {}, {f"ttft_{pct}_ms": limit_ms})
+    decided = result.duration_s if v.status in ("PASS", "FAIL") else None
+    return Outcome(f"{pct} {share:.1%} over, {requests}", v.status, decided)
+
+
+def driver_run(
+    engine: str, factor: float, seed: int, confidence: float, time_scale: float
 ) -> Outcome:
-    engine = load_engine("sim", {**SIM, "time_scale": args.time_scale, "seed": seed}, 1)
-    truth = true_rate(settings, args.concurrency, args.tokens)
-    floor = truth / (1 + margin)
-    runner = Tokperf(engine, replace(BUILTIN["sim"], warmup=0))
-    runner.floors = {"min_tokens_per_s": floor}
-    runner.confidence = args.confidence
+    """The same throughput cell through the real driver, in scaled wall time."""
+    settings = parse_settings({**ENGINES[engine], "seed": seed, "time_scale": time_scale})
+    runner = Tokperf(load_engine("sim", settings, 1), replace(BUILTIN["sim"], warmup=0))
+    runner.floors = {"min_tokens_per_s": true_rate(settings) * factor * time_scale}
+    runner.confidence = confidence
     result = runner.run(
         "concurrency",
-        concurrency=args.concurrency,
-        max_tokens=args.tokens,
-        max_duration_s=args.max_sim_s / args.time_scale,
+        concurrency=CONCURRENCY,
+        max_tokens=TOKENS,
+        max_duration_s=MAX_S / time_scale,
         seed=seed,
     )
-    v = verdict.judge(result, runner.floors, confidence=args.confidence, looks=runner.looks[-1])
-    return Outcome(
-        margin,
-        seed,
-        v.status,
-        result.duration_s * args.time_scale,
-        result.requests,
-        result.tokens_per_s,
-        floor,
-    )
+    v = verdict.judge(result, runner.floors, confidence=confidence, looks=runner.looks[-1])
+    decided = result.duration_s * time_scale if v.status in ("PASS", "FAIL") else None
+    return Outcome(f"driver {engine} x{factor:.2f}", v.status, decided)  # fmt: skip
 
 
-def wilson_upper(wrong: int, n: int, z: float = 1.96) -> float:
+def wilson_upper(k: int, n: int, z: float = 1.96) -> float:
     """Upper end of the 95% Wilson interval of a proportion."""
     if n == 0:
         return 1.0
-    p = wrong / n
+    p = k / n
     centre = p + z * z / (2 * n)
     spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (centre + spread) / (1 + z * z / n)
 
 
-def summarize(outcomes: list[Outcome], margin: float) -> dict[str, Any]:
-    mine = [o for o in outcomes if o.margin == margin]
-    wrong_status = "FAIL" if margin > 0 else "PASS"
-    wrong = sum(1 for o in mine if o.status == wrong_status)
-    decided = [o for o in mine if o.status in ("PASS", "FAIL")]
+def row(cell: str, wrong_status: str | None, outcomes: list[Outcome]) -> dict[str, Any]:
+    n = len(outcomes)
+    share = {s: sum(1 for o in outcomes if o.status == s) / n for s in verdict.STATUSES}
+    wrong = sum(1 for o in outcomes if o.status == wrong_status)
+    times = [o.decided_s for o in outcomes if o.decided_s is not None]
     return {
-        "margin": margin,
-        "runs": len(mine),
-        "right": sum(1 for o in mine if o.status == ("PASS" if margin > 0 else "FAIL")),
-        "wrong": wrong,
-        "inconclusive": sum(1 for o in mine if o.status == "INCONCLUSIVE"),
-        "invalid": sum(1 for o in mine if o.status == "INVALID"),
-        "wrong_rate": wrong / len(mine) if mine else 0.0,
-        "wrong_rate_upper95": wilson_upper(wrong, len(mine)),
-        "mean_time_to_verdict_sim_s": (
-            statistics.mean(o.window_sim_s for o in decided) if decided else None
-        ),
-        "median_time_to_verdict_sim_s": (
-            statistics.median(o.window_sim_s for o in decided) if decided else None
-        ),
-        "mean_requests": statistics.mean(o.requests for o in mine) if mine else None,
-        "mean_observed_over_floor": (
-            statistics.mean(o.observed / o.floor for o in mine) if mine else None
-        ),
+        "cell": cell,
+        "runs": n,
+        **share,
+        "wrong": None if wrong_status is None else wrong / n,
+        "wrong_upper95": None if wrong_status is None else wilson_upper(wrong, n),
+        "median_decided_s": statistics.median(times) if times else None,
     }
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("| cell | runs | PASS | FAIL | INCONCLUSIVE | INVALID | wrong (95% upper) "
+          "| median s to decisive |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        wrong = "-" if r["wrong"] is None else f"{_pct(r['wrong'])} ({_pct(r['wrong_upper95'])})"
+        t = r["median_decided_s"]
+        print(
+            f"| {r['cell']} | {r['runs']} | {_pct(r['PASS'])} | {_pct(r['FAIL'])} | "
+            f"{_pct(r['INCONCLUSIVE'])} | {_pct(r['INVALID'])} | {wrong} | "
+            f"{'-' if t is None else f'{t:.1f}'} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=25, help="seeded runs per margin")
-    parser.add_argument("--margins", type=float, nargs="+", default=[0.10, -0.10])
+    parser.add_argument("--seeds", type=int, default=200, help="seeded runs per cell")
     parser.add_argument("--confidence", type=float, default=0.95)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
-    parser.add_argument("--max-sim-s", type=float, default=80.0, help="max_duration_s, simulated")
-    parser.add_argument("--time-scale", type=float, default=40.0, help="simulated s per wall s")
-    parser.add_argument("--json", help="also write the outcomes here")
+    parser.add_argument("--slo-requests", type=int, nargs="+", default=[459, 1157])
+    parser.add_argument("--driver", type=int, default=0, help="seeds per cell via the driver")
+    parser.add_argument("--time-scale", type=float, default=20.0)
     args = parser.parse_args(argv)
-
-    settings = parse_settings({**SIM, "time_scale": args.time_scale})
-    truth = true_rate(settings, args.concurrency, args.tokens)
-    print(
-        f"sim: {json.dumps(SIM)}, time_scale {args.time_scale:g}; concurrency "
-        f"{args.concurrency} x {args.tokens} tokens; true rate {truth / args.time_scale:,.1f} "
-        f"tokens/s simulated; confidence {args.confidence}; max_duration "
-        f"{args.max_sim_s:g} simulated s; {args.runs} runs per margin",
-        flush=True,
-    )
-    outcomes: list[Outcome] = []
     started = time.perf_counter()
-    for seed in range(args.runs):
-        for margin in args.margins:
-            outcomes.append(one_run(margin, seed, args, settings))
-    wall = time.perf_counter() - started
-    rows = [summarize(outcomes, m) for m in args.margins]
-    print(f"{len(outcomes)} runs in {wall:.0f} s wall")
-    print("truth vs floor  runs  right  wrong  inconclusive  invalid  wrong (95% upper)  "
-          "mean/median time to verdict (sim s)")  # fmt: skip
-    for r in rows:
-        mean_t, median_t = r["mean_time_to_verdict_sim_s"], r["median_time_to_verdict_sim_s"]
-        print(
-            f"{r['margin']:+.0%}{'':10}  {r['runs']:4}  {r['right']:5}  {r['wrong']:5}  "
-            f"{r['inconclusive']:12}  {r['invalid']:7}  "
-            f"{r['wrong_rate']:.1%} ({r['wrong_rate_upper95']:.1%}){'':6}  "
-            f"{'-' if mean_t is None else f'{mean_t:.1f}'} / "
-            f"{'-' if median_t is None else f'{median_t:.1f}'}"
-        )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(
-                {"args": vars(args), "summary": rows, "outcomes": [o.__dict__ for o in outcomes]},
-                f,
-                indent=2,
+    rows = []
+    for engine in ENGINES:
+        truth = true_rate(parse_settings(ENGINES[engine]))
+        print(f"# {engine}: {ENGINES[engine]}, true rate {truth:.1f} tokens/s", flush=True)
+        for factor in FLOORS:
+            outs = [throughput_run(engine, factor, s, args.confidence) for s in range(args.seeds)]
+            wrong = "FAIL" if factor < 1 else "PASS" if factor > 1 else None
+            rows.append(row(f"throughput, {engine}, floor = truth x {factor:.2f}", wrong, outs))
+    for requests in args.slo_requests:
+        for pct, share in SLO_CELLS:
+            allowed = 1 - metrics.PERCENTILES[pct]
+            outs = [server_run(pct, share, requests, s) for s in range(args.seeds)]
+            wrong = (
+                "FAIL" if share < allowed - 1e-12 else "PASS" if share > allowed + 1e-12 else None
             )
+            rows.append(
+                row(f"TTFT {pct}, {share:.1%} over the limit, {requests} requests", wrong, outs)
+            )
+    if args.driver:
+        for engine in ENGINES:
+            for factor in (0.90, 1.10):
+                outs = [
+                    driver_run(engine, factor, s, args.confidence, args.time_scale)
+                    for s in range(args.driver)
+                ]
+                wrong = "FAIL" if factor < 1 else "PASS"
+                rows.append(row(f"driver: {engine}, x{factor:.2f}", wrong, outs))
+    print(f"{time.perf_counter() - started:.0f} s wall; confidence {args.confidence}, "
+          f"{args.seeds} seeds per cell, max {MAX_S:g} simulated s per throughput run")  # fmt: skip
+    print_table(rows)
     return 0
 
 

@@ -56,15 +56,22 @@ class Distribution:
 NO_SAMPLES = Distribution(0, None, None, None, None, None, None)
 
 
+def arrival_ns(record: RequestRecord) -> int:
+    """When the request's latency starts: its scheduled arrival in server and interactive
+    runs (as LoadGen measures, so a driver behind its schedule cannot hide its own delay),
+    else when it was issued."""
+    return record.issue_ns if record.scheduled_ns is None else record.scheduled_ns
+
+
 def ttft_s(record: RequestRecord) -> float | None:
-    """Time to first token: first chunk time - issue time."""
+    """Time to first token: first chunk time - arrival (scheduled, else issue) time."""
     first = record.first_chunk_ns
-    return None if first is None else (first - record.issue_ns) / NS
+    return None if first is None else (first - arrival_ns(record)) / NS
 
 
 def e2e_s(record: RequestRecord) -> float:
-    """End-to-end latency: completion time - issue time."""
-    return (record.end_ns - record.issue_ns) / NS
+    """End-to-end latency: completion time - arrival (scheduled, else issue) time."""
+    return (record.end_ns - arrival_ns(record)) / NS
 
 
 def tpot_s(record: RequestRecord) -> float | None:
@@ -202,7 +209,11 @@ class Interval:
     batches: int
 
 
-BATCHES = 10  # Schmeiser (1982): 10 to 30 batches; few batches keep each one long
+BATCHES = 10  # the fixed windows of an Offline run (Schmeiser 1982: 10 to 30 batches)
+MIN_WINDOW_REQUESTS = 5  # completed requests per batch window, on average
+MIN_WINDOW_LATENCIES = 2.0  # mean request latencies per batch window
+MIN_BATCHES = 6  # fewer independent batches give no interval: the verdict is INCONCLUSIVE
+LAG1_Z = NormalDist().inv_cdf(0.9)  # lag-1 autocorrelation test, one-sided at 10%
 
 
 def batch_means(values: Sequence[float], confidence: float) -> Interval | None:
@@ -216,19 +227,112 @@ def batch_means(values: Sequence[float], confidence: float) -> Interval | None:
     return Interval(mean, mean - half, mean + half, confidence, k)
 
 
+def lag1(values: Sequence[float]) -> float | None:
+    """Lag-1 autocorrelation of a series (None: fewer than 3 values or no variation)."""
+    k = len(values)
+    if k < 3:
+        return None
+    mean = sum(values) / k
+    dev = [v - mean for v in values]
+    var = sum(d * d for d in dev)
+    if var == 0:
+        return None
+    return sum(a * b for a, b in itertools.pairwise(dev)) / var
+
+
+def correlated(values: Sequence[float]) -> bool:
+    """Whether adjacent values are positively correlated at the 10% level.
+
+    Independent values have r1 about -1/k with standard deviation 1/sqrt(k); positive
+    correlation makes batch means understate the spread, so only that side is tested.
+    """
+    r1 = lag1(values)
+    k = len(values)
+    return r1 is not None and r1 + 1 / k > LAG1_Z / math.sqrt(k)
+
+
+@dataclass(frozen=True)
+class Batches:
+    """The windows of a throughput interval: equal, consecutive, after the warm-up ramp."""
+
+    rates: tuple[float, ...]  # output tokens/s per window, in time order
+    start_ns: int = 0  # the first window's start (the end of the ramp)
+    width_ns: int = 0
+    merges: int = 0  # halvings of the window count until lag-1 was insignificant
+
+
+def _tokens_in(records: Sequence[RequestRecord], start: int, end: int, k: int) -> list[float]:
+    """Output tokens/s of completed requests in `k` equal windows of [start, end]."""
+    tokens = [0] * k
+    span = end - start
+    for r in records:
+        if not r.ok:
+            continue
+        for at, n in zip(r.chunk_ns, r.chunk_tokens, strict=True):
+            if start <= at <= end:
+                tokens[min((at - start) * k // span, k - 1)] += n
+    return [t * k * NS / span for t in tokens]
+
+
+def batch_rates(records: Sequence[RequestRecord], end_ns: int | None = None) -> Batches:
+    """Window rates for a throughput interval that stays honest under bursty engines.
+
+    The ramp (the first mean request latency after the first issue) is left out; each
+    window spans at least `MIN_WINDOW_LATENCIES` mean latencies and, on average,
+    `MIN_WINDOW_REQUESTS` completions, so one request's tokens rarely straddle many
+    windows; while the window rates are correlated at lag 1, adjacent windows are
+    merged (the count halved). Fewer than `MIN_BATCHES` rates left: no interval.
+    Requests count as completed when they ended before the window's end (`end_ns`, or
+    the last end: a snapshot's in-flight requests end there and are not completions).
+    """
+    if not records:
+        return Batches(())
+    start = min(r.issue_ns for r in records)
+    end = max(r.end_ns for r in records) if end_ns is None else end_ns
+    done = [r for r in records if r.ok and r.end_ns < end]
+    if not done:
+        return Batches(())
+    latency = sum(r.end_ns - r.issue_ns for r in done) / len(done)
+    ramp_end = start + math.ceil(latency)
+    completions = sum(1 for r in done if r.end_ns > ramp_end)
+    span = end - ramp_end
+    if span <= 0 or completions == 0:
+        return Batches(())
+    width = max(MIN_WINDOW_LATENCIES * latency, MIN_WINDOW_REQUESTS * span / completions)
+    k = int(span // width)
+    merges = 0
+    rates = _tokens_in(records, ramp_end, end, k) if k else []
+    while len(rates) >= MIN_BATCHES and correlated(rates):
+        k //= 2
+        merges += 1
+        rates = _tokens_in(records, ramp_end, end, k)
+    return Batches(tuple(rates), ramp_end, span // max(k, 1), merges)
+
+
+def interval_of(batches: Batches, confidence: float) -> Interval | None:
+    """Batch-means interval, or None when fewer than `MIN_BATCHES` batches remain."""
+    if len(batches.rates) < MIN_BATCHES:
+        return None
+    return batch_means(batches.rates, confidence)
+
+
 def throughput_interval(
     records: Sequence[RequestRecord],
     confidence: float,
-    batches: int = BATCHES,
+    batches: int | None = None,
     end_ns: int | None = None,
 ) -> Interval | None:
-    """Confidence interval of output tokens/s by batch means over time windows.
+    """Confidence interval of the steady-state output tokens/s by batch means over time.
 
-    Token production is autocorrelated in time (one request spans many windows), so
-    resampling requests independently (a bootstrap) would understate the spread;
-    means of long consecutive windows are close to independent (see README).
+    Token production is autocorrelated in time (one request spans many windows, a slow
+    phase many requests), so resampling requests independently (a bootstrap) would
+    understate the spread; `batch_rates` picks long, uncorrelated windows and gives
+    None when too few remain. `batches=N` instead cuts [first issue, last end] into N
+    equal windows (the Offline treatment of a fixed workload).
     """
-    return batch_means(window_rates(records, batches, end_ns), confidence)
+    if batches is not None:
+        return batch_means(window_rates(records, batches, end_ns), confidence)
+    return interval_of(batch_rates(records, end_ns), confidence)
 
 
 @dataclass(frozen=True)
@@ -273,7 +377,8 @@ class RunResult:
 
     def throughput_interval(self, confidence: float) -> Interval | None:
         """Interval of `tokens_per_s`; scale it by 1/devices for the per-GPU number."""
-        return throughput_interval(self.records, confidence, end_ns=self.window_end_ns)
+        batches = BATCHES if self.scenario == "offline" else None
+        return throughput_interval(self.records, confidence, batches, self.window_end_ns)
 
     def goodput(self, limits: Mapping[str, float]) -> float:
         return goodput(self.records, limits)

@@ -21,9 +21,9 @@ from typing import Any
 
 from pytest_tokperf.accuracy import ParityResult
 from pytest_tokperf.gpus import Inventory
-from pytest_tokperf.metrics import Distribution, Interval, RunResult
+from pytest_tokperf.metrics import MIN_BATCHES, Distribution, Interval, RunResult
 from pytest_tokperf.profiles import Profile
-from pytest_tokperf.verdict import FLOOR_METRICS, SLO_METRICS, Verdict, slo_parts
+from pytest_tokperf.verdict import FLOOR_METRICS, SLO_METRICS, Verdict, per_look, slo_parts
 
 PROPERTY = "tokperf"
 SCHEMA = "pytest-tokperf/results/1"
@@ -41,6 +41,11 @@ def num(value: float | None) -> str:
     if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.2f}"
+
+
+def pct(share: float) -> str:
+    """0.95 -> 95%, 0.995 -> 99.5%: a confidence as printed."""
+    return f"{share:.1%}".replace(".0%", "%")
 
 
 def ms(seconds: float | None) -> str:
@@ -74,11 +79,29 @@ def _load(payload: Mapping[str, Any]) -> str:
     return ""
 
 
-def _ci(check: Mapping[str, Any], confidence: float) -> str:
+def _ci(check: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
+    """(95% CI 12,310-12,650), or with early stopping the confidence of each look and
+    of the whole run: (99% CI 12,310-12,650 per look; 95% over 5 looks)."""
     if check.get("ci_low") is None:
         return ""
+    overall, looks = payload.get("confidence", 0.95), payload.get("looks", 1)
+    used = check.get("confidence") or per_look(overall, looks)
     # a t interval can reach below zero; a rate cannot
-    return f" ({confidence:.0%} CI {num(max(0.0, check['ci_low']))}-{num(check['ci_high'])})"
+    bounds = f"{num(max(0.0, check['ci_low']))}-{num(check['ci_high'])}"
+    if looks <= 1:
+        return f" ({pct(used)} CI {bounds})"
+    return f" ({pct(used)} CI {bounds} per look; {pct(overall)} over {looks} looks)"
+
+
+def _slo_side_by_side(check: Mapping[str, Any]) -> str:
+    """7 of 459 requests over; early-stopping estimate 2,310 ms"""
+    if check.get("count") is None:
+        return ""
+    estimate = check.get("estimate")
+    return (
+        f"{check['over']:,} of {check['count']:,} requests over; early-stopping estimate "
+        f"{'-' if estimate is None else num(estimate) + ' ms'}"
+    )
 
 
 def _check_line(check: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
@@ -89,17 +112,24 @@ def _check_line(check: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
     if metric in FLOOR_METRICS:
         name = metric_name(metric, kind)
         observed = f"{scenario} {name} {num(check['observed'])}"
-        ci = _ci(check, payload.get("confidence", 0.95))
+        ci = _ci(check, payload)
+        if check.get("status") == "INCONCLUSIVE" and check.get("ci_low") is None:
+            return (
+                f"INCONCLUSIVE: {observed} has no interval: {check.get('batches') or 0} "
+                f"independent batch windows after the ramp, at least {MIN_BATCHES} needed; "
+                "a longer run gives more"
+            )
         if check.get("status") == "INCONCLUSIVE":
             return (
                 f"INCONCLUSIVE: {observed}{ci} straddles floor {num(check['limit'])}; "
                 "a longer run narrows the interval"
             )
         return f"{observed}{ci} < floor {num(check['limit'])}"
-    what, pct = slo_parts(metric)
+    what, percentile = slo_parts(metric)
+    side = _slo_side_by_side(check)
     return (
-        f"{scenario} {SLO_METRICS[what]} {pct} {num(check['observed'])} ms "
-        f"> limit {num(check['limit'])} ms"
+        f"{scenario} {SLO_METRICS[what]} {percentile} {num(check['observed'])} ms "
+        f"> limit {num(check['limit'])} ms" + (f" ({side})" if side else "")
     )
 
 
@@ -110,7 +140,11 @@ def failure_message(payload: Mapping[str, Any]) -> str:
     """
     ctx = context(payload)
     lines = [f"INVALID measurement: {reason} {ctx}" for reason in payload.get("invalid", ())]
-    lines += [f"{_check_line(c, payload)} {ctx}" for c in payload["checks"] if not c["passed"]]
+    lines += [
+        f"{_check_line(c, payload)} {ctx}"
+        for c in payload["checks"]
+        if not c["passed"] and c.get("status") != "INVALID"  # said above, with its reason
+    ]
     telemetry = payload.get("telemetry") or {}
     if payload.get("throttled"):
         why = ", ".join(telemetry["gpu"]["throttle_reasons"])
@@ -188,6 +222,7 @@ def payload(
         "slos_ms": dict(slos or {}),
         "confidence": verdict.confidence,
         "looks": verdict.looks,
+        "confidence_per_look": per_look(verdict.confidence, verdict.looks),
         "invalid": list(verdict.invalid),
         "checks": [dataclasses.asdict(c) for c in verdict.checks],
         "errors": result.errors,
@@ -209,7 +244,12 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
     """
     energy = any(p.get("energy_j_per_token") is not None for p in payloads)
     cpu = any(p.get("client_busy_cores") is not None for p in payloads)
-    extra = (("J/token",) if energy else ()) + (("proc CPU",) if cpu else ())
+    slos = any(p.get("slos_ms") for p in payloads)
+    extra = (
+        (("J/token",) if energy else ())
+        + (("proc CPU",) if cpu else ())
+        + (("SLO observed/estimate",) if slos else ())
+    )
     header = (
         "test",
         "scenario",
@@ -234,6 +274,8 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
             busy = p.get("client_busy_cores")
             cores = ((p.get("telemetry") or {}).get("cpu") or {}).get("cores")
             cells.append("-" if busy is None else f"{busy:.2f}/{cores}")
+        if slos:
+            cells.append(_slo_cell(p))
         floors = p["floors"]
         floor = ", ".join(
             f"{num(v)}{'/dev' if k == 'per_gpu' else ''}" for k, v in sorted(floors.items())
@@ -252,7 +294,22 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
                 p["verdict"] + (" (throttled)" if p.get("throttled") else ""),
             )
         )
-    return _aligned(rows, right=set(range(2, len(header) - 1)))
+    numbers = len(header) - 1 - (1 if slos else 0)  # the SLO column reads left to right
+    return _aligned(rows, right=set(range(2, numbers)))
+
+
+def _slo_cell(payload: Mapping[str, Any]) -> str:
+    """TTFT p99 1,950/2,050 ms: each SLO's observed percentile / early-stopping estimate."""
+    cells = []
+    for c in payload["checks"]:
+        if c.get("count") is None:
+            continue
+        what, percentile = slo_parts(c["metric"])
+        observed = None if c["observed"] != c["observed"] else c["observed"]  # NaN: none
+        cells.append(
+            f"{SLO_METRICS[what].split()[0]} {percentile} {num(observed)}/{num(c['estimate'])} ms"
+        )
+    return ", ".join(cells) or "-"
 
 
 def progress_line(
@@ -262,7 +319,7 @@ def progress_line(
     ci = (
         ""
         if interval is None
-        else f" ({interval.confidence:.0%} CI {num(max(0.0, interval.low))}-{num(interval.high)})"
+        else f" ({pct(interval.confidence)} CI {num(max(0.0, interval.low))}-{num(interval.high)})"
     )
     return (
         f"tokperf: {elapsed_s:.1f} s, {done:,}/{issued:,} requests done, {num(rate)} tokens/s{ci}"

@@ -5,10 +5,15 @@ Formatting the message a person reads is `report`'s job; this module only decide
 - Floors are judged on a confidence interval of the throughput (batch means over time
   windows, `metrics.throughput_interval`): PASS when the lower bound clears the floor,
   FAIL when the upper bound is below it, INCONCLUSIVE when the interval straddles it.
-- SLOs are judged on the observed percentile (LoadGen's rule), pass or fail.
+  The interval needs enough independent batches (`metrics.batch_rates`); without
+  them the verdict is INCONCLUSIVE.
+- SLOs are judged as LoadGen judges a Server run: PASS only when its early-stopping
+  estimate accepts the percentile (few enough requests over the limit for their
+  number, failed requests counting as over); FAIL when the observed percentile itself
+  misses the limit; otherwise the run is INVALID (too few requests for what it saw).
 - Validity is decided apart from both: a run whose driver fell behind its schedule,
-  whose engine did not sustain the offered load, whose client saturated, or that has
-  too few samples for the asked percentile is INVALID, never PASS.
+  whose engine did not sustain the offered load or whose client saturated is
+  INVALID, never PASS.
 """
 
 from __future__ import annotations
@@ -21,13 +26,22 @@ from typing import Any
 
 import pytest
 
+from pytest_tokperf import early_stopping
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.metrics import (
+    BATCHES,
     PERCENTILES,
     Interval,
     RunResult,
+    batch_means,
+    batch_rates,
+    e2e_s,
+    interval_of,
+    itl_s,
     output_tokens_per_s,
-    throughput_interval,
+    tpot_s,
+    ttft_s,
+    window_rates,
 )
 
 # marker keyword -> (RunResult attribute, what it measures)
@@ -49,7 +63,7 @@ _SLO_KEY = re.compile(r"^(?P<metric>[a-z0-9]+)_(?P<pct>p\d+)_ms$")
 
 STATUSES = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID")
 # LoadGen's early-stopping estimate is taken at 99% confidence (shared FACTS.md)
-EARLY_STOPPING_CONFIDENCE = 0.99
+EARLY_STOPPING_CONFIDENCE = early_stopping.CONFIDENCE
 # schedule lag tolerance: this share of the mean gap between arrivals, at least LAG_MIN_S
 LAG_SHARE = 0.1
 LAG_MIN_S = 0.010
@@ -65,9 +79,17 @@ class Check:
     observed: float
     limit: float
     passed: bool
-    status: str = ""  # PASS / FAIL / INCONCLUSIVE
+    status: str = ""  # PASS / FAIL / INCONCLUSIVE, or INVALID for an SLO
     ci_low: float | None = None  # a floor's confidence interval, same unit as observed
     ci_high: float | None = None
+    confidence: float | None = None  # of this interval (per look) or of the SLO estimate
+    batches: int | None = None  # a floor's independent batches (< MIN_BATCHES: no interval)
+    # an SLO: samples, how many over the limit (failed requests count), LoadGen's
+    # early-stopping count needed with that many over, and its percentile estimate (ms)
+    count: int | None = None
+    over: int | None = None
+    needed: int | None = None
+    estimate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -200,18 +222,18 @@ def samples_needed(p: float, confidence: float = EARLY_STOPPING_CONFIDENCE) -> i
     """Fewest samples for which, with none over the limit, the p-th percentile is shown
     under it at `confidence`: LoadGen's early-stopping rule with zero overs.
 
-    Solves p**n <= 1 - confidence: 459 for p99 at 99% (shared FACTS.md), 44 for p90.
+    459 for p99 at 99% (shared FACTS.md), 44 for p90.
     """
-    return math.ceil(math.log(1 - confidence) / math.log(p) - 1e-9)
+    return early_stopping.needed(0, p, confidence)
 
 
 def floor_status(interval: Interval | None, observed: float, floor: float) -> str:
     """PASS when the interval clears the floor, FAIL when it lies below, else INCONCLUSIVE.
 
-    Without an interval (a run of no measurable length) only the point estimate exists.
+    Without an interval (too few independent batches) nothing is decided.
     """
     if interval is None:
-        return "PASS" if observed >= floor else "FAIL"
+        return "INCONCLUSIVE"
     if interval.low >= floor:
         return "PASS"
     if interval.high < floor:
@@ -232,9 +254,20 @@ def floor_checks(
     devices: int,
     confidence: float,
     end_ns: int | None = None,
+    scenario: str = "server",
 ) -> list[Check]:
-    """One check per floor, each with its interval (per-GPU floors scale it by devices)."""
-    interval = throughput_interval(records, confidence, end_ns=end_ns)
+    """One check per floor, each with its interval (per-GPU floors scale it by devices).
+
+    An Offline run's fixed workload is cut into `BATCHES` equal windows; a run over
+    time gets `metrics.batch_rates` (ramp left out, long uncorrelated windows).
+    """
+    if scenario == "offline":
+        rates = window_rates(records, BATCHES, end_ns)
+        interval = batch_means(rates, confidence)
+    else:
+        batches = batch_rates(records, end_ns)
+        rates = list(batches.rates)
+        interval = interval_of(batches, confidence)
     checks = []
     for key, floor in floors.items():
         scale = 1 / devices if key == "per_gpu" else 1.0
@@ -259,6 +292,8 @@ def floor_checks(
                 status,
                 None if iv is None else iv.low,
                 None if iv is None else iv.high,
+                confidence,
+                len(rates),
             )
         )
     return checks
@@ -269,21 +304,77 @@ def _observed(result: RunResult, key: str) -> float:
     return float(value)
 
 
+def slo_samples(records: Sequence[RequestRecord], metric: str) -> tuple[list[float], int]:
+    """The metric's samples in seconds (from completed requests), and the failed
+    requests, which count as over any limit."""
+    ok = [r for r in records if r.ok]
+    failed = len(records) - len(ok)
+    if metric == "itl":
+        return [v for r in ok for v in itl_s(r)], failed
+    per_request = {"ttft": ttft_s, "tpot": tpot_s, "e2e": e2e_s}[metric]
+    return [v for r in ok if (v := per_request(r)) is not None], failed
+
+
+def slo_check(result: RunResult, key: str, limit_ms: float) -> Check:
+    """PASS when LoadGen's early-stopping estimate accepts the percentile; FAIL when the
+    observed percentile misses the limit; otherwise INVALID (see `slo_reason`)."""
+    metric, pct = slo_parts(key)
+    p = PERCENTILES[pct]
+    values, failed = slo_samples(result.records, metric)
+    observed = getattr(getattr(result, metric), pct)
+    count = len(values) + failed
+    over = failed + sum(1 for v in values if v * 1000 > limit_ms)
+    needed = early_stopping.needed(over, p, EARLY_STOPPING_CONFIDENCE)
+    estimate = early_stopping.estimate(
+        [*values, *[math.inf] * failed], p, EARLY_STOPPING_CONFIDENCE
+    )
+    if observed is not None and observed * 1000 > limit_ms:
+        status = "FAIL"
+    elif count >= needed:
+        status = "PASS"
+    else:
+        status = "INVALID"  # also with no samples at all: nothing shows the limit is met
+    return Check(
+        key,
+        math.nan if observed is None else observed * 1000,
+        limit_ms,
+        status == "PASS",
+        status,
+        confidence=EARLY_STOPPING_CONFIDENCE,
+        count=count,
+        over=over,
+        needed=needed,
+        estimate=None if estimate is None or math.isinf(estimate) else estimate * 1000,
+    )
+
+
 def slo_checks(result: RunResult, slos: Mapping[str, float]) -> list[Check]:
-    checks = []
-    for key, limit_ms in slos.items():
-        metric, pct = slo_parts(key)
-        value = getattr(getattr(result, metric), pct)
-        if value is None:  # no samples: reported as invalid, and it cannot pass
-            checks.append(Check(key, math.nan, limit_ms, False, "FAIL"))
-            continue
-        ok = value * 1000 <= limit_ms
-        checks.append(Check(key, value * 1000, limit_ms, ok, "PASS" if ok else "FAIL"))
-    return checks
+    return [slo_check(result, key, limit_ms) for key, limit_ms in slos.items()]
 
 
-def validity(result: RunResult, slos: Mapping[str, float]) -> tuple[str, ...]:
-    """Why the measurement cannot be trusted, if it cannot; empty when it can."""
+def _ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:,.0f} ms"
+
+
+def slo_reason(check: Check) -> str:
+    """Why an SLO check that neither passed nor failed makes the run INVALID.
+
+    "TTFT p99: 4 of 459 requests over 2,000 ms; LoadGen's early-stopping estimate needs
+    at least 1,157 requests with 4 over (or fewer over) to accept p99 at 99% confidence"
+    and then the observed percentile beside the estimate.
+    """
+    metric, pct = slo_parts(check.metric)
+    return (
+        f"{SLO_METRICS[metric]} {pct}: {check.over:,} of {check.count:,} requests over "
+        f"{check.limit:,.0f} ms; LoadGen's early-stopping estimate needs at least "
+        f"{check.needed:,} requests with {check.over:,} over (or fewer over) to accept "
+        f"{pct} at {EARLY_STOPPING_CONFIDENCE:.0%} confidence (observed {pct} "
+        f"{_ms(check.observed)}, early-stopping estimate {_ms(check.estimate)})"
+    )
+
+
+def run_validity(result: RunResult) -> tuple[str, ...]:
+    """Why the run's measurement cannot be trusted, if it cannot; empty when it can."""
     reasons = []
     if result.scheduled_qps is not None:
         tolerance = max(LAG_MIN_S, LAG_SHARE / result.scheduled_qps)
@@ -305,16 +396,13 @@ def validity(result: RunResult, slos: Mapping[str, float]) -> tuple[str, ...]:
             f"the client saturated: the driver thread used {result.client_cpu:.0%} of a "
             "core over the run, so the load generator, not the engine, was measured"
         )
-    for key in slos:
-        metric, pct = slo_parts(key)
-        count = getattr(result, metric).count
-        needed = samples_needed(PERCENTILES[pct])
-        if count < needed:
-            reasons.append(
-                f"{count:,} {SLO_METRICS[metric]} samples are too few for a {pct}: "
-                f"at least {needed:,} are needed (LoadGen early stopping, none over the limit)"
-            )
     return tuple(reasons)
+
+
+def validity(result: RunResult, slos: Mapping[str, float]) -> tuple[str, ...]:
+    """Why the measurement cannot be trusted or the SLOs not be judged; empty when fine."""
+    checks = slo_checks(result, slos)
+    return run_validity(result) + tuple(slo_reason(c) for c in checks if c.status == "INVALID")
 
 
 def judge(
@@ -327,9 +415,10 @@ def judge(
 ) -> Verdict:
     """The verdict of one run against its floors and SLOs.
 
-    FAIL when a request failed or a check failed decisively; otherwise INVALID when
-    the measurement is not valid; otherwise INCONCLUSIVE when a floor's interval
-    straddles it; otherwise PASS.
+    FAIL when a request failed; otherwise INVALID when the run's measurement is not
+    valid; otherwise FAIL when a check failed decisively; otherwise INVALID when an
+    SLO's early-stopping estimate needs more requests; otherwise INCONCLUSIVE when a
+    floor's interval straddles it (or there is none); otherwise PASS.
     """
     slos = slos or {}
     checks = [Check("failed_requests", result.failed, 0, result.failed == 0)]
@@ -341,21 +430,26 @@ def judge(
         result.engine.devices,
         per_look(confidence, looks),
         result.window_end_ns,
+        result.scenario,
     )
-    checks += slo_checks(result, slos)
-    invalid = validity(result, slos)
+    slo = slo_checks(result, slos)
+    checks += slo
+    broken = run_validity(result)
+    unproven = tuple(slo_reason(c) for c in slo if c.status == "INVALID")
     statuses = {c.status or ("PASS" if c.passed else "FAIL") for c in checks}
     if not checks[0].passed:
         status = "FAIL"
-    elif invalid:
+    elif broken:
         status = "INVALID"
     elif "FAIL" in statuses:
         status = "FAIL"
+    elif unproven:
+        status = "INVALID"
     elif "INCONCLUSIVE" in statuses:
         status = "INCONCLUSIVE"
     else:
         status = "PASS"
-    return Verdict(status, tuple(checks), invalid, confidence, looks)
+    return Verdict(status, tuple(checks), broken + unproven, confidence, looks)
 
 
 class Sequential:
@@ -390,7 +484,7 @@ class Sequential:
         observed = {"min_tokens_per_s": rate, "per_gpu": rate / self.devices}
         checks = floor_checks(
             records, observed, self.floors, self.devices, per_look(self.confidence, self.looks)
-        )
+        )  # a run over time: batch windows after the ramp
         statuses = {c.status for c in checks}
         if "FAIL" in statuses or statuses == {"PASS"}:
             self.decided_at = elapsed_s

@@ -9,15 +9,20 @@ sleeping): wait for one of `slots` serving slots (first come, first served), the
 the first token after `ttft_s` (gamma distributed, coefficient of variation
 `jitter`), then each further token after a gap of mean 1 / `tokens_per_s` (same
 jitter), plus with probability `stall_prob` per token a stall of `stall_s`. With
-probability `fail_prob` a request fails half-way. Each request draws from its own
-generator seeded by (`seed`, request id), so a run is reproducible whatever the
-interleaving. Chunks are released at absolute target times, so the event loop's own
-overhead does not accumulate into the simulated rate.
+probability `fail_prob` a request fails half-way. With `slow_factor` < 1 the engine
+alternates fast and slow phases (thermal or power throttling, a noisy neighbour),
+starting fast at its first request, each lasting an exponential time of mean
+`phase_s` simulated seconds (seeded by `seed`); in a slow phase every gap is divided
+by `slow_factor`. The phases belong to the engine, shared by all its requests.
+Each request draws from its own generator seeded by (`seed`, request id), so a run
+is reproducible whatever the interleaving. Chunks are released at absolute target
+times, so the event loop's own overhead does not accumulate into the simulated rate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -38,8 +43,10 @@ DEFAULTS: dict[str, float] = {
     "time_scale": 1.0,  # simulated seconds per wall second (10: runs 10x faster)
     "seed": 0,
     "devices": 1,
+    "slow_factor": 1.0,  # speed in a slow phase (1: no phases)
+    "phase_s": 0.0,  # mean phase length, simulated seconds (needed when slow_factor < 1)
 }
-POSITIVE = ("tokens_per_s", "time_scale", "slots", "chunk_tokens", "devices")
+POSITIVE = ("tokens_per_s", "time_scale", "slots", "chunk_tokens", "devices", "slow_factor")
 PROBABILITIES = ("stall_prob", "fail_prob")
 INTEGERS = ("slots", "output_tokens", "chunk_tokens", "seed", "devices")
 
@@ -66,6 +73,10 @@ def parse_settings(settings: Mapping[str, Any]) -> dict[str, float]:
         if key in PROBABILITIES and value > 1:
             raise EngineError(f"sim engine setting {key}: a probability is at most 1")
         out[key] = float(value)
+    if out["slow_factor"] > 1:
+        raise EngineError("sim engine setting slow_factor: a slow phase's speed is at most 1")
+    if out["slow_factor"] < 1 and out["phase_s"] <= 0:
+        raise EngineError("sim engine setting slow_factor < 1 needs phase_s > 0 (mean seconds)")
     return out
 
 
@@ -106,6 +117,51 @@ def mean_request_s(settings: Mapping[str, float], tokens: int) -> float:
     )
 
 
+class Phases:
+    """The engine's speed over simulated time since its first request: 1 in a fast
+    phase, `slow_factor` in a slow one; phases alternate, starting fast, with
+    exponential lengths of mean `phase_s`. Work (simulated seconds of the timing model
+    at full speed) maps to time through the speed: `after(t, w)` is when `w` seconds
+    of work started at `t` are done."""
+
+    def __init__(self, slow_factor: float, phase_s: float, seed: int) -> None:
+        self.slow = slow_factor
+        self.mean = phase_s
+        self.rng = random.Random(f"{seed}:phases")
+        self.starts = [0.0]  # phase i runs from starts[i]; even phases are fast
+        self.works = [0.0]  # work done by starts[i]
+
+    def _speed(self, i: int) -> float:
+        return 1.0 if i % 2 == 0 else self.slow
+
+    def _grow(self) -> None:
+        length = self.rng.expovariate(1 / self.mean)
+        self.works.append(self.works[-1] + length * self._speed(len(self.starts) - 1))
+        self.starts.append(self.starts[-1] + length)
+
+    def work_at(self, t: float) -> float:
+        while self.starts[-1] <= t:
+            self._grow()
+        i = bisect.bisect_right(self.starts, t) - 1
+        return self.works[i] + (t - self.starts[i]) * self._speed(i)
+
+    def time_at(self, work: float) -> float:
+        while self.works[-1] <= work:
+            self._grow()
+        i = bisect.bisect_right(self.works, work) - 1
+        return self.starts[i] + (work - self.works[i]) / self._speed(i)
+
+    def after(self, t: float, work: float) -> float:
+        if self.slow == 1:
+            return t + work
+        return self.time_at(self.work_at(t) + work)
+
+
+def mean_speed(settings: Mapping[str, float]) -> float:
+    """The long-run share of full speed: fast and slow phases last equally long on average."""
+    return (1 + settings["slow_factor"]) / 2
+
+
 class SimEngine:
     def __init__(self, settings: Mapping[str, float]) -> None:
         self.settings = dict(settings)
@@ -119,6 +175,8 @@ class SimEngine:
         )
         # asyncio primitives belong to one event loop; each tokperf run has its own
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self.phases = Phases(settings["slow_factor"], settings["phase_s"], int(settings["seed"]))
+        self._t0: float | None = None  # wall time of the first request: the phases' origin
 
     def _semaphore(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
@@ -132,11 +190,15 @@ class SimEngine:
         per_chunk = int(self.settings["chunk_tokens"])
         async with self._semaphore():
             start = time.perf_counter()
+            if self._t0 is None:
+                self._t0 = start
+            begun = (start - self._t0) * scale  # simulated seconds since the first request
             for i in range(0, len(times), per_chunk):
                 if fails and i >= len(times) // 2:
                     raise SimError(f"simulated failure after {i} tokens")
                 last = times[min(i + per_chunk, len(times)) - 1]
-                delay = start + last / scale - time.perf_counter()
+                at = self._t0 + self.phases.after(begun, last) / scale
+                delay = at - time.perf_counter()
                 await asyncio.sleep(max(0.0, delay))
                 n = min(per_chunk, len(times) - i)
                 yield Chunk(n, " tok" * n)

@@ -80,6 +80,12 @@ def test_floors_gate_the_suite(pytester: pytest.Pytester) -> None:
         "status": "FAIL",
         "ci_low": check["ci_low"],
         "ci_high": check["ci_high"],
+        "confidence": 0.95,  # the interval's own confidence (one look)
+        "batches": 10,  # an Offline run's fixed windows
+        "count": None,  # the SLO keys: none for a floor
+        "over": None,
+        "needed": None,
+        "estimate": None,
     }
     assert tests["test_rack_only"]["reason"].startswith("throughput_floor(per_gpu=...)")
 
@@ -112,9 +118,10 @@ def test_a_marked_test_without_a_run_gets_the_default_workload(pytester: pytest.
     (check,) = [c for c in test["checks"] if c["metric"] == "per_gpu"]
     assert check["observed"] == test["tokens_per_s_per_gpu"]
     low, high = check["ci_low"], check["ci_high"]
-    if low is None:  # no interval: the point estimate decides
-        low = high = check["observed"]
-    expected = "PASS" if low >= 5.0 else "FAIL" if high < 5.0 else "INCONCLUSIVE"
+    if low is None:  # no interval: nothing is decided
+        expected = "INCONCLUSIVE"
+    else:
+        expected = "PASS" if low >= 5.0 else "FAIL" if high < 5.0 else "INCONCLUSIVE"
     assert test["verdict"] == check["status"] == expected
     result.assert_outcomes(passed=int(expected == "PASS"), failed=int(expected != "PASS"))
 

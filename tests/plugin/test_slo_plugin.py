@@ -54,15 +54,19 @@ def test_latency_slos_gate_and_explain(pytester: pytest.Pytester) -> None:
     out = result.stdout.str()
     context = "[profile sim, engine sim, model sim none, 1 device, 20 requests, qps 5]"
     assert "server TTFT p50 " in out  # the observed value varies; the rest does not
-    assert f" ms > limit 0.00 ms {context}" in out
-    assert (
-        f"INVALID measurement: 20 TTFT samples are too few for a p99: at least 459 are "
-        f"needed (LoadGen early stopping, none over the limit) {context}"
-    ) in out
+    assert " ms > limit 0.00 ms (20 of 20 requests over; early-stopping estimate " in out
+    result.stdout.fnmatch_lines(
+        [
+            "INVALID measurement: TTFT p99: 0 of 20 requests over 60,000 ms; LoadGen's "
+            "early-stopping estimate needs at least 459 requests with 0 over (or fewer over) "
+            "to accept p99 at 99% confidence (observed p99 * ms, early-stopping estimate -) "
+            + context.replace("[", "?")  # fnmatch reads [ as a character class
+        ]
+    )
     result.stdout.fnmatch_lines(
         ["*SKIPPED*latency_slo(ttft_p50_ms=...) sets no limit for profile 'sim'*"]
     )
-    assert "INVALID measurement: 20 TPOT samples are too few for a p99" in out
+    assert "INVALID measurement: TPOT p99: 0 of 20 requests over 40 ms; LoadGen's" in out
     tests = _tests(pytester)
     assert {k: t["verdict"] for k, t in tests.items()} == {
         "test_impossible": "FAIL",
@@ -85,6 +89,81 @@ def test_latency_slos_gate_and_explain(pytester: pytest.Pytester) -> None:
         "ttft_p99_ms": 500.0,
         "tpot_p99_ms": 40.0,
     }
+
+
+# TTFT draws of the sim engine below for the default workload's first 44 requests
+# (seed 0, exponential with mean 100 ms): the p90 (5th highest) 256 ms, the two
+# highest 446 and 798 ms; test_three_slo_outcomes checks these before relying on them
+SLO_ENGINE = {"tokens_per_s": 100.0, "ttft_s": 0.1, "jitter": 1.0, "slots": 64, "seed": 0}
+SLO_OUTCOMES = """
+import pytest
+
+def serve(tokperf):
+    tokperf.run("server", qps=5, requests=44, max_tokens=2)
+
+@pytest.mark.latency_slo(ttft_p90_ms=1500)  # none over: 44 requests prove a p90
+def test_pass(tokperf):
+    serve(tokperf)
+
+@pytest.mark.latency_slo(ttft_p90_ms=620)  # 1 over: the p90 is met, 64 are needed
+def test_invalid(tokperf):
+    serve(tokperf)
+
+@pytest.mark.latency_slo(ttft_p90_ms=150)  # the observed p90 itself misses
+def test_fail(tokperf):
+    serve(tokperf)
+"""
+
+
+def test_three_slo_outcomes(pytester: pytest.Pytester) -> None:
+    from pytest_tokperf import workloads
+    from pytest_tokperf.engines.sim import parse_settings, request_timeline
+
+    settings = parse_settings(SLO_ENGINE)
+    draws = sorted(
+        request_timeline(settings, r)[0][0] for r in workloads.load(None).requests(44, 2, 64)
+    )
+    assert [round(d, 3) for d in (draws[39], draws[-2], draws[-1])] == [0.256, 0.446, 0.798]
+    engine = ", ".join(f"{k} = {v}" for k, v in SLO_ENGINE.items())
+    pytester.makefile(".toml", tokperf=f'[profiles.slo]\nextends = "sim"\nengine = {{ {engine} }}')
+    pytester.makepyfile(test_outcomes=SLO_OUTCOMES)
+    result = pytester.runpytest("--tokperf-profile", "slo", *SIM[2:])
+    result.assert_outcomes(passed=1, failed=2)
+    context = "[profile slo, engine sim, model sim none, 1 device, 44 requests, qps 5]"
+    result.stdout.fnmatch_lines(
+        [
+            "INVALID measurement: TTFT p90: 1 of 44 requests over 620 ms; LoadGen's "
+            "early-stopping estimate needs at least 64 requests with 1 over (or fewer over) "
+            "to accept p90 at 99% confidence (observed p90 2* ms, early-stopping estimate "
+            "* ms) " + context.replace("[", "?"),  # fnmatch reads [ as a character class
+            "server TTFT p90 2* ms > limit 150 ms (* of 44 requests over; early-stopping "
+            "estimate * ms) " + context.replace("[", "?"),
+        ]
+    )
+    result.stdout.fnmatch_lines(["*test_outcomes.py::test_invalid*TTFT p90 2*/* ms*INVALID"])
+    tests = _tests(pytester)
+    assert {k: t["verdict"] for k, t in tests.items()} == {
+        "test_pass": "PASS",
+        "test_invalid": "INVALID",
+        "test_fail": "FAIL",
+    }
+    for name, status, over, needed in (
+        ("test_pass", "PASS", 0, 44),
+        ("test_invalid", "INVALID", 1, 64),
+    ):
+        (check,) = [c for c in tests[name]["checks"] if c["metric"] == "ttft_p90_ms"]
+        assert (check["status"], check["count"], check["over"], check["needed"]) == (
+            status,
+            44,
+            over,
+            needed,
+        )
+        # observed p90 and LoadGen's estimate (here the highest of 44) side by side
+        assert check["observed"] == pytest.approx(tests[name]["ttft_s"]["p90"] * 1000)
+        assert check["estimate"] == pytest.approx(tests[name]["ttft_s"]["p999"] * 1000)
+        assert check["confidence"] == 0.99
+    (check,) = [c for c in tests["test_fail"]["checks"] if c["metric"] == "ttft_p90_ms"]
+    assert check["status"] == "FAIL" and check["over"] >= 5
 
 
 INCONCLUSIVE = """
@@ -193,7 +272,10 @@ def test_sequential_early_stopping_decides_long_before_the_maximum(
         # looks at 2, 4, 8 and 16 s: the verdict came at a look, not at the 32 s maximum
         assert t["duration_s"] < 32 / 2
     result.stdout.fnmatch_lines(
-        ["*concurrency output tokens/s * (95% CI *) < floor 1,000,000,000*"]
+        [  # the confidence each look used, and the whole run's
+            "*concurrency output tokens/s * (99% CI *-* per look; 95% over 5 looks) "
+            "< floor 1,000,000,000*"
+        ]
     )
 
 

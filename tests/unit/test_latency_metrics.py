@@ -15,6 +15,7 @@ from pytest_tokperf.metrics import (
     NS,
     achieved_rate,
     batch_means,
+    e2e_s,
     goodput,
     itl_s,
     lag_s,
@@ -25,6 +26,7 @@ from pytest_tokperf.metrics import (
     t_quantile,
     throughput_interval,
     tpot_s,
+    ttft_s,
     window_rates,
     window_tokens_per_s,
 )
@@ -189,3 +191,17 @@ def test_time_bounded_run_rates_over_its_window() -> None:
     assert res.tokens_per_s_per_gpu == pytest.approx(2 / 0.5 / 2)
     assert res.output_tokens == 4  # every completed token is still reported
     assert res.requests_per_s == 0.0  # the one request completed after the window
+
+
+def test_server_latency_counts_from_the_scheduled_arrival() -> None:
+    # scheduled at 1 s, issued 80 ms late, first token 50 ms later, done at 1.2 s
+    late = rec(NS + 80 * NS // 1000, [NS + 130 * NS // 1000, NS + NS // 5], scheduled=NS)
+    assert ttft_s(late) == pytest.approx(0.130)  # the driver's delay counts
+    assert e2e_s(late) == pytest.approx(0.200)
+    assert tpot_s(late) == pytest.approx(0.070)  # after the first token: unchanged
+    assert lag_s(late) == pytest.approx(0.080)  # and the lag is reported on its own
+    assert not meets(late, {"ttft": 0.1}) and meets(late, {"ttft": 0.15})
+    unscheduled = rec(NS, [NS + 50 * NS // 1000])
+    assert ttft_s(unscheduled) == pytest.approx(0.050)  # offline, concurrency: from issue
+    res = summarize([late], INFO, scenario="server", workload="w", max_tokens=None, qps=1.0)
+    assert res.ttft.p99 == pytest.approx(0.130) and res.lag.p99 == pytest.approx(0.080)

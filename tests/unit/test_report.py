@@ -133,3 +133,49 @@ def test_gpu_telemetry_shows_in_table_message_and_payload() -> None:
     assert failure_message(p).splitlines()[1] == (
         "  the GPUs slowed their clocks during the run (hw_thermal_slowdown)"
     )
+
+
+def test_printed_intervals_name_the_confidence_that_produced_them() -> None:
+    recs = [
+        RequestRecord(f"r{i}", 0, NS, tuple((2 * k + 1) * NS // 40 for k in range(20)), (5,) * 20)
+        for i in range(4)
+    ]
+    info = EngineInfo("sim", "sim", "none", 1)
+    offline = summarize(recs, info, scenario="offline", workload="w", max_tokens=None)
+    floors = {"min_tokens_per_s": 1e9}
+    p = payload("t.py::x", offline, judge(offline, floors, looks=5), floors, BUILTIN["sim"])
+    assert p["confidence"] == 0.95 and p["confidence_per_look"] == 0.99
+    assert p["checks"][1]["confidence"] == 0.99 and p["checks"][1]["batches"] == 10
+    assert failure_message(p).startswith(
+        "offline output tokens/s 400 (99% CI 400-400 per look; 95% over 5 looks) < floor"
+    )
+    # a run over time too short for independent batch windows: no interval at all
+    short = summarize(recs, info, scenario="concurrency", workload="w", max_tokens=None)
+    p = payload("t.py::x", short, judge(short, floors), floors, BUILTIN["sim"])
+    assert p["verdict"] == "INCONCLUSIVE"
+    assert failure_message(p).startswith(
+        "INCONCLUSIVE: concurrency output tokens/s 400 has no interval: 0 independent batch "
+        "windows after the ramp, at least 6 needed; a longer run gives more [profile sim,"
+    )
+
+
+def test_slo_observed_and_estimate_side_by_side_in_the_table() -> None:
+    recs = [
+        RequestRecord(f"r{k}", k * NS, k * NS + NS // 2, (k * NS + ms * NS // 1000,), (1,),
+                      scheduled_ns=k * NS)
+        for k, ms in enumerate([100] * 50 + [300])
+    ]  # fmt: skip
+    res = summarize(recs, EngineInfo("sim", "sim", "none", 1), scenario="server",
+                    workload="w", max_tokens=None, qps=1.0)  # fmt: skip
+    slos = {"ttft_p50_ms": 200.0}
+    p = payload("t.py::x", res, judge(res, {}, slos), {}, BUILTIN["sim"], slos)
+    (check,) = p["checks"][1:]
+    assert (check["observed"], check["estimate"], check["over"], check["count"]) == (
+        100.0,
+        100.0,
+        1,
+        51,
+    )
+    assert p["verdict"] == "PASS"
+    header, row = table([p])
+    assert "SLO observed/estimate" in header and "TTFT p50 100/100 ms" in row

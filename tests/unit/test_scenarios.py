@@ -15,7 +15,14 @@ import pytest
 
 from pytest_tokperf.driver import NS, Plan, poisson_offsets_ns, run_plan
 from pytest_tokperf.engines import Chunk, EngineError, EngineInfo, Request, load_engine
-from pytest_tokperf.engines.sim import SimEngine, mean_request_s, parse_settings, request_timeline
+from pytest_tokperf.engines.sim import (
+    Phases,
+    SimEngine,
+    mean_request_s,
+    mean_speed,
+    parse_settings,
+    request_timeline,
+)
 
 
 class Counting:
@@ -184,3 +191,29 @@ def test_sim_engine_streams_fails_and_limits_slots() -> None:
     failing = load_engine("sim", {"time_scale": 1000.0, "fail_prob": 1.0}, 1)
     (bad,) = run_plan(failing, reqs(1, tokens=10), Plan("offline")).records
     assert bad.error == "SimError: simulated failure after 5 tokens" and bad.output_tokens == 5
+
+
+def test_sim_phases_slow_every_gap_and_are_seeded() -> None:
+    with pytest.raises(EngineError, match="slow_factor < 1 needs phase_s > 0"):
+        parse_settings({"slow_factor": 0.5})
+    with pytest.raises(EngineError, match="slow_factor: a slow phase's speed is at most 1"):
+        parse_settings({"slow_factor": 1.5, "phase_s": 1})
+    phases = Phases(0.5, 3.0, seed=7)
+    phases.work_at(10.0)
+    # fast from the start: before the first boundary, work is time; then half speed
+    end_fast = phases.starts[1]
+    assert phases.after(0.0, end_fast / 2) == pytest.approx(end_fast / 2)
+    assert phases.work_at(end_fast) == pytest.approx(end_fast)
+    assert phases.after(end_fast, 0.1) == pytest.approx(end_fast + 0.2)
+    # a gap that straddles the slow phase's end is slow only for its slow part
+    end_slow = phases.starts[2]
+    before = end_slow - 0.1
+    assert phases.after(before, 0.25) == pytest.approx(end_slow + 0.2)
+    again = Phases(0.5, 3.0, seed=7)
+    again.work_at(10.0)
+    assert again.starts[:3] == phases.starts[:3]
+    # long run: fast and slow each half of the time, so the mean speed is (1 + 0.5) / 2
+    assert phases.work_at(30_000.0) / 30_000.0 == pytest.approx(0.75, rel=0.03)
+    assert mean_speed(parse_settings({"slow_factor": 0.6, "phase_s": 3})) == pytest.approx(0.8)
+    off = Phases(1.0, 0.0, seed=7)
+    assert off.after(5.0, 2.0) == 7.0

@@ -8,7 +8,16 @@ import pytest
 
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import EngineInfo
-from pytest_tokperf.metrics import NS, Interval, summarize
+from pytest_tokperf.metrics import (
+    MIN_BATCHES,
+    NS,
+    Interval,
+    batch_rates,
+    correlated,
+    lag1,
+    summarize,
+    throughput_interval,
+)
 from pytest_tokperf.profiles import BUILTIN
 from pytest_tokperf.verdict import (
     SLO_KEYWORDS,
@@ -20,6 +29,7 @@ from pytest_tokperf.verdict import (
     per_look,
     per_request_limits,
     samples_needed,
+    slo_checks,
     slo_parts,
     validity,
 )
@@ -97,8 +107,9 @@ def test_floor_status_from_the_interval() -> None:
     assert floor_status(iv, 100.0, 90.0) == "PASS"  # the lower bound clears the floor
     assert floor_status(iv, 100.0, 111.0) == "FAIL"  # the upper bound is below it
     assert floor_status(iv, 100.0, 100.0) == "INCONCLUSIVE"
-    assert floor_status(None, 5.0, 5.0) == "PASS"
-    assert floor_status(None, 4.9, 5.0) == "FAIL"
+    # no interval (too few independent batches): nothing is decided
+    assert floor_status(None, 5.0, 5.0) == "INCONCLUSIVE"
+    assert floor_status(None, 4.9, 5.0) == "INCONCLUSIVE"
     assert per_look(0.95, 5) == pytest.approx(0.99)
     assert per_look(0.95, 1) == pytest.approx(0.95)
 
@@ -154,11 +165,75 @@ def test_too_few_samples_for_the_percentile_is_invalid() -> None:
     res = _server_result()
     (reason,) = validity(res, {"ttft_p99_ms": 2000})
     assert reason == (
-        "50 TTFT samples are too few for a p99: at least 459 are needed "
-        "(LoadGen early stopping, none over the limit)"
+        "TTFT p99: 0 of 50 requests over 2,000 ms; LoadGen's early-stopping estimate needs "
+        "at least 459 requests with 0 over (or fewer over) to accept p99 at 99% confidence "
+        "(observed p99 250 ms, early-stopping estimate -)"
     )
     v = judge(res, {}, {"ttft_p99_ms": 2000})
     assert v.status == "INVALID" and v.invalid == (reason,)
+
+
+def _slow_firsts(n: int, slow: int, failed: int = 0, ttft_ms: int = 2500) -> list[RequestRecord]:
+    """`n` requests scheduled 0.1 s apart and issued on time; TTFT 100 ms, except the
+    first `slow` (TTFT `ttft_ms`); the last `failed` fail after their first token."""
+    out = []
+    for k in range(n):
+        at = k * NS // 10
+        first = at + (ttft_ms if k < slow else 100) * NS // 1000
+        error = "boom" if k >= n - failed else None
+        out.append(
+            RequestRecord(f"r{k}", at, first + NS // 100, (first,), (1,), None, error, (), at)
+        )
+    return out
+
+
+def _judge_ttft(records: list[RequestRecord], limit: float = 2000.0, pct: str = "p99"):
+    res = summarize(records, INFO, scenario="server", workload="w", max_tokens=None, qps=10.0)
+    return judge(res, {}, {f"ttft_{pct}_ms": limit})
+
+
+def test_slo_pass_needs_loadgens_early_stopping_estimate() -> None:
+    # 4 of 459 over: the observed p99 (the 455th value) is 100 ms, under the limit, but
+    # LoadGen's estimate needs 1,157 requests to accept 4 overs: INVALID, not PASS
+    v = _judge_ttft(_slow_firsts(459, 4))
+    assert v.status == "INVALID"
+    (reason,) = v.invalid
+    assert reason == (
+        "TTFT p99: 4 of 459 requests over 2,000 ms; LoadGen's early-stopping estimate needs "
+        "at least 1,157 requests with 4 over (or fewer over) to accept p99 at 99% confidence "
+        "(observed p99 100 ms, early-stopping estimate 2,500 ms)"
+    )
+    (check,) = [c for c in v.checks if c.metric == "ttft_p99_ms"]
+    assert (check.status, check.count, check.over, check.needed) == ("INVALID", 459, 4, 1157)
+    assert check.observed == pytest.approx(100.0) and check.estimate == pytest.approx(2500.0)
+    # the same 4 overs in 1,157 requests: accepted, and the estimate is under the limit
+    v = _judge_ttft(_slow_firsts(1157, 4))
+    (check,) = [c for c in v.checks if c.metric == "ttft_p99_ms"]
+    assert v.status == "PASS" and check.estimate == pytest.approx(100.0)
+    assert _judge_ttft(_slow_firsts(459, 0)).status == "PASS"  # none over: 459 suffice
+    # 5 of 459 over: the observed p99 itself misses the limit
+    v = _judge_ttft(_slow_firsts(459, 5))
+    assert v.status == "FAIL" and v.invalid == ()
+    assert v.failed[0].observed == pytest.approx(2500.0)
+
+
+def test_slo_at_p90_uses_its_own_counts() -> None:
+    # p90: 44 requests with none over, 64 with one, 81 with two (shared FACTS.md)
+    assert _judge_ttft(_slow_firsts(44, 0), pct="p90").status == "PASS"
+    assert _judge_ttft(_slow_firsts(63, 1), pct="p90").status == "INVALID"
+    assert _judge_ttft(_slow_firsts(64, 1), pct="p90").status == "PASS"
+    assert _judge_ttft(_slow_firsts(81, 2), pct="p90").status == "PASS"
+
+
+def test_failed_requests_count_as_over_the_limit() -> None:
+    records = _slow_firsts(1157, 3, failed=1)
+    res = summarize(records, INFO, scenario="server", workload="w", max_tokens=None, qps=10.0)
+    (check,) = slo_checks(res, {"ttft_p99_ms": 2000})
+    assert (check.count, check.over, check.status) == (1157, 4, "PASS")
+    one_fewer = res.records[:-2] + res.records[-1:]  # one on-time request less
+    (check,) = slo_checks(dataclasses.replace(res, records=one_fewer), {"ttft_p99_ms": 2000})
+    assert (check.count, check.over, check.status) == (1156, 4, "INVALID")
+    assert judge(res, {}, {"ttft_p99_ms": 2000}).status == "FAIL"  # a failure fails the run
 
 
 def test_schedule_lag_beyond_tolerance_is_invalid() -> None:
@@ -187,18 +262,58 @@ def test_failed_requests_fail_before_validity() -> None:
     assert judge(res, {}, {"ttft_p99_ms": 1}).status == "FAIL"
 
 
+def _closed_loop(seconds: int, slow_from: float | None = None) -> list[RequestRecord]:
+    """Two requests in flight, each 1 s with 10 tokens: 20 tokens/s; from `slow_from`
+    seconds on, the engine runs at half speed (a burst of slowness, not noise)."""
+    out = []
+    for lane in range(2):
+        at = lane * NS // 2
+        k = 0
+        while at < seconds * NS:
+            slow = slow_from is not None and at >= slow_from * NS
+            step = (2 if slow else 1) * NS // 10
+            chunks = tuple(at + (i + 1) * step for i in range(10))
+            out.append(RequestRecord(f"r{lane}-{k}", at, chunks[-1], chunks, (1,) * 10))
+            at, k = chunks[-1], k + 1
+    return out
+
+
 def test_sequential_looks_at_doubling_times_and_stops_when_decisive() -> None:
-    fast = _noisy([10] * 10)  # a steady 100 tokens/s over 1 s
-    stop = Sequential(16.0, {"min_tokens_per_s": 50.0}, 1, 0.95)
+    steady = _closed_loop(20)  # 20 tokens/s
+    stop = Sequential(32.0, {"min_tokens_per_s": 10.0}, 1, 0.95)
     assert stop.looks == 5
-    assert not stop(fast, 0.5)  # before the first look (1 s)
-    assert stop(fast, 1.0)  # decisive PASS
-    assert stop.decided_at == 1.0
-    unclear = Sequential(16.0, {"min_tokens_per_s": 100.0}, 1, 0.95)
-    noisy = _noisy([8, 12] * 5)
-    assert not unclear(noisy, 1.0)
-    assert not unclear(noisy, 1.5)  # the same look is not taken twice
-    assert not unclear(noisy, 8.0)  # looks at 2, 4 and 8 s all skipped to one
+    assert not stop(steady, 1.5)  # before the first look (2 s)
+    assert not stop(_closed_loop(2), 2.0)  # too few batches yet: no interval, no decision
+    assert stop(steady, 16.0)  # decisive PASS
+    assert stop.decided_at == 16.0
+    unclear = Sequential(32.0, {"min_tokens_per_s": 20.0}, 1, 0.95)
+    assert not unclear(steady, 16.0)
+    assert not unclear(steady, 17.0)  # the same look is not taken twice
     assert unclear.next == 4
-    slow = Sequential(16.0, {"per_gpu": 1000.0}, 1, 0.95)
-    assert slow(fast, 1.0)  # decisive FAIL also stops
+    slow = Sequential(32.0, {"per_gpu": 100.0}, 1, 0.95)
+    assert slow(steady, 16.0)  # decisive FAIL also stops
+
+
+def test_batch_windows_leave_out_the_ramp_and_span_requests() -> None:
+    batches = batch_rates(_closed_loop(20))
+    # the mean latency is 1 s: the ramp ends 1 s after the first issue; windows of at
+    # least 2 latencies and 5 completions (2 per second): 2.5 s, so 7 over 19.5 s
+    assert batches.start_ns == NS
+    assert len(batches.rates) == 7 and batches.merges == 0
+    assert batches.width_ns == pytest.approx(19.5 * NS / 7, abs=1)
+    assert batches.rates[:-1] == pytest.approx([20.0] * 6, rel=0.05)  # the last: the drain
+    assert lag1([1.0, 2.0, 3.0, 4.0]) == pytest.approx(0.25)
+    assert lag1([1.0, 1.0, 1.0]) is None
+
+
+def test_correlated_windows_are_merged_until_too_few_remain() -> None:
+    # a slow second half: window rates 20, 20, 20, 10, 10, 10 ... are correlated at lag 1
+    shifted = _closed_loop(40, slow_from=20)
+    batches = batch_rates(shifted)
+    assert batches.merges >= 1 and len(batches.rates) < MIN_BATCHES
+    assert throughput_interval(shifted, 0.95) is None
+    res = summarize(shifted, INFO, scenario="concurrency", workload="w", max_tokens=None)
+    (check,) = judge(res, {"min_tokens_per_s": 5.0}).failed
+    assert check.status == "INCONCLUSIVE" and check.ci_low is None
+    assert check.batches == len(batches.rates)
+    assert correlated([20.0] * 5 + [10.0] * 5) and not correlated([20.0, 10.0] * 5)
