@@ -24,6 +24,7 @@ from pytest_tokperf import (
     metrics,
     precision,
     profiles,
+    reference,
     report,
     verdict,
 )
@@ -177,6 +178,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("tokperf_allow_busy_gpus", "tokperf: allocate busy GPUs", default="")
     parser.addini("tokperf_require_hardware", "tokperf: error on missing GPUs", default="")
     parser.addini("tokperf_lock_dir", "tokperf GPU lock directory", default="")
+    group.addoption(
+        "--tokperf-gpu-wait",
+        metavar="SECONDS",
+        help="wait up to this long for GPUs other processes hold before skipping "
+        "(env TOKPERF_GPU_WAIT, ini tokperf_gpu_wait; default 0)",
+    )
+    parser.addini("tokperf_gpu_wait", "tokperf: seconds to wait for held GPUs", default="")
+    reference.add_options(group, parser)
     parser.addini("tokperf_requests", "tokperf requests per run", default="")
     parser.addini("tokperf_max_tokens", "tokperf max new tokens per request", default="")
     parser.addini("tokperf_json", "path of the tokperf JSON results", default="")
@@ -227,6 +236,20 @@ def _flag(config: pytest.Config, name: str) -> bool:
     return FLAGS[value.strip().lower()]
 
 
+def _seconds(config: pytest.Config, name: str) -> float:
+    setting = _setting(config, name)
+    if setting is None:
+        return 0.0
+    value, source = setting
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise pytest.UsageError(f"{source} must be a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
 def _inconclusive_policy(config: pytest.Config) -> str:
     setting = _setting(config, "tokperf_inconclusive")
     if setting is None:
@@ -264,14 +287,24 @@ class TokperfSession:
         ini_profile = config.getini("tokperf_profile")
         self.registry = profiles.load_user(config.rootpath)
         self.nvml, why_not = gpus.load_nvml()
-        self.inventory = gpus.read_inventory(self.nvml, why_not)
-        self.profile, self.profile_source = profiles.select(
-            config.getoption("tokperf_profile"),
-            ini_profile,
-            str(config.inipath),
-            self.registry,
-            self.inventory,
+        # an outer scheduler's CUDA_VISIBLE_DEVICES: only those GPUs are ours to take
+        self.inventory = gpus.read_inventory(self.nvml, why_not).restrict(
+            os.environ.get("CUDA_VISIBLE_DEVICES")
         )
+        self.unmatched: str | None = None  # GPUs no profile matches: tokperf tests stop
+        try:
+            self.profile, self.profile_source = profiles.select(
+                config.getoption("tokperf_profile"),
+                ini_profile,
+                str(config.inipath),
+                self.registry,
+                self.inventory,
+            )
+        except profiles.Unmatched as exc:
+            self.unmatched = str(exc)
+            self.profile, self.profile_source = self.registry["cpu"], "not used"
+        self.gpu_wait = _seconds(config, "tokperf_gpu_wait")
+        self.allocation: gpus.Allocation | None = None
         self.gpu_count = _positive_int(config, "tokperf_gpus")
         self.allow_busy = _flag(config, "tokperf_allow_busy_gpus")
         self.require_hardware = _flag(config, "tokperf_require_hardware")
@@ -321,10 +354,13 @@ class TokperfSession:
             )
             if (value := (_setting(config, name) or ("", ""))[0])
         }
+        if self.backend == "openai" and precision_setting is not None:
+            self.server_settings["precision"] = precision_setting[0]  # a label: served as is
         server_cmd = _setting(config, "tokperf_server_cmd")
         self.server_cmd = server_cmd[0] if server_cmd else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.server: launcher.Server | None = None
+        self.reference_servers: list[launcher.Server] = []
         self.inconclusive = _inconclusive_policy(config)
         self.confidence = _confidence(config)
         # xdist's documented marker of a worker process
@@ -358,17 +394,35 @@ class TokperfSession:
         return settings
 
     def reference_engine(self, at: str) -> Engine:
-        """The same backend and model at precision `at`, loaded once per process."""
+        """The reference engine at precision `at` (see reference.py), loaded once."""
         if at not in self.references:
+            fds = self.allocation.fds if self.allocation else ()
             try:
-                self.references[at] = load_engine(
-                    self.backend, self.engine_settings(at), self.profile.devices
+                plan = reference.plan(
+                    self.backend,
+                    self.engine_settings(at),
+                    self.profile,
+                    at,
+                    lambda name: (_setting(self.config, name) or (None, ""))[0],
+                    self.server.base_url if self.server else self.server_settings.get("base_url"),
                 )
-            except EngineError as exc:
+                if plan.server_cmd is not None:
+                    server = launcher.start(plan.server_cmd, pass_fds=fds)
+                    self.reference_servers.append(server)
+                    plan.settings["base_url"] = server.base_url
+                self.references[at] = load_engine(self.backend, plan.settings, self.profile.devices)
+            except reference.Missing as exc:
+                pytest.fail(f"no reference for accuracy parity: {exc}", pytrace=False)
+            except (EngineError, launcher.LaunchError) as exc:
                 pytest.fail(f"tokperf could not load its {at} reference engine: {exc}", False)
         return self.references[at]
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        if self.unmatched is not None:
+            return [
+                "tokperf: no profile matches these GPUs (tests that use tokperf stop)",
+                f"tokperf: GPUs: {self.inventory.describe()}",
+            ]
         p = self.profile
         model = self.model_path.name if self.model_path else f"{p.model} {p.precision}"
         if self.backend == "openai":
@@ -389,11 +443,15 @@ class TokperfSession:
         Not enough suitable free GPUs skips the tests that need them, or fails them
         with --tokperf-require-hardware.
         """
+        if self.unmatched is not None:
+            pytest.fail(self.unmatched, pytrace=False)
         if self.profile.device_kind != "gpu":
             return gpus.Allocation()
         need = self.profile.need(self.gpu_count)
         try:
-            return gpus.allocate(self.inventory, need, self.lock_dir, self.allow_busy)
+            return gpus.allocate(
+                self.inventory, need, self.lock_dir, self.allow_busy, wait_s=self.gpu_wait
+            )
         except gpus.Shortage as exc:
             if self.require_hardware:
                 pytest.fail(f"{exc} (--tokperf-require-hardware)", pytrace=False)
@@ -401,6 +459,10 @@ class TokperfSession:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # (an xdist worker's usage error would be an internal error: its tests fail instead)
+        tokperf_used = any(_uses_tokperf(item) for item in items)
+        if self.unmatched is not None and tokperf_used and not self.is_worker:
+            raise pytest.UsageError(self.unmatched)
         # validate every marker before anything runs: a typo is a usage error, not a skip
         for item in items:
             marker = item.get_closest_marker("throughput_floor")
@@ -411,7 +473,11 @@ class TokperfSession:
             parity = item.get_closest_marker("accuracy_parity")
             if parity is not None:
                 item.stash[PARITY] = accuracy.parse_parity_marker(
-                    parity.args, parity.kwargs, item.nodeid, self.precisions()
+                    parity.args,
+                    parity.kwargs,
+                    item.nodeid,
+                    self.precisions(),
+                    reference.defaults(self.profile),
                 )
             marker = item.get_closest_marker("latency_slo")
             if marker is not None:
@@ -548,8 +614,9 @@ class TokperfSession:
         for engine in self.references.values():
             self.loop.run_until_complete(engine.aclose())
         self.references.clear()
-        if self.server is not None:
-            self.server.stop()
+        for server in (self.server, *self.reference_servers):
+            if server is not None:
+                server.stop()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.close()
         if self.json_path is not None and not self.is_worker:
@@ -582,6 +649,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(TokperfSession(config), "tokperf-session")
 
 
+MARKERS = ("throughput_floor", "accuracy_parity", "latency_slo")
+FIXTURES = ("tokperf", "tokperf_engine", "tokperf_gpus", "tokperf_reference_engine")
+
+
+def _uses_tokperf(item: pytest.Item) -> bool:
+    if any(item.get_closest_marker(name) for name in MARKERS):
+        return True
+    return any(name in FIXTURES for name in getattr(item, "fixturenames", ()))
+
+
 def _session(config: pytest.Config) -> TokperfSession:
     plugin = config.pluginmanager.get_plugin("tokperf-session")
     assert isinstance(plugin, TokperfSession)
@@ -595,7 +672,9 @@ def tokperf_gpus(pytestconfig: pytest.Config) -> Iterator[gpus.Allocation]:
     Each xdist worker gets a disjoint set. Without enough suitable free GPUs the
     tests that need them skip (or fail with --tokperf-require-hardware).
     """
-    allocation = _session(pytestconfig).allocate()
+    state = _session(pytestconfig)
+    allocation = state.allocate()
+    state.allocation = allocation  # a launched server inherits its locks
     try:
         # by UUID: NVML's order may differ from CUDA's; set before any engine loads
         with gpus.cuda_visible(allocation):
@@ -611,7 +690,9 @@ def tokperf_engine(pytestconfig: pytest.Config, tokperf_gpus: gpus.Allocation) -
     settings = state.engine_settings()
     try:
         if state.server_cmd is not None:
-            state.server = launcher.start(state.server_cmd, settings.get("base_url"))
+            state.server = launcher.start(
+                state.server_cmd, settings.get("base_url"), pass_fds=tokperf_gpus.fds
+            )
             settings["base_url"] = state.server.base_url
         engine = load_engine(state.backend, settings, tokperf_gpus.devices)
     except (EngineError, launcher.LaunchError) as exc:
@@ -647,9 +728,7 @@ def tokperf(
         telemetry=lambda: gpus.Sampler(state.nvml, tokperf_gpus.uuids),
         gpus=tokperf_gpus.uuids,
     )
-    spec = request.node.stash.get(PARITY, None)
-    if spec is not None:
-        runner.parity_spec = spec
+    runner.parity_spec = request.node.stash.get(PARITY, reference.defaults(state.profile))
     runner.confidence = state.confidence
     runner.floors = request.node.stash.get(FLOORS, {})
     runner.progress = state.progress()
@@ -685,6 +764,13 @@ def _tokperf_floor(request: pytest.FixtureRequest) -> None:
             data = report.skipped(request.node.nodeid, profile, reason)
             request.node.user_properties.append((PROPERTY, json.dumps(data)))
             pytest.skip(reason)
+    if floors == {}:
+        pytest.fail(
+            f"throughput_floor() sets no floor, and profile {profile.name!r} has no default "
+            "floor: give min_tokens_per_s=... or per_gpu=... in the marker, or floors in "
+            "your profile",
+            pytrace=False,
+        )
     if isinstance(floors, dict):
         request.node.stash[FLOORS] = floors
     if isinstance(slos, dict):
