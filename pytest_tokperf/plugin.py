@@ -395,27 +395,31 @@ class TokperfSession:
 
     def reference_engine(self, at: str) -> Engine:
         """The reference engine at precision `at` (see reference.py), loaded once."""
-        if at not in self.references:
-            fds = self.allocation.fds if self.allocation else ()
-            try:
-                plan = reference.plan(
-                    self.backend,
-                    self.engine_settings(at),
-                    self.profile,
-                    at,
-                    lambda name: (_setting(self.config, name) or (None, ""))[0],
-                    self.server.base_url if self.server else self.server_settings.get("base_url"),
-                )
-                if plan.server_cmd is not None:
-                    server = launcher.start(plan.server_cmd, pass_fds=fds)
-                    self.reference_servers.append(server)
-                    plan.settings["base_url"] = server.base_url
-                self.references[at] = load_engine(self.backend, plan.settings, self.profile.devices)
-            except reference.Missing as exc:
-                pytest.fail(f"no reference for accuracy parity: {exc}", pytrace=False)
-            except (EngineError, launcher.LaunchError) as exc:
-                pytest.fail(f"tokperf could not load its {at} reference engine: {exc}", False)
-        return self.references[at]
+        if at in self.references:
+            return self.references[at]
+        fds = self.allocation.fds if self.allocation else ()
+        try:
+            plan = reference.plan(
+                self.backend,
+                self.engine_settings(at),
+                self.profile,
+                at,
+                lambda name: (_setting(self.config, name) or (None, ""))[0],
+                self.server.base_url if self.server else self.server_settings.get("base_url"),
+            )
+            if plan.server_cmd is not None:
+                server = launcher.start(plan.server_cmd, pass_fds=fds)
+                self.reference_servers.append(server)
+                plan.settings["base_url"] = server.base_url
+            engine = load_engine(self.backend, plan.settings, self.profile.devices)
+        except reference.Missing as exc:
+            why = f"no reference for accuracy parity: {exc}"
+        except (EngineError, launcher.LaunchError) as exc:
+            why = f"tokperf could not load its {at} reference engine: {exc}"
+        else:
+            self.references[at] = engine
+            return engine
+        pytest.fail(why, pytrace=False)  # outside the except: no chained traceback
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         if self.unmatched is not None:
@@ -738,9 +742,14 @@ def tokperf(
 
 @pytest.fixture(autouse=True)
 def _tokperf_parity(request: pytest.FixtureRequest) -> None:
-    """Tests marked accuracy_parity get the runner even when they do not ask for it."""
+    """Tests marked accuracy_parity get the runner even when they do not ask for it, and
+    their reference engine: a missing reference errors before anything runs."""
     if PARITY in request.node.stash:
         request.getfixturevalue("tokperf")
+        state = _session(request.config)
+        at = request.node.stash[PARITY].reference or state.profile.reference_precision
+        if at is not None:
+            state.reference_engine(at)
 
 
 @pytest.fixture(autouse=True)
