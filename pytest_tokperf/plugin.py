@@ -411,7 +411,8 @@ class TokperfSession:
                 server = launcher.start(plan.server_cmd, pass_fds=fds)
                 self.reference_servers.append(server)
                 plan.settings["base_url"] = server.base_url
-            engine = load_engine(self.backend, plan.settings, self.profile.devices)
+            devices = self.allocation.devices if self.allocation else self.profile.devices
+            engine = load_engine(self.backend, plan.settings, devices)
         except reference.Missing as exc:
             why = f"no reference for accuracy parity: {exc}"
         except (EngineError, launcher.LaunchError) as exc:
