@@ -200,6 +200,9 @@ class Sample:
     kl_sum: float | None = None
     top1_agree: int | None = None
     positions: int | None = None
+    # both engines reported token ids (a served model may not): first_divergence means
+    # something only then
+    ids_compared: bool = True
 
 
 @dataclass(frozen=True)
@@ -284,9 +287,13 @@ def score(
             decide(ci.low, ci.high, lo, hi),
         )
     )  # fmt: skip
-    scores["exact_match"] = _mean([1.0 if s.first_divergence is None else 0.0 for s in samples])
-    diverged = [s.first_divergence for s in samples if s.first_divergence is not None]
-    scores["mean_first_divergence"] = _mean(diverged) if diverged else None
+    if all(s.ids_compared for s in samples):
+        exact = [1.0 if s.first_divergence is None else 0.0 for s in samples]
+        diverged = [s.first_divergence for s in samples if s.first_divergence is not None]
+        scores["exact_match"] = _mean(exact)
+        scores["mean_first_divergence"] = _mean(diverged) if diverged else None
+    else:  # without token ids on both sides nothing says the tokens were the same
+        scores["exact_match"] = scores["mean_first_divergence"] = None
     scored = [s for s in samples if s.positions]
     if scored:
         kl_sums = [s.kl_sum or 0.0 for s in scored]
@@ -332,15 +339,18 @@ def parse_parity_marker(
     kwargs: Mapping[str, object],
     where: str,
     precisions: Sequence[str] | None,
+    defaults: ParitySpec | None = None,
 ) -> ParitySpec:
     """Validate `accuracy_parity(...)` arguments; `where` names the test for errors.
+
+    Arguments left out take `defaults` (the profile's parity table), else MLPerf's.
 
     `precisions` lists the reference precisions the active backend can load (None:
     any name, the backend decides).
     """
     known = ("reference", "rouge_ratio", "tokens_per_sample", "max_kl", "min_top1", "dataset")
     check_keywords("accuracy_parity", known, args, kwargs, where)
-    spec = ParitySpec()
+    spec = defaults or ParitySpec()
     reference = kwargs.get("reference")
     bad_name = not isinstance(reference, str) or (
         precisions is not None and reference not in precisions

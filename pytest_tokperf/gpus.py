@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,9 +80,11 @@ class Nvml(Protocol):
     def nvmlDeviceGetClockInfo(self, handle: Any, clock: int) -> int: ...
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any: ...
-    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> int: ...
     def nvmlDeviceGetGpuFabricInfoV(self, handle: Any, info: Any) -> int: ...
     def c_nvmlGpuFabricInfoV_t(self) -> Any: ...  # the struct (ctypes in pynvml)
+    def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]: ...
+    # nvidia-ml-py >= 12.535.77; older releases have only ...ThrottleReasons (deprecated)
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int: ...
 
 
 # --- inventory ---------------------------------------------------------------------
@@ -107,6 +109,7 @@ class Gpu:
     fabric_cluster: str | None = None  # clusterUuid's 16 raw bytes, as hex
     fabric_clique: int | None = None
     fabric_state: int | None = None  # 3: registration with the fabric completed
+    compute_capability: tuple[int, int] | None = None  # (10, 3) on GB300; None: not reported
 
     @property
     def memory_gib(self) -> float:
@@ -120,6 +123,7 @@ class Inventory:
     cuda: str | None = None  # the CUDA version the driver supports, e.g. "12.8"
     error: str | None = None  # why there are no GPUs, when NVML could not be used
     source: str = "nvml"  # or the recording's path
+    visible: str | None = None  # the inherited CUDA_VISIBLE_DEVICES these GPUs are limited to
 
     def describe(self) -> str:
         """One line for the report header."""
@@ -131,6 +135,8 @@ class Inventory:
         kinds = ", ".join(f"{n} x {name}" for name, n in names.items())
         versions = f"driver {self.driver}, CUDA {self.cuda}" if self.driver else ""
         origin = "" if self.source == "nvml" else f", recorded in {self.source}"
+        if self.visible is not None:
+            origin += f", CUDA_VISIBLE_DEVICES={self.visible}"
         return f"{kinds} ({versions}{origin})" if versions or origin else kinds
 
     def to_json(self) -> dict[str, Any]:
@@ -146,7 +152,35 @@ class Inventory:
             "cuda": self.cuda,
             "error": self.error,
             "source": self.source,
+            "visible": self.visible,
         }
+
+    def restrict(self, cuda_visible: str | None) -> Inventory:
+        """The GPUs an inherited CUDA_VISIBLE_DEVICES (indices or UUIDs) leaves us.
+
+        An outer scheduler (Slurm without device cgroups, a CI runner) hands a job its
+        GPUs this way; NVML still sees every GPU of the node. An index is taken as
+        NVML's: CUDA's default order is the same (PCI bus order) on a node of one GPU
+        model. Like CUDA, the list ends at the first entry that names no GPU.
+        """
+        if cuda_visible is None or not self.gpus:
+            return self
+        chosen: list[Gpu] = []
+        for entry in cuda_visible.split(","):
+            entry = entry.strip()
+            if entry.isdigit():
+                found = [g for g in self.gpus if g.index == int(entry)]
+            else:  # a UUID or a unique prefix of one, as CUDA accepts
+                found = [g for g in self.gpus if entry.startswith("GPU-") and
+                         g.uuid.startswith(entry)]  # fmt: skip
+            if len(found) != 1:
+                break
+            if found[0] not in chosen:
+                chosen.append(found[0])
+        error = None
+        if not chosen:
+            error = f"CUDA_VISIBLE_DEVICES={cuda_visible!r} leaves none of {len(self.gpus)} GPUs"
+        return replace(self, gpus=tuple(chosen), error=error, visible=cuda_visible)
 
 
 def load_nvml() -> tuple[Nvml | None, str | None]:
@@ -166,11 +200,18 @@ def load_nvml() -> tuple[Nvml | None, str | None]:
     return nvml, None
 
 
+def _errors(nvml: Nvml) -> tuple[type[Exception], ...]:
+    """What an NVML call may raise: `NVMLError`, and `NVMLLibraryMismatchError` (a driver
+    lacking a versioned call), which pynvml derives from plain `Exception`."""
+    mismatch = getattr(nvml, "NVMLLibraryMismatchError", None)
+    return (nvml.NVMLError,) if mismatch is None else (nvml.NVMLError, mismatch)
+
+
 def _optional(nvml: Nvml, call: Callable[[], Any]) -> Any:
-    """A value some GPUs do not report (NVML raises NotSupported): None then."""
+    """A value some GPUs or drivers do not report (NotSupported, mismatch): None then."""
     try:
         return call()
-    except nvml.NVMLError:
+    except _errors(nvml):
         return None
 
 
@@ -180,13 +221,24 @@ def _text(value: str | bytes) -> str:
 
 
 def _active_links(nvml: Nvml, handle: Any) -> int:
-    active = 0
-    for link in range(nvml.NVML_NVLINK_MAX_LINKS):
-        try:
-            active += 1 if nvml.nvmlDeviceGetNvLinkState(handle, link) else 0
-        except nvml.NVMLError:
-            break  # past the GPU's last link, or no NVLink at all
-    return active
+    # a link may report NotSupported in the middle of the range: ask every one
+    states = (
+        _optional(nvml, functools.partial(nvml.nvmlDeviceGetNvLinkState, handle, link))
+        for link in range(nvml.NVML_NVLINK_MAX_LINKS)
+    )
+    return sum(1 for state in states if state)
+
+
+def _capability(nvml: Nvml, handle: Any) -> tuple[int, int] | None:
+    cc = _optional(nvml, functools.partial(nvml.nvmlDeviceGetCudaComputeCapability, handle))
+    return None if cc is None else (int(cc[0]), int(cc[1]))
+
+
+def _event_reasons(nvml: Nvml, handle: Any) -> int | None:
+    call = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+    if call is None:  # nvidia-ml-py older than 12.535.77
+        call = getattr(nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
+    return None if call is None else _optional(nvml, functools.partial(call, handle))
 
 
 FABRIC_COMPLETED = 3  # NVML_GPU_FABRIC_STATE_COMPLETED
@@ -219,7 +271,7 @@ def read_inventory(nvml: Nvml | None, why_not: str | None = None) -> Inventory:
         return Inventory((), error=why_not or "NVML is not available")
     try:
         nvml.nvmlInit()
-    except nvml.NVMLError as exc:
+    except _errors(nvml) as exc:
         return Inventory((), error=f"NVML: {exc}", source=source)
     try:
         gpus = []
@@ -249,12 +301,13 @@ def read_inventory(nvml: Nvml | None, why_not: str | None = None) -> Inventory:
                     fabric_cluster=cluster,
                     fabric_clique=clique,
                     fabric_state=state,
+                    compute_capability=_capability(nvml, h),
                 )
             )
         driver = _optional(nvml, nvml.nvmlSystemGetDriverVersion)
         cuda = _cuda_version(_optional(nvml, nvml.nvmlSystemGetCudaDriverVersion))
         return Inventory(tuple(gpus), _text(driver) if driver else None, cuda, source=source)
-    except nvml.NVMLError as exc:
+    except _errors(nvml) as exc:
         return Inventory((), error=f"NVML: {exc}", source=source)
 
 
@@ -270,6 +323,10 @@ class _LibraryNotFound(_RecordedError):
 
 
 class _NotSupported(_RecordedError):
+    pass
+
+
+class _LibraryMismatch(Exception):  # as in pynvml: not an NVMLError
     pass
 
 
@@ -291,8 +348,10 @@ class RecordedNvml:
 
     The recording is JSON: `{"driver": str, "cuda": int, "init_error": str | null,
     "gpus": [{"name", "uuid", "pci_bus_id", "memory": {"total", "free", "used"},
-    "mig_mode": [current, pending], "nvlink_active": int, "power_limit_mw": int,
-    "max_sm_clock_mhz": int, "processes": [{"pid", "usedGpuMemory"}],
+    "mig_mode": [current, pending], "nvlink_active": int (links 0..n-1 active) or
+    "nvlink_states": [1 | 0 | null (NotSupported), ...], "power_limit_mw": int,
+    "max_sm_clock_mhz": int, "compute_capability": [major, minor],
+    "processes": [{"pid", "usedGpuMemory"}],
     "samples": [{"power_mw", "energy_mj", "sm_clock_mhz", "temperature_c",
     "utilization": {"gpu", "memory"}, "throttle_reasons"}],
     "fabric": {"cluster_uuid": 32 hex digits, "clique_id", "state"}}]}`. A missing key reads
@@ -306,6 +365,7 @@ class RecordedNvml:
     NVMLError: type[Exception] = _RecordedError
     NVMLError_LibraryNotFound = _LibraryNotFound
     NVMLError_NotSupported = _NotSupported
+    NVMLLibraryMismatchError = _LibraryMismatch
 
     def __init__(self, recording: Mapping[str, Any], source: str = "recording") -> None:
         self.recording = recording
@@ -374,9 +434,14 @@ class RecordedNvml:
         return list(self._get(handle, "mig_mode"))
 
     def nvmlDeviceGetNvLinkState(self, handle: int, link: int) -> int:
-        active = int(self._get(handle, "nvlink_active"))
         if link >= self.NVML_NVLINK_MAX_LINKS:
             raise _RecordedError("invalid argument")
+        states = self._gpus[handle].get("nvlink_states")
+        if states is not None:  # per link: 1, 0, or null for NotSupported
+            if link >= len(states) or states[link] is None:
+                raise _NotSupported("link is not supported")
+            return int(states[link])
+        active = int(self._get(handle, "nvlink_active"))
         return 1 if link < active else 0
 
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: int) -> int:
@@ -403,7 +468,11 @@ class RecordedNvml:
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> _Struct:
         return _Struct(dict(self._sample(handle, "utilization")))
 
-    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: int) -> int:
+    def nvmlDeviceGetCudaComputeCapability(self, handle: int) -> tuple[int, int]:
+        major, minor = self._get(handle, "compute_capability")
+        return int(major), int(minor)
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: int) -> int:
         return int(self._sample(handle, "throttle_reasons"))
 
     class c_nvmlGpuFabricInfoV_t:  # pynvml's name
@@ -430,12 +499,15 @@ class Need:
     count: int
     name_pattern: str = ""  # a regular expression searched in the NVML name, any case
     min_memory_gib: float = 0.0
+    compute_capability: tuple[int, int] | None = None  # checked where NVML reports it
 
     def describe(self) -> str:
         gpus = "GPU" if self.count == 1 else "GPUs"
         what = f"{gpus} matching {self.name_pattern!r}" if self.name_pattern else gpus
         memory = f" with at least {self.min_memory_gib:g} GiB" if self.min_memory_gib else ""
-        return f"{self.count} {what}{memory}"
+        cc = self.compute_capability
+        capability = f", compute capability {cc[0]}.{cc[1]}" if cc else ""
+        return f"{self.count} {what}{memory}{capability}"
 
 
 class Shortage(Exception):
@@ -448,6 +520,10 @@ def unsuitable(gpu: Gpu, need: Need, allow_busy: bool, own_pids: Sequence[int] =
         return f"{gpu.name} does not match {need.name_pattern!r}"
     if gpu.memory_gib < need.min_memory_gib:
         return f"{gpu.memory_gib:.0f} GiB < {need.min_memory_gib:g} GiB"
+    want, got = need.compute_capability, gpu.compute_capability
+    if want is not None and got is not None and want != got:
+        # names of new parts are not verified (FACTS.md): the architecture must agree too
+        return f"compute capability {got[0]}.{got[1]}, not {want[0]}.{want[1]}"
     if gpu.mig_enabled:
         # a MIG GPU is only usable by its MIG instances' UUIDs, never as a whole
         return "MIG mode is enabled"
@@ -498,18 +574,23 @@ def _lock_dir(path: Path) -> Path:
     return path
 
 
+def _open_lock(path: Path) -> tuple[int, bool]:
+    """A descriptor to flock `path` with, and whether it may be written."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's file: a read-only fd locks just as well
+        return os.open(path, os.O_RDONLY), False
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666)  # past the umask: other users' runs lock it too
+    return fd, True
+
+
 def try_lock(lock_dir: Path, uuid: str) -> GpuLock | None:
     """Take `uuid`'s lock without waiting; None when another process holds it."""
     import fcntl
 
     path = _lock_dir(lock_dir) / f"{uuid}.lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        writable = True
-        with contextlib.suppress(OSError):
-            os.fchmod(fd, 0o666)  # past the umask: other users' runs lock it too
-    except PermissionError:  # another user's file: a read-only fd locks just as well
-        fd, writable = os.open(path, os.O_RDONLY), False
+    fd, writable = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -547,6 +628,11 @@ class Allocation:
         return tuple(g.uuid for g in self.gpus)
 
     @property
+    def fds(self) -> tuple[int, ...]:
+        """The lock descriptors: a process that inherits them holds the GPUs too."""
+        return tuple(lock.fd for lock in self.locks if lock.fd >= 0)
+
+    @property
     def cuda_visible_devices(self) -> str:
         return ",".join(self.uuids)
 
@@ -555,25 +641,58 @@ class Allocation:
             lock.release()
 
 
-def allocate(inventory: Inventory, need: Need, lock_dir: Path, allow_busy: bool) -> Allocation:
-    """Lock `need.count` suitable GPUs for this process, or raise `Shortage` saying why."""
+def allocate(
+    inventory: Inventory,
+    need: Need,
+    lock_dir: Path,
+    allow_busy: bool,
+    wait_s: float = 0.0,
+    poll_s: float = 0.25,
+) -> Allocation:
+    """Lock `need.count` suitable GPUs for this process, or raise `Shortage` saying why.
+
+    All or none, in UUID order: processes that each need several GPUs never end up
+    each holding a part and all falling short. While others hold them, it tries again
+    until `wait_s` seconds have passed.
+    """
     fit, rejected = choose(inventory, need, allow_busy, own_pids=(os.getpid(),))
+    fit.sort(key=lambda g: g.uuid)
+    deadline = time.monotonic() + wait_s
+    while True:
+        locks, held = _lock_all(fit, need.count, lock_dir)
+        if locks:
+            by_uuid = {g.uuid: g for g in fit}
+            return Allocation(tuple(by_uuid[lock.uuid] for lock in locks), tuple(locks))
+        if len(fit) < need.count or time.monotonic() >= deadline:  # waiting cannot help
+            raise Shortage(_shortage(inventory, need, fit, rejected, held, lock_dir))
+        time.sleep(poll_s)
+
+
+def _lock_all(fit: Sequence[Gpu], count: int, lock_dir: Path) -> tuple[list[GpuLock], list[str]]:
+    """`count` locks of `fit` or none, and the GPUs others held; one process at a time."""
+    import fcntl
+
     locks: list[GpuLock] = []
     held: list[str] = []
-    for gpu in fit:
-        if len(locks) == need.count:
-            break
-        lock = try_lock(lock_dir, gpu.uuid)
-        if lock is None:
-            held.append(f"GPU {gpu.index} {gpu.uuid} ({holder(lock_dir, gpu.uuid)})")
-        else:
-            locks.append(lock)
-    if len(locks) == need.count:
-        by_uuid = {g.uuid: g for g in fit}
-        return Allocation(tuple(by_uuid[lock.uuid] for lock in locks), tuple(locks))
-    for lock in locks:
-        lock.release()
-    raise Shortage(_shortage(inventory, need, fit, rejected, held, lock_dir))
+    # one attempt at a time on the machine: two attempts never split the free GPUs
+    mutex, _ = _open_lock(_lock_dir(lock_dir) / "allocate.lock")
+    try:
+        fcntl.flock(mutex, fcntl.LOCK_EX)
+        for gpu in fit:
+            if len(locks) == count:
+                break
+            lock = try_lock(lock_dir, gpu.uuid)
+            if lock is None:
+                held.append(f"GPU {gpu.index} {gpu.uuid} ({holder(lock_dir, gpu.uuid)})")
+            else:
+                locks.append(lock)
+        if len(locks) < count:
+            for lock in locks:
+                lock.release()
+            locks = []
+    finally:
+        os.close(mutex)
+    return locks, held
 
 
 def _shortage(
@@ -709,7 +828,7 @@ def read_sample(
     power = _optional(nvml, lambda: nvml.nvmlDeviceGetPowerUsage(handle))
     energy = _optional(nvml, lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
     util = _optional(nvml, lambda: nvml.nvmlDeviceGetUtilizationRates(handle))
-    mask = _optional(nvml, lambda: nvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle))
+    mask = _event_reasons(nvml, handle)
     return GpuSample(
         t_ns=clock(),
         power_w=None if power is None else power / 1000,  # NVML: mW

@@ -27,6 +27,7 @@ from pytest_tokperf import (
     rack,
     rackjudge,
     records,
+    reference,
     report,
     verdict,
     workloads,
@@ -198,6 +199,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("tokperf_allow_busy_gpus", "tokperf: allocate busy GPUs", default="")
     parser.addini("tokperf_require_hardware", "tokperf: error on missing GPUs", default="")
     parser.addini("tokperf_lock_dir", "tokperf GPU lock directory", default="")
+    group.addoption(
+        "--tokperf-gpu-wait",
+        metavar="SECONDS",
+        help="wait up to this long for GPUs other processes hold before skipping "
+        "(env TOKPERF_GPU_WAIT, ini tokperf_gpu_wait; default 0)",
+    )
+    parser.addini("tokperf_gpu_wait", "tokperf: seconds to wait for held GPUs", default="")
+    reference.add_options(group, parser)
     parser.addini("tokperf_requests", "tokperf requests per run", default="")
     parser.addini("tokperf_max_tokens", "tokperf max new tokens per request", default="")
     parser.addini("tokperf_json", "path of the tokperf JSON results", default="")
@@ -268,7 +277,8 @@ def _inconclusive_policy(config: pytest.Config) -> str:
     return value
 
 
-def _seconds(config: pytest.Config, name: str, default: float) -> float:
+def _seconds(config: pytest.Config, name: str, default: float = 0.0, zero: bool = True) -> float:
+    """A number of seconds, >= 0 (`zero`: 0 allowed) or > 0."""
     setting = _setting(config, name)
     if setting is None:
         return default
@@ -276,9 +286,10 @@ def _seconds(config: pytest.Config, name: str, default: float) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise pytest.UsageError(f"{source} must be a positive number of seconds, got {value!r}")
+        seconds = -1.0
+    if not (seconds >= 0 if zero else seconds > 0) or seconds == float("inf"):
+        least = "a number of seconds >= 0" if zero else "a positive number of seconds"
+        raise pytest.UsageError(f"{source} must be {least}, got {value!r}")
     return seconds
 
 
@@ -307,14 +318,24 @@ class TokperfSession:
         ini_profile = config.getini("tokperf_profile")
         self.registry = profiles.load_user(config.rootpath)
         self.nvml, why_not = gpus.load_nvml()
-        self.inventory = gpus.read_inventory(self.nvml, why_not)
-        self.profile, self.profile_source = profiles.select(
-            config.getoption("tokperf_profile"),
-            ini_profile,
-            str(config.inipath),
-            self.registry,
-            self.inventory,
+        # an outer scheduler's CUDA_VISIBLE_DEVICES: only those GPUs are ours to take
+        self.inventory = gpus.read_inventory(self.nvml, why_not).restrict(
+            os.environ.get("CUDA_VISIBLE_DEVICES")
         )
+        self.unmatched: str | None = None  # GPUs no profile matches: tokperf tests stop
+        try:
+            self.profile, self.profile_source = profiles.select(
+                config.getoption("tokperf_profile"),
+                ini_profile,
+                str(config.inipath),
+                self.registry,
+                self.inventory,
+            )
+        except profiles.Unmatched as exc:
+            self.unmatched = str(exc)
+            self.profile, self.profile_source = self.registry["cpu"], "not used"
+        self.gpu_wait = _seconds(config, "tokperf_gpu_wait")
+        self.allocation: gpus.Allocation | None = None
         self.gpu_count = _positive_int(config, "tokperf_gpus")
         self.allow_busy = _flag(config, "tokperf_allow_busy_gpus")
         self.require_hardware = _flag(config, "tokperf_require_hardware")
@@ -374,10 +395,13 @@ class TokperfSession:
             )
             if (value := (_setting(config, name) or ("", ""))[0])
         }
+        if self.backend == "openai" and precision_setting is not None:
+            self.server_settings["precision"] = precision_setting[0]  # a label: served as is
         server_cmd = _setting(config, "tokperf_server_cmd")
         self.server_cmd = server_cmd[0] if server_cmd else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.server: launcher.Server | None = None
+        self.reference_servers: list[launcher.Server] = []
         self.inconclusive = _inconclusive_policy(config)
         self.confidence = _confidence(config)
         # xdist's documented marker of a worker process
@@ -387,7 +411,7 @@ class TokperfSession:
         # xdist workers inherit the launcher's MPI environment but are no MPI ranks
         connect = rack.connect if not self.is_worker else lambda *_: rack.Local()
         self.rack = connect(
-            _seconds(config, "tokperf_rack_timeout", rack.DEFAULT_TIMEOUT_S),
+            _seconds(config, "tokperf_rack_timeout", rack.DEFAULT_TIMEOUT_S, zero=False),
             {"profile": self.profile.name, "backend": self.backend,
              "model": self.profile.model, "precision": self.profile.precision},
             tuple((g.fabric_cluster, g.fabric_clique, g.fabric_state)
@@ -432,17 +456,40 @@ class TokperfSession:
         return settings
 
     def reference_engine(self, at: str) -> Engine:
-        """The same backend and model at precision `at`, loaded once per process."""
-        if at not in self.references:
-            try:
-                self.references[at] = load_engine(
-                    self.backend, self.engine_settings(at), self.profile.devices
-                )
-            except EngineError as exc:
-                pytest.fail(f"tokperf could not load its {at} reference engine: {exc}", False)
-        return self.references[at]
+        """The reference engine at precision `at` (see reference.py), loaded once."""
+        if at in self.references:
+            return self.references[at]
+        fds = self.allocation.fds if self.allocation else ()
+        try:
+            plan = reference.plan(
+                self.backend,
+                self.engine_settings(at),
+                self.profile,
+                at,
+                lambda name: (_setting(self.config, name) or (None, ""))[0],
+                self.server.base_url if self.server else self.server_settings.get("base_url"),
+            )
+            if plan.server_cmd is not None:
+                server = launcher.start(plan.server_cmd, pass_fds=fds)
+                self.reference_servers.append(server)
+                plan.settings["base_url"] = server.base_url
+            devices = self.allocation.devices if self.allocation else self.profile.devices
+            engine = load_engine(self.backend, plan.settings, devices)
+        except reference.Missing as exc:
+            why = f"no reference for accuracy parity: {exc}"
+        except (EngineError, launcher.LaunchError) as exc:
+            why = f"tokperf could not load its {at} reference engine: {exc}"
+        else:
+            self.references[at] = engine
+            return engine
+        pytest.fail(why, pytrace=False)  # outside the except: no chained traceback
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        if self.unmatched is not None:
+            return [
+                "tokperf: no profile matches these GPUs (tests that use tokperf stop)",
+                f"tokperf: GPUs: {self.inventory.describe()}",
+            ]
         p = self.profile
         model = self.model_path.name if self.model_path else f"{p.model} {p.precision}"
         if self.backend == "openai":
@@ -463,11 +510,15 @@ class TokperfSession:
         Not enough suitable free GPUs skips the tests that need them, or fails them
         with --tokperf-require-hardware.
         """
+        if self.unmatched is not None:
+            pytest.fail(self.unmatched, pytrace=False)
         if self.profile.device_kind != "gpu":
             return gpus.Allocation()
         need = self.profile.need(self.gpu_count)
         try:
-            return gpus.allocate(self.inventory, need, self.lock_dir, self.allow_busy)
+            return gpus.allocate(
+                self.inventory, need, self.lock_dir, self.allow_busy, wait_s=self.gpu_wait
+            )
         except gpus.Shortage as exc:
             if self.require_hardware:
                 pytest.fail(f"{exc} (--tokperf-require-hardware)", pytrace=False)
@@ -475,6 +526,10 @@ class TokperfSession:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # (an xdist worker's usage error would be an internal error: its tests fail instead)
+        tokperf_used = any(_uses_tokperf(item) for item in items)
+        if self.unmatched is not None and tokperf_used and not self.is_worker:
+            raise pytest.UsageError(self.unmatched)
         # validate every marker before anything runs: a typo is a usage error, not a skip
         for item in items:
             marker = item.get_closest_marker("throughput_floor")
@@ -485,7 +540,11 @@ class TokperfSession:
             parity = item.get_closest_marker("accuracy_parity")
             if parity is not None:
                 item.stash[PARITY] = accuracy.parse_parity_marker(
-                    parity.args, parity.kwargs, item.nodeid, self.precisions()
+                    parity.args,
+                    parity.kwargs,
+                    item.nodeid,
+                    self.precisions(),
+                    reference.defaults(self.profile),
                 )
             marker = item.get_closest_marker("latency_slo")
             if marker is not None:
@@ -657,8 +716,9 @@ class TokperfSession:
         for engine in self.references.values():
             self.loop.run_until_complete(engine.aclose())
         self.references.clear()
-        if self.server is not None:
-            self.server.stop()
+        for server in (self.server, *self.reference_servers):
+            if server is not None:
+                server.stop()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.close()
         if self.json_path is not None and not self.is_worker:
@@ -710,6 +770,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(TokperfSession(config), "tokperf-session")
 
 
+MARKERS = ("throughput_floor", "accuracy_parity", "latency_slo")
+FIXTURES = ("tokperf", "tokperf_engine", "tokperf_gpus", "tokperf_reference_engine")
+
+
+def _uses_tokperf(item: pytest.Item) -> bool:
+    if any(item.get_closest_marker(name) for name in MARKERS):
+        return True
+    return any(name in FIXTURES for name in getattr(item, "fixturenames", ()))
+
+
 def _session(config: pytest.Config) -> TokperfSession:
     plugin = config.pluginmanager.get_plugin("tokperf-session")
     assert isinstance(plugin, TokperfSession)
@@ -723,7 +793,9 @@ def tokperf_gpus(pytestconfig: pytest.Config) -> Iterator[gpus.Allocation]:
     Each xdist worker gets a disjoint set. Without enough suitable free GPUs the
     tests that need them skip (or fail with --tokperf-require-hardware).
     """
-    allocation = _session(pytestconfig).allocate()
+    state = _session(pytestconfig)
+    allocation = state.allocate()
+    state.allocation = allocation  # a launched server inherits its locks
     try:
         # by UUID: NVML's order may differ from CUDA's; set before any engine loads
         with gpus.cuda_visible(allocation):
@@ -739,7 +811,9 @@ def tokperf_engine(pytestconfig: pytest.Config, tokperf_gpus: gpus.Allocation) -
     settings = state.engine_settings()
     try:
         if state.server_cmd is not None:
-            state.server = launcher.start(state.server_cmd, settings.get("base_url"))
+            state.server = launcher.start(
+                state.server_cmd, settings.get("base_url"), pass_fds=tokperf_gpus.fds
+            )
             settings["base_url"] = state.server.base_url
         engine = load_engine(state.backend, settings, tokperf_gpus.devices)
     except (EngineError, launcher.LaunchError) as exc:
@@ -775,9 +849,7 @@ def tokperf(
         telemetry=lambda: gpus.Sampler(state.nvml, tokperf_gpus.uuids),
         gpus=tokperf_gpus.uuids,
     )
-    spec = request.node.stash.get(PARITY, None)
-    if spec is not None:
-        runner.parity_spec = spec
+    runner.parity_spec = request.node.stash.get(PARITY, reference.defaults(state.profile))
     runner.confidence = state.confidence
     runner.dataset = state.dataset
     if state.dataset_missing is not None:
@@ -808,9 +880,14 @@ def _no_dataset(item: pytest.Item, state: TokperfSession) -> None:
 
 @pytest.fixture(autouse=True)
 def _tokperf_parity(request: pytest.FixtureRequest) -> None:
-    """Tests marked accuracy_parity get the runner even when they do not ask for it."""
+    """Tests marked accuracy_parity get the runner even when they do not ask for it, and
+    their reference engine: a missing reference errors before anything runs."""
     if PARITY in request.node.stash:
         request.getfixturevalue("tokperf")
+        state = _session(request.config)
+        at = request.node.stash[PARITY].reference or state.profile.reference_precision
+        if at is not None:
+            state.reference_engine(at)
 
 
 @pytest.fixture(autouse=True)
@@ -834,6 +911,13 @@ def _tokperf_floor(request: pytest.FixtureRequest) -> None:
             data = report.skipped(request.node.nodeid, profile, reason)
             request.node.user_properties.append((PROPERTY, json.dumps(data)))
             pytest.skip(reason)
+    if floors == {}:
+        pytest.fail(
+            f"throughput_floor() sets no floor, and profile {profile.name!r} has no default "
+            "floor: give min_tokens_per_s=... or per_gpu=... in the marker, or floors in "
+            "your profile",
+            pytrace=False,
+        )
     if isinstance(floors, dict) and "per_rack" in floors:
         request.node.stash[RACK_FLOOR] = floors.pop("per_rack")
         if _session(request.config).rack.size == 1:

@@ -81,10 +81,19 @@ class Profile:
     # the workload a run without one measures, when the floors were measured on it: a
     # JSONL path, or a name (MLPERF_OPENORCA) whose file --tokperf-dataset gives
     dataset: str | None = None
+    compute_capability: tuple[int, int] | None = None  # hardware match, besides the name
+    # accuracy parity on an engine that loads a checkpoint (trtllm): the reference's
+    reference_model: str | None = None
 
     def need(self, count: int | None = None) -> Need:
         """What this profile asks of the GPUs; `count` overrides `devices`."""
-        return Need(self.name, count or self.devices, self.gpu_name, self.min_memory_gib)
+        return Need(
+            self.name,
+            count or self.devices,
+            self.gpu_name,
+            self.min_memory_gib,
+            self.compute_capability,
+        )
 
 
 # MLPerf Inference Llama-2-70B (shared FACTS.md): Server p99 TTFT 2,000 ms and p99 TPOT
@@ -154,6 +163,21 @@ BUILTIN: dict[str, Profile] = {
         # The memory minimums sit well under the nominal 80 / 186 / 288 GB, so they
         # reject a smaller part of the same name, never a healthy GPU whose driver
         # reserves some memory.
+        # One engine per H200: Llama-2-70B in FP8 (about 70 GB) fits in its 141 GB, so
+        # `pytest -n 8` runs a whole HGX box. No default floor until a published
+        # per-GPU figure is verified: floors come from the marker or your profile.
+        Profile(
+            name="h200",
+            description="H200 GPU (141 GB), FP8 TensorRT-LLM, one engine per GPU",
+            backend="trtllm",
+            device_kind="gpu",
+            devices=1,
+            precision="fp8",
+            gpu_name="H200",
+            min_memory_gib=130,
+            compute_capability=(9, 0),
+            **_LLAMA2_70B,
+        ),
         Profile(
             name="h100-sxm",
             description="ND H100 v5 class node, 8 H100 GPUs, FP8 TensorRT-LLM",
@@ -164,6 +188,7 @@ BUILTIN: dict[str, Profile] = {
             floors={"per_gpu": 3_000.0},
             gpu_name=r"H100.*(SXM|HBM3)",
             min_memory_gib=70,
+            compute_capability=(9, 0),
             tensor_parallel_size=8,
             **_LLAMA2_70B,
         ),
@@ -179,6 +204,7 @@ BUILTIN: dict[str, Profile] = {
             floors={"per_gpu": 12_000.0},
             gpu_name="GB200",
             min_memory_gib=160,
+            compute_capability=(10, 0),
             nodes=18,
             tensor_parallel_size=4,
             rack_floor=18 * 4 * 12_000.0,
@@ -194,6 +220,7 @@ BUILTIN: dict[str, Profile] = {
             floors={"per_gpu": 15_200.0},
             gpu_name="GB300",
             min_memory_gib=250,
+            compute_capability=(10, 3),
             nodes=18,
             tensor_parallel_size=4,
             rack_floor=18 * 4 * 15_200.0,
@@ -278,6 +305,14 @@ def _slos(value: object) -> dict[str, dict[str, float]]:
     return out
 
 
+def _capability(value: object) -> tuple[int, int]:
+    """ "10.3" (or 10.3) -> (10, 3)."""
+    match = re.fullmatch(r"(\d+)\.(\d+)", str(value))
+    if isinstance(value, bool) or match is None:
+        raise _Bad(f'expected "MAJOR.MINOR" such as "10.3", got {value!r}')
+    return int(match[1]), int(match[2])
+
+
 def _table(value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _Bad(f"expected a table, got {value!r}")
@@ -305,6 +340,9 @@ KEYS: dict[str, Any] = {
     "slos": _slos,
     "parity": lambda v: _numbers(v, PARITY_KEYS),
     "dataset": _str,
+    "reference_precision": _str,
+    "compute_capability": _capability,
+    "reference_model": _str,
 }
 MERGED = ("floors", "engine", "slos", "parity")  # tables merge key by key with `extends`
 REQUIRED = tuple(
@@ -409,8 +447,16 @@ def _build(
 # --- selection ---------------------------------------------------------------------
 
 
+class Unmatched(Exception):
+    """NVML sees GPUs and no GPU profile matches them: never a silent cpu fallback
+    (the plugin makes it a usage error once a test uses tokperf)."""
+
+
 def detect(registry: Mapping[str, Profile], inventory: Inventory) -> tuple[Profile, str]:
-    """The first GPU profile (user profiles first) the inventory has enough GPUs for."""
+    """The first GPU profile (user profiles first) the inventory has enough GPUs for.
+
+    No GPUs: the cpu profile. GPUs that no profile matches raise `Unmatched`.
+    """
     cpu = registry[DEFAULT_PROFILE]
     if not inventory.gpus:
         return cpu, "default"
@@ -424,7 +470,33 @@ def detect(registry: Mapping[str, Profile], inventory: Inventory) -> tuple[Profi
                     (None, "MIG mode is enabled")]  # fmt: skip
         if len(matching) >= need.count:
             return profile, f"detected: {len(matching)} x {matching[0].name}"
-    return cpu, f"default: no GPU profile matches {inventory.describe()}"
+    raise Unmatched(unmatched_message(inventory))
+
+
+def unmatched_message(inventory: Inventory) -> str:
+    """What the GPUs are, and a profile for them to paste into pyproject.toml."""
+    gpu = inventory.gpus[0]
+    same = [g for g in inventory.gpus if g.name == gpu.name]
+    cc = gpu.compute_capability
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.name.lower()).strip("-")
+    capability = f'compute_capability = "{cc[0]}.{cc[1]}"\n' if cc else ""
+    pattern = re.sub(r"([][.^$*+?{}|()\\])", r"\\\1", gpu.name)  # a literal regex, TOML '...'
+    return (
+        f"no tokperf GPU profile matches this machine's GPUs: {inventory.describe()}; "
+        f"GPU 0 is {gpu.name!r}, {gpu.memory_gib:.0f} GiB"
+        + (f", compute capability {cc[0]}.{cc[1]}" if cc else "")
+        + ". tokperf does not fall back to the cpu profile while NVML sees GPUs: name a "
+        "profile with --tokperf-profile (cpu runs the embedded engine on the CPU), or add "
+        "one to pyproject.toml, for example:\n\n"
+        f"[tool.tokperf.profiles.{slug}]\n"
+        'extends = "h200"                    # TensorRT-LLM in FP8, no default floor\n'
+        f'description = "{len(same)} x {gpu.name}"\n'
+        f"gpu_name = '{pattern}'\n"
+        f"min_memory_gib = {int(gpu.memory_gib * 0.9)}\n"
+        f"{capability}"
+        "devices = 1                         # GPUs per engine (with tensor_parallel_size)\n"
+        "# floors = { per_gpu = 1000.0 }     # output tokens/s per GPU it must reach\n"
+    )
 
 
 def select(

@@ -337,6 +337,7 @@ def run_parity(
                 reference_tokens=ref.output_tokens,
                 tokens=got.output_tokens,
                 first_divergence=accuracy.first_divergence(got.token_ids, ref.token_ids),
+                ids_compared=_has_ids(ref) and _has_ids(got),
                 test_rouge=test_rouge[i],
                 reference_rouge=ref_rouge[i],
                 kl_sum=kl_sum,
@@ -369,6 +370,10 @@ def run_parity(
         engine=_engine(test),
         reference_engine=_engine(reference),
     )
+
+
+def _has_ids(record: RequestRecord) -> bool:
+    return bool(record.token_ids) or record.output_tokens == 0
 
 
 def _engine(engine: Engine) -> dict[str, Any]:

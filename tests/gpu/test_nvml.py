@@ -38,3 +38,18 @@ def test_one_gpu_is_allocated_once_and_sampled(tmp_path: Path) -> None:
         assert gpu.mean_power_w is None or gpu.mean_power_w > 0
     finally:
         allocation.release()
+
+
+def test_compute_capability_is_reported_and_an_h200_is_detected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pytest_tokperf.profiles import BUILTIN, select
+
+    inventory = read_inventory(load_nvml()[0])
+    for gpu in inventory.gpus:
+        assert gpu.compute_capability is not None and gpu.compute_capability >= (7, 0)
+    if not all("H200" in gpu.name for gpu in inventory.gpus):
+        pytest.skip(f"not an H200 machine: {inventory.describe()}")
+    monkeypatch.delenv("TOKPERF_PROFILE", raising=False)
+    profile, source = select(None, "", None, BUILTIN, inventory)
+    assert profile.name == "h200" and source.startswith(f"detected: {len(inventory.gpus)} x ")

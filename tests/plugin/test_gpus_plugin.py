@@ -24,7 +24,8 @@ def test_gpus(tokperf_gpus):
     pass
 """
 NO_GPUS = (
-    "profile gb300-nvl72 needs 4 GPUs matching 'GB300' with at least 250 GiB; "
+    "profile gb300-nvl72 needs 4 GPUs matching 'GB300' with at least 250 GiB, "
+    "compute capability 10.3; "
     "this machine has no GPUs (NVML: NVML Shared Library Not Found)"
 )
 
@@ -227,3 +228,87 @@ def test_cpu_runs_record_process_cpu_and_the_inventory(
     assert cpu["wall_s"] >= test["duration_s"] > 0
     assert cpu["cores"] >= 1 and cpu["cpu_s"] > 0
     assert test["energy_j_per_token"] is None and test["throttled"] is None
+
+
+H200_UUIDS = [g["uuid"] for g in json.loads((DATA / "h200-8.json").read_text())["gpus"]]
+
+
+def test_an_h200_box_detects_h200_which_has_no_default_floor(
+    pytester: pytest.Pytester, recording
+) -> None:
+    recording("h200-8.json")
+    pytester.makepyfile(
+        test_suite="""
+        import pytest
+
+        def test_one_gpu_per_engine(tokperf_gpus):
+            assert tokperf_gpus.devices == 1
+
+        @pytest.mark.throughput_floor()
+        def test_default_floor():
+            pass
+        """
+    )
+    result = pytester.runpytest(*QUIET)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "tokperf: profile h200 (detected: 8 x NVIDIA H200), engine trtllm, "
+            "model llama2-70b fp8, 1 GPU",
+            "*throughput_floor() sets no floor, and profile 'h200' has no default floor: "
+            "give min_tokens_per_s=... or per_gpu=... in the marker, or floors in your profile",
+        ]
+    )
+
+
+def test_gpus_no_profile_matches_stop_a_tokperf_run(pytester: pytest.Pytester, recording) -> None:
+    recording("l40s-2.json")
+    pytester.makepyfile(test_plain="def test_plain(): pass")
+    # a suite that does not use tokperf is not its business
+    pytester.runpytest(*QUIET).assert_outcomes(passed=1)
+    pytester.makepyfile(test_perf="def test_gpus(tokperf_gpus): pass")
+    result = pytester.runpytest(*QUIET)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines(["tokperf: no profile matches these GPUs *"])
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: no tokperf GPU profile matches this machine's GPUs: 2 x NVIDIA L40S *; "
+            "GPU 0 is 'NVIDIA L40S', 45 GiB, compute capability 8.9. tokperf does not fall "
+            "back to the cpu profile while NVML sees GPUs*",
+            "[[]tool.tokperf.profiles.nvidia-l40s[]]",
+            'extends = "h200" *',
+        ]
+    )
+    # an xdist worker cannot stop the run with a usage error: its tokperf tests error
+    result = pytester.runpytest_subprocess(*QUIET, "-n", "1", "test_perf.py")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["ERROR test_perf.py::test_gpus - Failed: no tokperf GPU prof*"])
+    # naming a profile is the way out: cpu runs the embedded engine's device
+    pytester.runpytest(*QUIET, "--tokperf-profile", "cpu").assert_outcomes(passed=2)
+
+
+def test_an_inherited_cuda_visible_devices_limits_allocation(
+    pytester: pytest.Pytester, recording, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recording("h200-8.json")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    pytester.makepyfile(
+        test_suite=f"""
+        import os
+
+        def test_gpus(tokperf_gpus):
+            assert tokperf_gpus.uuids == ({H200_UUIDS[1]!r},)
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == {H200_UUIDS[1]!r}
+        """
+    )
+    result = pytester.runpytest(*QUIET)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["tokperf: GPUs: 1 x NVIDIA H200 (driver *, CUDA_VISIBLE_DEVICES=1)"]
+    )
+    result = pytester.runpytest(*QUIET, "--tokperf-gpus", "2", "--tokperf-require-hardware")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*profile h200 needs 2 GPUs * 1 of 1 GPUs here are suitable*"])
+    result = pytester.runpytest(*QUIET, "--tokperf-gpu-wait", "soon")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --tokperf-gpu-wait must be a number of seconds >= 0*"])

@@ -293,3 +293,106 @@ def test_energy_per_token_and_tokens_per_watt_from_a_recorded_series() -> None:
     assert derived.client_busy_cores == pytest.approx(0.75)
     assert derived.throttled is True  # GPU 2's thermal slowdown
     assert derived.tokens_per_s == result.tokens_per_s  # nothing else changes
+
+
+# --- NVML details, compute capability, CUDA_VISIBLE_DEVICES, all-or-none ----------------
+
+
+def test_every_nvlink_is_asked_even_past_an_unsupported_one() -> None:
+    h200 = inventory("h200-8.json")
+    states = raw("h200-8.json")["gpus"][0]["nvlink_states"]
+    assert states[6] is None  # NotSupported in the middle of the range
+    assert h200.gpus[0].nvlinks_active == sum(1 for s in states if s) == 17
+    assert h200.gpus[1].nvlinks_active == 18
+    assert inventory("l40s-2.json").gpus[0].nvlinks_active == 0  # no NVLink at all
+
+
+def test_compute_capability_is_read_and_must_agree() -> None:
+    h200 = inventory("h200-8.json")
+    assert h200.gpus[0].compute_capability == (9, 0)
+    assert inventory("gb300-node-4.json").gpus[0].compute_capability == (10, 3)
+    # a part named like a GB300 but reporting Blackwell's 10.0 is no GB300
+    gb300 = Need("gb300-nvl72", 4, "GB300", 250, (10, 3))
+    assert len(choose(inventory("gb300-node-4.json"), gb300, False)[0]) == 4
+    wrong = Need("gb200-like", 1, "GB300", 250, (10, 0))
+    fit, rejected = choose(inventory("gb300-node-4.json"), wrong, False)
+    assert fit == [] and rejected[0][1] == "compute capability 10.3, not 10.0"
+    assert (
+        wrong.describe() == "1 GPU matching 'GB300' with at least 250 GiB, compute capability 10.0"
+    )
+
+
+class _OldDriver(RecordedNvml):
+    """A driver that lacks a versioned call: pynvml raises NVMLLibraryMismatchError."""
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list:
+        raise self.NVMLLibraryMismatchError("driver lacks nvmlDeviceGetComputeRunningProcesses_v3")
+
+
+class _OldPynvml(RecordedNvml):
+    """nvidia-ml-py before 12.535.77: only the deprecated ThrottleReasons name."""
+
+    nvmlDeviceGetCurrentClocksEventReasons = None  # type: ignore[assignment]
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: int) -> int:
+        return 0x40
+
+
+def test_library_mismatch_is_a_value_not_reported_never_an_escape() -> None:
+    assert not issubclass(RecordedNvml.NVMLLibraryMismatchError, RecordedNvml.NVMLError)
+    inv = read_inventory(_OldDriver(raw("h100-busy.json")))
+    assert len(inv.gpus) == 2 and all(g.processes == () for g in inv.gpus)
+
+    class NoInit(RecordedNvml):
+        def nvmlInit(self) -> None:
+            raise self.NVMLLibraryMismatchError("nvmlInit_v2")
+
+    assert read_inventory(NoInit(raw("h100-busy.json"))).error == "NVML: nvmlInit_v2"
+
+
+def test_clock_event_reasons_and_the_deprecated_name() -> None:
+    nvml = recorded("gb300-node-4.json")
+    masks = [gpus.read_sample(nvml, 2).throttle_reasons for _ in range(4)]
+    assert masks == [
+        s["throttle_reasons"] for s in raw("gb300-node-4.json")["gpus"][2]["samples"][:4]
+    ]
+    old = _OldPynvml(raw("gb300-node-4.json"))
+    assert gpus.read_sample(old, 0).throttle_reasons == 0x40
+
+
+@pytest.mark.parametrize(
+    ("visible", "indices"),
+    [
+        ("1", [1]),
+        ("3,1", [3, 1]),
+        ("GPU-4200a005", [5]),  # a UUID prefix, as CUDA accepts
+        ("GPU-4200a0020000-5555-6666-7777-888899990000,0", [2, 0]),
+        ("2,bogus,4", [2]),  # CUDA stops at the first entry naming no GPU
+        ("", []),
+        ("-1", []),
+    ],
+)
+def test_an_inherited_cuda_visible_devices_restricts_the_inventory(
+    visible: str, indices: list[int]
+) -> None:
+    inv = inventory("h200-8.json").restrict(visible)
+    assert [g.index for g in inv.gpus] == indices
+    assert inv.visible == visible
+    if not indices:
+        assert inv.error == f"CUDA_VISIBLE_DEVICES={visible!r} leaves none of 8 GPUs"
+    assert inventory("h200-8.json").restrict(None) == inventory("h200-8.json")
+
+
+def test_allocation_is_all_or_none_in_uuid_order(tmp_path: Path) -> None:
+    inv = inventory("h200-8.json").restrict("7,0,3")
+    need = Need("h200", 2, "H200")
+    first = allocate(inv, need, tmp_path, False)
+    assert first.uuids == tuple(sorted(g.uuid for g in inv.gpus)[:2])
+    with pytest.raises(Shortage, match="held by other tokperf processes"):
+        allocate(inv, need, tmp_path, False)  # one is free, two are needed: none taken
+    last = allocate(inv, Need("h200", 1, "H200"), tmp_path, False)
+    assert last.uuids == (sorted(g.uuid for g in inv.gpus)[2],)
+    for allocation in (first, last):
+        assert len(allocation.fds) == len(allocation.gpus)
+        allocation.release()
+        assert allocation.fds == ()

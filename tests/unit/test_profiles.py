@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pytest_tokperf.gpus import RecordedNvml, read_inventory
-from pytest_tokperf.profiles import BUILTIN, load_user, select
+from pytest_tokperf.profiles import BUILTIN, Unmatched, load_user, select
 
 DATA = Path(__file__).parent.parent / "data" / "nvml"
 
@@ -166,9 +166,8 @@ def test_a_profile_in_both_files_is_an_error(tmp_path: Path) -> None:
     [
         ("h100-sxm-8.json", "h100-sxm", "detected: 8 x NVIDIA H100 80GB HBM3"),
         ("gb300-node-4.json", "gb300-nvl72", "detected: 4 x NVIDIA GB300"),
+        ("h200-8.json", "h200", "detected: 8 x NVIDIA H200"),
         ("no-driver.json", "cpu", "default"),
-        # two H100s are not an 8-GPU h100-sxm node
-        ("h100-busy.json", "cpu", "default: no GPU profile matches 2 x NVIDIA H100 80GB HBM3"),
     ],
 )
 def test_detection_from_the_inventory(
@@ -181,6 +180,60 @@ def test_detection_from_the_inventory(
     assert said.startswith(source)
     # a name given anywhere wins over detection
     assert select("cpu", "", None, BUILTIN, inventory)[0].name == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("recording", "says"),
+    [
+        # two H100s are not an 8-GPU h100-sxm node
+        ("h100-busy.json", "GPU 0 is 'NVIDIA H100 80GB HBM3', 80 GiB, compute capability 9.0"),
+        ("l40s-2.json", "GPU 0 is 'NVIDIA L40S', 45 GiB, compute capability 8.9"),
+    ],
+)
+def test_gpus_no_profile_matches_are_an_error_with_a_profile_to_add(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, recording: str, says: str
+) -> None:
+    monkeypatch.delenv("TOKPERF_PROFILE", raising=False)
+    inventory = read_inventory(RecordedNvml.load(DATA / recording))
+    with pytest.raises(Unmatched) as info:
+        select(None, "", None, BUILTIN, inventory)
+    message = str(info.value)
+    assert message.startswith("no tokperf GPU profile matches this machine's GPUs: 2 x NVIDIA")
+    assert says in message and "does not fall back to the cpu profile" in message
+    # the snippet is a valid profile, and it matches these very GPUs
+    snippet = message[message.index("[tool.tokperf.profiles.") :]
+    (tmp_path / "pyproject.toml").write_text(snippet)
+    registry = load_user(tmp_path)
+    chosen, source = select(None, "", None, registry, inventory)
+    assert chosen.defined_in == str(tmp_path / "pyproject.toml")
+    assert chosen.floors == {} and source.startswith("detected: 2 x NVIDIA")
+
+
+def test_compute_capability_and_reference_keys(tmp_path: Path) -> None:
+    (tmp_path / "tokperf.toml").write_text(
+        '[profiles.mine]\nextends = "gb300-nvl72"\ncompute_capability = "10.0"\n'
+        'reference_model = "/ckpt/fp8"\nreference_precision = "fp8"\n'
+        "parity = { rouge_fraction = 0.999 }\n"
+    )
+    mine = load_user(tmp_path)["mine"]
+    assert mine.compute_capability == (10, 0) and mine.need().compute_capability == (10, 0)
+    assert (mine.reference_model, mine.reference_precision) == ("/ckpt/fp8", "fp8")
+    assert mine.parity["rouge_fraction"] == 0.999
+    assert mine.parity["tokens_per_sample_low"] == 0.9  # merged with the parent's
+    (tmp_path / "tokperf.toml").write_text(
+        '[profiles.x]\nextends = "cpu"\ncompute_capability = "ten"'
+    )
+    with pytest.raises(pytest.UsageError, match=r"key 'compute_capability': expected \"MAJOR"):
+        load_user(tmp_path)
+
+
+def test_h200_is_fp8_without_a_default_floor() -> None:
+    h200 = BUILTIN["h200"]
+    assert (h200.precision, h200.backend, h200.devices) == ("fp8", "trtllm", 1)
+    assert h200.floors == {} and h200.rack_floor is None
+    assert h200.compute_capability == BUILTIN["h100-sxm"].compute_capability == (9, 0)
+    assert BUILTIN["gb200-nvl72"].compute_capability == (10, 0)
+    assert BUILTIN["gb300-nvl72"].compute_capability == (10, 3)
 
 
 def test_user_profiles_are_detected_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
