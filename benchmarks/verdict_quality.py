@@ -26,7 +26,7 @@ plugin's own (`Sequential`, `metrics.summarize`, `verdict.judge`). `--driver N`
 also runs N seeds of each throughput cell through the real driver (`Tokperf.run` on
 the sim engine at `--time-scale`) as a check of the virtual-time model.
 
-Run (about 5-8 minutes on a busy 2-core machine; `--driver 10` adds 2-3):
+Run (329 s wall with `--driver 10` on a 2-core machine busy with other jobs):
 
     python benchmarks/verdict_quality.py --driver 10     # 200 seeds per cell
     python benchmarks/verdict_quality.py --seeds 20      # a quick look

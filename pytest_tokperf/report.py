@@ -23,7 +23,14 @@ from pytest_tokperf.accuracy import ParityResult
 from pytest_tokperf.gpus import Inventory
 from pytest_tokperf.metrics import MIN_BATCHES, Distribution, Interval, RunResult
 from pytest_tokperf.profiles import Profile
-from pytest_tokperf.verdict import FLOOR_METRICS, SLO_METRICS, Verdict, per_look, slo_parts
+from pytest_tokperf.verdict import (
+    FLOOR_METRICS,
+    SLO_METRICS,
+    Verdict,
+    per_look,
+    samples_word,
+    slo_parts,
+)
 
 PROPERTY = "tokperf"
 SCHEMA = "pytest-tokperf/results/1"
@@ -99,7 +106,8 @@ def _slo_side_by_side(check: Mapping[str, Any]) -> str:
         return ""
     estimate = check.get("estimate")
     return (
-        f"{check['over']:,} of {check['count']:,} requests over; early-stopping estimate "
+        f"{check['over']:,} of {check['count']:,} {samples_word(check['metric'])} over; "
+        "early-stopping estimate "
         f"{'-' if estimate is None else num(estimate) + ' ms'}"
     )
 

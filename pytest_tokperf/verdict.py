@@ -356,6 +356,11 @@ def _ms(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:,.0f} ms"
 
 
+def samples_word(key: str) -> str:
+    """What an SLO counts: requests, or for ITL the gaps between chunks."""
+    return "token gaps" if slo_parts(key)[0] == "itl" else "requests"
+
+
 def slo_reason(check: Check) -> str:
     """Why an SLO check that neither passed nor failed makes the run INVALID.
 
@@ -364,10 +369,11 @@ def slo_reason(check: Check) -> str:
     and then the observed percentile beside the estimate.
     """
     metric, pct = slo_parts(check.metric)
+    word = samples_word(check.metric)
     return (
-        f"{SLO_METRICS[metric]} {pct}: {check.over:,} of {check.count:,} requests over "
+        f"{SLO_METRICS[metric]} {pct}: {check.over:,} of {check.count:,} {word} over "
         f"{check.limit:,.0f} ms; LoadGen's early-stopping estimate needs at least "
-        f"{check.needed:,} requests with {check.over:,} over (or fewer over) to accept "
+        f"{check.needed:,} {word} with {check.over:,} over (or fewer over) to accept "
         f"{pct} at {EARLY_STOPPING_CONFIDENCE:.0%} confidence (observed {pct} "
         f"{_ms(check.observed)}, early-stopping estimate {_ms(check.estimate)})"
     )

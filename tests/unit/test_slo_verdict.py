@@ -317,3 +317,19 @@ def test_correlated_windows_are_merged_until_too_few_remain() -> None:
     assert check.status == "INCONCLUSIVE" and check.ci_low is None
     assert check.batches == len(batches.rates)
     assert correlated([20.0] * 5 + [10.0] * 5) and not correlated([20.0, 10.0] * 5)
+
+
+def test_an_itl_limit_counts_token_gaps() -> None:
+    # 50 requests of 2 chunks 10 ms apart, one with a 300 ms gap; failed requests: none
+    recs = [
+        RequestRecord(f"r{k}", k * NS, k * NS + NS // 2,
+                      (k * NS + NS // 10, k * NS + NS // 10 + (300 if k == 0 else 10) * NS // 1000),
+                      (1, 1), scheduled_ns=k * NS)
+        for k in range(50)
+    ]  # fmt: skip
+    res = summarize(recs, INFO, scenario="server", workload="w", max_tokens=None, qps=1.0)
+    (reason,) = validity(res, {"itl_p90_ms": 100})
+    assert reason.startswith(
+        "ITL p90: 1 of 50 token gaps over 100 ms; LoadGen's early-stopping estimate needs "
+        "at least 64 token gaps with 1 over (or fewer over)"
+    )
