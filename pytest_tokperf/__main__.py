@@ -1,4 +1,4 @@
-"""Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle` and `parity`.
+"""Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle`, `parity`, `calibrate`.
 
 `python -m pytest_tokperf parity --precision q4_0` measures accuracy parity of the
 embedded engine outside a test suite, with the same code and report as the marker.
@@ -135,9 +135,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     par.add_argument("--threads", type=int, default=None, help="llama.cpp threads per engine")
     par.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine")
     par.add_argument("--json", default=None, help="write the result payload here")
+    cal = commands.add_parser(
+        "calibrate",
+        help="run the suite N times and propose floors, SLO limits and regression tolerances",
+    )
+    cal.add_argument("paths", nargs="+", help="test paths, as for pytest")
+    cal.add_argument("-n", type=int, default=5, help="runs (at least 3; default 5)")
+    cal.add_argument(
+        "--probability", type=float, default=0.95, help="share of unchanged runs that must pass"
+    )
+    cal.add_argument("--confidence", type=float, default=0.90, help="of the tolerance bound")
+    cal.add_argument("--out", default=None, help="write the tokperf.toml snippet here")
+    cal.add_argument("--baseline", default=None, help="also save the last run as a baseline here")
+    cal.add_argument(
+        "pytest_args", nargs=argparse.REMAINDER, help="after --: more pytest arguments"
+    )
     args = parser.parse_args(argv)
     if args.command == "parity":
         return parity(args)
+    if args.command == "calibrate":
+        from pytest_tokperf import calibrate
+
+        args.pytest_args = [a for a in args.pytest_args if a != "--"]
+        return calibrate.main(args)
     if not args.allow_pickle:
         parser.error(
             f"refusing to load {args.source}: loading a pickle runs the code inside it; "

@@ -18,6 +18,7 @@ import pytest
 
 from pytest_tokperf import (
     accuracy,
+    baseline,
     driver,
     gpus,
     launcher,
@@ -25,6 +26,7 @@ from pytest_tokperf import (
     precision,
     profiles,
     report,
+    summary,
     verdict,
 )
 from pytest_tokperf.driver import RequestRecord
@@ -37,6 +39,7 @@ SLO_BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
 SLOS = pytest.StashKey[dict[str, float]]()
 RUNNER = pytest.StashKey[Tokperf]()
 PARITY = pytest.StashKey[accuracy.ParitySpec]()
+NO_REGRESSION = pytest.StashKey[dict[str, float | None]]()
 PROPERTY = report.PROPERTY
 FLOOR_MARKER = (
     "throughput_floor(min_tokens_per_s=None, per_gpu=None): fail the test unless its last "
@@ -181,6 +184,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("tokperf_max_tokens", "tokperf max new tokens per request", default="")
     parser.addini("tokperf_json", "path of the tokperf JSON results", default="")
     parser.addini("tokperf_model_path", "GGUF model for the embedded engine", default="")
+    baseline.add_options(group, parser)
 
 
 def _setting(config: pytest.Config, name: str) -> tuple[str, str] | None:
@@ -331,6 +335,20 @@ class TokperfSession:
         self.is_worker = hasattr(config, "workerinput")
         self.payloads: list[dict[str, Any]] = []
         self.references: dict[str, Engine] = {}  # reference engines by precision, lazily
+        html = _setting(config, "tokperf_html")
+        self.html_path = Path(html[0]) if html else None
+        save = _setting(config, "tokperf_save_baseline")
+        compare = _setting(config, "tokperf_baseline")
+        self.gate = baseline.Gate(
+            save_dir=Path(save[0]) if save else None,
+            compare_dir=Path(compare[0]) if compare else None,
+            tolerance=baseline.fraction(_setting(config, "tokperf_max_regression")),
+            confidence=self.confidence,
+            rootdir=config.rootpath,
+            inventory=self.inventory,
+            entries=baseline.acknowledged.load(config.rootpath),
+            want_latencies=self.html_path is not None,
+        )
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -418,6 +436,11 @@ class TokperfSession:
                 item.stash[SLO_BOUNDS] = verdict.parse_slo_marker(
                     marker.args, marker.kwargs, item.nodeid, self.registry
                 )
+            marker = item.get_closest_marker("no_regression")
+            if marker is not None:
+                item.stash[NO_REGRESSION] = baseline.parse_marker(
+                    marker.args, marker.kwargs, item.nodeid
+                )
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
@@ -457,16 +480,21 @@ class TokperfSession:
         )
         if not gated:
             data["verdict"] = "MEASURED"  # no floor and no SLO: reported, not gated
+        # baselines: save, or compare (a compared test is gated by its regression checks)
+        data = self.gate.apply(data, result, runner.gpus, item.stash.get(NO_REGRESSION, None))
+        gated = gated or bool(data.get("regression", {}).get("compared"))
         item.user_properties.append((report.PROPERTY, json.dumps(data)))
         if not gated:
             return
-        if outcome.status in ("FAIL", "INVALID"):
-            pytest.fail(report.failure_message(data), pytrace=False)
-        if outcome.status == "INCONCLUSIVE":
+        lines = [report.failure_message(data), *summary.regression_lines(data)]
+        message = "\n".join(line for line in lines if line)
+        if data["verdict"] in ("FAIL", "INVALID"):
+            pytest.fail(message, pytrace=False)
+        if data["verdict"] == "INCONCLUSIVE":
             if self.inconclusive == "fail":
-                pytest.fail(report.failure_message(data), pytrace=False)
+                pytest.fail(message, pytrace=False)
             if self.inconclusive == "skip":
-                pytest.skip(report.failure_message(data))
+                pytest.skip(message)
 
     def progress(self) -> Progress | None:
         """The live line's callback, or None where it must stay quiet."""
@@ -557,6 +585,12 @@ class TokperfSession:
                 self._sorted(), self.profile, self.profile_source, inventory=self.inventory
             )
             report.write_json(self.json_path, doc)
+        if not self.is_worker:
+            summary.write_step_summary(self._sorted())
+            if self.html_path is not None:
+                from pytest_tokperf import html
+
+                html.write(self.html_path, self._sorted(), self.profile.name)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.is_worker or not self.payloads:
@@ -568,6 +602,10 @@ class TokperfSession:
             terminalreporter.write_line(line)
         for line in report.parity_table(parity) if parity else []:
             terminalreporter.write_line(line)
+        for line in summary.terminal_lines(perf):
+            terminalreporter.write_line(line)
+        if self.html_path is not None:
+            terminalreporter.write_line(f"HTML report: {self.html_path}")
         if self.json_path is not None:
             terminalreporter.write_line(f"results: {self.json_path}")
 
@@ -579,6 +617,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", FLOOR_MARKER)
     config.addinivalue_line("markers", PARITY_MARKER)
     config.addinivalue_line("markers", SLO_MARKER)
+    config.addinivalue_line("markers", baseline.MARKER)
     config.pluginmanager.register(TokperfSession(config), "tokperf-session")
 
 

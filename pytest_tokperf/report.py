@@ -28,8 +28,9 @@ from pytest_tokperf.verdict import FLOOR_METRICS, SLO_METRICS, Verdict, slo_part
 PROPERTY = "tokperf"
 SCHEMA = "pytest-tokperf/results/1"
 # PASS/FAIL/INCONCLUSIVE: gated by a floor or SLO; INVALID: the measurement cannot be
-# trusted; MEASURED: ran without a gate; SKIPPED: no floor or SLO for this profile
-VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID", "MEASURED", "SKIPPED")
+# trusted; MEASURED: ran without a gate; SKIPPED: no floor or SLO for this profile;
+# ACKNOWLEDGED: a regression against the baseline listed in tokperf-acknowledged.toml
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID", "MEASURED", "SKIPPED", "ACKNOWLEDGED")
 
 
 def num(value: float | None) -> str:
