@@ -147,16 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cal.add_argument("--confidence", type=float, default=0.90, help="of the tolerance bound")
     cal.add_argument("--out", default=None, help="write the tokperf.toml snippet here")
     cal.add_argument("--baseline", default=None, help="also save the last run as a baseline here")
-    cal.add_argument(
-        "pytest_args", nargs=argparse.REMAINDER, help="after --: more pytest arguments"
-    )
-    args = parser.parse_args(argv)
+    # everything after `--` goes to pytest: `calibrate examples -n 5 -- -k offline`
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    extra = argv[cut + 1 :]
+    args = parser.parse_args(argv[:cut])
     if args.command == "parity":
         return parity(args)
     if args.command == "calibrate":
         from pytest_tokperf import calibrate
 
-        args.pytest_args = [a for a in args.pytest_args if a != "--"]
+        args.pytest_args = extra
         return calibrate.main(args)
     if not args.allow_pickle:
         parser.error(

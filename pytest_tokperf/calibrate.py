@@ -3,8 +3,8 @@
 Runs the suite N times (a pytest subprocess each, with --tokperf-json) and proposes per
 test the throughput floor and latency limits the unchanged system would meet with a
 chosen probability: a **one-sided normal tolerance bound on the log scale** (rates and
-latencies are positive and their spread is multiplicative), with Natrella's
-approximation of the tolerance factor k:
+latencies are positive and their spread is multiplicative), with the tolerance factor k
+from the noncentral t distribution:
 
     floor = exp(mean(log x) - k * sd(log x)),  limit = exp(mean(log x) + k * sd(log x))
 
@@ -33,18 +33,38 @@ from typing import Any
 LATENCY_KEYS = (("ttft_s", "p99", "ttft_p99_ms"), ("tpot_s", "p99", "tpot_p99_ms"))
 
 
+def _noncentral_t_cdf(t: float, df: int, delta: float, steps: int = 4000) -> float:
+    """P(T <= t) for T = (Z + delta) / sqrt(V / df), V ~ chi-square(df): the mean over V
+    of Phi(t sqrt(V / df) - delta), by the midpoint rule on V's quantile scale."""
+    phi = NormalDist().cdf
+    # V = df * S^2 with S^2 ~ Gamma(df/2, 2/df); sample its quantiles through the
+    # Wilson-Hilferty cube-root normal approximation, close enough for df >= 2
+    z = NormalDist().inv_cdf
+    a = 2 / (9 * df)
+    total = 0.0
+    for i in range(steps):
+        q = z((i + 0.5) / steps)
+        s2 = max(0.0, 1 - a + q * math.sqrt(a)) ** 3  # V / df
+        total += phi(t * math.sqrt(s2) - delta)
+    return total / steps
+
+
 def tolerance_factor(n: int, probability: float, confidence: float) -> float:
-    """One-sided normal tolerance factor k (Natrella 1963): a fraction `probability` of
-    the population lies above mean - k sd with `confidence`. Needs n >= 3."""
+    """One-sided normal tolerance factor k: with `confidence`, a fraction `probability`
+    of the population lies above mean - k sd (and below mean + k sd). Exactly
+    k = t'_confidence(n - 1, z_probability sqrt(n)) / sqrt(n), t' the noncentral t
+    quantile, found by bisection. Needs n >= 3."""
     if n < 3:
         raise ValueError(f"a tolerance bound needs at least 3 runs, got {n}")
-    zp = NormalDist().inv_cdf(probability)
-    zg = NormalDist().inv_cdf(confidence)
-    a = 1 - zg**2 / (2 * (n - 1))
-    b = zp**2 - zg**2 / n
-    if a <= 0:
-        raise ValueError(f"{n} runs are too few for {confidence:.0%} confidence")
-    return (zp + math.sqrt(zp**2 - a * b)) / a
+    delta = NormalDist().inv_cdf(probability) * math.sqrt(n)
+    low, high = delta, delta * 20 + 20
+    for _ in range(60):
+        mid = (low + high) / 2
+        if _noncentral_t_cdf(mid, n - 1, delta, 800) < confidence:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2 / math.sqrt(n)
 
 
 @dataclass(frozen=True)
@@ -122,7 +142,7 @@ def toml(proposals: Sequence[Proposal], probability: float, confidence: float, c
     lines = [
         f"# pytest-tokperf calibrate: {n} runs of `{command}` on {platform.node()}, "
         f"{datetime.date.today().isoformat()}",
-        "# one-sided normal tolerance bounds on the log scale (Natrella's k = "
+        "# one-sided normal tolerance bounds on the log scale (k = "
         f"{k:.3f} for n = {n}): with {confidence:.0%} confidence, {probability:.0%} of runs",
         "# of the unchanged system reach each floor and stay under each limit.",
         f"[profiles.{profile}-calibrated]",
