@@ -185,3 +185,17 @@ def write(path: Path, payloads: Sequence[Mapping[str, Any]], profile: str) -> No
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(document(payloads, profile), encoding="utf-8")
     tmp.replace(path)
+
+
+def add_pytest_html_extra(rep: Any, payloads: Sequence[Mapping[str, Any]]) -> None:
+    """pytest-html (4.x `extras`, 3.x `extra`): the test's section, figures included."""
+    from pytest_html import extras  # present: the caller checked the plugin is loaded
+
+    perf = [p for p in payloads if p.get("kind") is None]
+    if not perf:
+        return
+    plt = _pyplot()
+    name = "extras" if hasattr(rep, "extras") or not hasattr(rep, "extra") else "extra"
+    found = list(getattr(rep, name, []))
+    found += [extras.html(fragment(p, plt)) for p in perf]
+    setattr(rep, name, found)

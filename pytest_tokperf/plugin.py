@@ -347,7 +347,7 @@ class TokperfSession:
             rootdir=config.rootpath,
             inventory=self.inventory,
             entries=baseline.acknowledged.load(config.rootpath),
-            want_latencies=self.html_path is not None,
+            want_latencies=self.html_path is not None or bool(config.getoption("htmlpath", None)),
         )
 
     @property
@@ -560,6 +560,11 @@ class TokperfSession:
         ):
             data = report.skipped(item.nodeid, self.profile, str(skip.msg))
             rep.user_properties.append((PROPERTY, json.dumps(data)))
+        if rep.when == "call" and self.config.getoption("htmlpath", None):  # pytest-html
+            from pytest_tokperf import html
+
+            payloads = [json.loads(str(v)) for k, v in rep.user_properties if k == PROPERTY]
+            html.add_pytest_html_extra(rep, payloads)
         if rep.failed and self.server is not None:
             # a failing perf test against a launched server gets that server's log
             rep.sections.append(("tokperf server log (tail)", self.server.log_tail()))

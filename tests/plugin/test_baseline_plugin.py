@@ -21,7 +21,7 @@ import pytest
 
 @pytest.mark.no_regression(tokens_per_s=0.10)
 def test_rate(tokperf):
-    tokperf.run(requests=12, max_tokens=32, warmup=0)
+    tokperf.run(requests=24, max_tokens=40, warmup=0)  # about 5 s: windows of 0.5 s
 """
 PROFILE = """
 [profiles.simrate]
@@ -79,7 +79,7 @@ def test_baseline_catches_a_drop_and_passes_unchanged(
     assert doc["provenance"]["commit"] == "abc1234def"
     assert doc["provenance"]["engine_settings"]["tokens_per_s"] == 200
     assert len(doc["payload"]["windows_per_s"]) == 10
-    assert len(doc["payload"]["latencies_ms"]["ttft"]) == 12
+    assert len(doc["payload"]["latencies_ms"]["ttft"]) == 24
     base_rate = doc["payload"]["tokens_per_s"]
     assert 170 < base_rate < 230  # one slot at 200 tokens/s, measured on a busy machine
 
@@ -202,3 +202,13 @@ def test_gated(tokperf):
     rows = [line for line in summary.read_text().splitlines() if line.startswith("| `")]
     assert rows[0].startswith("| `test_base.py::test_rate` | **FAIL** |")
     assert "exceeds the allowed 10% drop" in summary.read_text()
+
+
+def test_pytest_html_gets_the_figures_as_extras(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("matplotlib", reason="the figures need the html extra (matplotlib)")
+    pytest.importorskip("pytest_html", reason="pytest-html is in the test extra")
+    pytester.makepyfile(test_base=SUITE)
+    result = _run(pytester, 200, "--html", "ph.html", "-p", "html")
+    result.assert_outcomes(passed=1)
+    page = (pytester.path / "ph.html").read_text()
+    assert "throughput over time" in page and "latency CDF" in page
