@@ -18,7 +18,7 @@ with contextlib.suppress(ImportError):  # likewise matplotlib (the HTML report's
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    import matplotlib.pyplot
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
