@@ -88,17 +88,19 @@ def main() -> int:
     base_env, changed_env = parse_env(args.base_env), parse_env(args.changed_env)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        base = run(
-            base_env, folder, "base", "--tokperf-save-baseline", str(folder / "b"), pin=args.pin
-        )
-        threads = base["engine"]["settings"]["n_threads"]  # type: ignore[index]
-        print(f"load {os.getloadavg()[0]:.1f}; baseline {base['tokens_per_s']:.1f} tokens/s "
-              f"(n_threads {threads}, {base['wall_s']:.0f} s)", flush=True)  # fmt: skip
         for i in range(args.rounds):
+            # a fresh baseline each round: this machine's speed drifts between minutes
+            saved = str(folder / f"b{i}")
+            base = run(base_env, folder, f"base{i}", "--tokperf-save-baseline", saved, pin=args.pin)
+            print(
+                f"round {i + 1} baseline  n_threads {base['engine']['settings']['n_threads']}: "  # type: ignore[index]
+                f"{base['tokens_per_s']:.1f} tokens/s; load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
             for label, env, burn in (("unchanged", base_env, 0.0),
                                      ("changed", changed_env, args.burn)):  # fmt: skip
-                t = run(env, folder, f"{label}{i}", "--tokperf-compare-baseline",
-                        str(folder / "b"), pin=args.pin, burn=burn)  # fmt: skip
+                t = run(env, folder, f"{label}{i}", "--tokperf-compare-baseline", saved,
+                        pin=args.pin, burn=burn)  # fmt: skip
                 block = t["regression"]  # type: ignore[index]
                 (c,) = [c for c in block["checks"] if c["metric"] == "tokens_per_s"]
                 n = t["engine"]["settings"]["n_threads"]  # type: ignore[index]
