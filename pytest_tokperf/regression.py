@@ -2,11 +2,15 @@
 
 Pure functions, no I/O. Two intervals of the ratio current / baseline:
 
-- Throughput: a **log-ratio t interval with Welch's degrees of freedom** over the two
-  runs' batch-means windows (`metrics.window_rates`): each run's mean window rate is its
-  tokens/s, the delta method gives the variance of log(mean), and the interval of
-  log(current) - log(baseline) is exponentiated. Windows are the batches the floor
-  verdicts already use, so one noise model serves both.
+- Throughput: a **paired log-ratio t interval over aligned batch-means windows**
+  (`metrics.window_rates`): window j of each run covers the same fraction of its run
+  (the same stretch of the same workload), so the structure both runs share (ramp-up,
+  the prompt mix, the drain) cancels in d_j = log(current_j / baseline_j); the
+  interval is ratio x exp(+/- t(k-1) sd(d) / sqrt(k)) around the ratio of the two
+  tokens/s (the delta method: log of the ratio of means ~ mean of d). Windows are the
+  batches the floor verdicts already use, so one noise model serves both. When the
+  runs' windows cannot be paired (different counts, an empty window) it falls back to
+  an unpaired **log-ratio t interval with Welch's degrees of freedom**.
 - Latency percentiles: **distribution-free order-statistic intervals** (binomial) of each
   run's percentile, each at 1 - (1 - confidence) / 2, combined into
   [low_cur / high_base, high_cur / low_base] (Bonferroni: covers at least `confidence`).
@@ -35,7 +39,8 @@ LATENCIES = ("ttft", "tpot", "e2e")  # the per-request latencies a baseline keep
 # no_regression keywords: tokens_per_s, and <latency>_<percentile> such as ttft_p99
 KEYWORDS: tuple[str, ...] = (THROUGHPUT, *(f"{m}_{p}" for m in LATENCIES for p in PERCENTILES))
 DEFAULT_TOLERANCE = 0.05
-THROUGHPUT_METHOD = "log-ratio t interval, Welch df, over batch-means windows"
+THROUGHPUT_METHOD = "paired log-ratio t interval over aligned batch-means windows"
+UNPAIRED_METHOD = "log-ratio t interval, Welch df, over batch-means windows"
 LATENCY_METHOD = "order-statistic (binomial) percentile intervals, Bonferroni-combined"
 
 
@@ -58,7 +63,24 @@ def _mean_var(values: Sequence[float]) -> tuple[float, float]:
 def throughput_ratio(
     current: Sequence[float], baseline: Sequence[float], confidence: float
 ) -> Ratio | None:
-    """Interval of mean(current) / mean(baseline) from two runs' window rates."""
+    """Interval of mean(current) / mean(baseline) from two runs' window rates: paired
+    when the windows align, else unpaired (Welch)."""
+    if len(current) != len(baseline) or min([*current, *baseline], default=0) <= 0:
+        return welch_ratio(current, baseline, confidence)
+    k = len(current)
+    if k < 2:
+        return None
+    ratio = sum(current) / sum(baseline)
+    d = [math.log(c / b) for c, b in zip(current, baseline, strict=True)]
+    _, var = _mean_var(d)
+    half = t_quantile((1 + confidence) / 2, k - 1) * math.sqrt(var / k)
+    return Ratio(ratio, ratio * math.exp(-half), ratio * math.exp(half), confidence)
+
+
+def welch_ratio(
+    current: Sequence[float], baseline: Sequence[float], confidence: float
+) -> Ratio | None:
+    """Unpaired interval of mean(current) / mean(baseline): log-ratio t, Welch df."""
     if len(current) < 2 or len(baseline) < 2:
         return None
     m1, s1 = _mean_var(current)
@@ -165,7 +187,8 @@ def compare(
             ratio = throughput_ratio(cur_w, base_w, confidence)
             observed = float(current.get(THROUGHPUT) or 0.0)  # type: ignore[arg-type]
             base = float(baseline.get(THROUGHPUT) or 0.0)  # type: ignore[arg-type]
-            method = THROUGHPUT_METHOD
+            paired = len(cur_w) == len(base_w) and min([*cur_w, *base_w], default=0) > 0
+            method = THROUGHPUT_METHOD if paired else UNPAIRED_METHOD
         else:
             what, pct = metric.split("_")
             cur_l = _floats(_get(current.get("latencies_ms"), what))
