@@ -40,6 +40,9 @@ def test_interactive_mlperf_slos(tokperf):
 @pytest.mark.latency_slo(
     ttft_p50_ms={"cpu": 1_000, "sim": 1_000}, tpot_p50_ms={"cpu": 80, "sim": 40}
 )
+# 8 requests a second apart leave windows without tokens: too short to compare tokens/s
+# with a baseline (its interval spans -50%..+100%), so only the SLOs gate it
+@pytest.mark.no_regression(tokens_per_s=None)
 def test_server_smoke_on_small_machines(tokperf):
     """One request a second, 8 short answers: TTFT and TPOT percentiles, gated at p50."""
     result = tokperf.run("server", qps=1, requests=8, max_tokens=8)

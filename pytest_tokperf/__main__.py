@@ -1,5 +1,5 @@
-"""Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle`, `parity`, `merge`
-and `recompute`.
+"""Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle`, `parity`, `merge`,
+`recompute` and `calibrate`.
 
 `python -m pytest_tokperf merge node*.json --out rack.json` judges a rack from nodes
 launched by separate jobs; `python -m pytest_tokperf recompute RECORDS --json DOC`
@@ -191,9 +191,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     rec = commands.add_parser("recompute", help="every metric again, from a records file")
     rec.add_argument("records", help="the --tokperf-records file")
     rec.add_argument("--json", default=None, help="the --tokperf-json file to compare with")
-    args = parser.parse_args(argv)
+    cal = commands.add_parser(
+        "calibrate",
+        help="run the suite N times and propose floors, SLO limits and regression tolerances",
+    )
+    cal.add_argument("paths", nargs="+", help="test paths, as for pytest")
+    cal.add_argument("-n", type=int, default=5, help="runs (at least 3; default 5)")
+    cal.add_argument(
+        "--probability", type=float, default=0.95, help="share of unchanged runs that must pass"
+    )
+    cal.add_argument("--confidence", type=float, default=0.90, help="of the tolerance bound")
+    cal.add_argument("--out", default=None, help="write the tokperf.toml snippet here")
+    cal.add_argument("--baseline", default=None, help="also save the last run as a baseline here")
+    # everything after `--` goes to pytest: `calibrate examples -n 5 -- -k offline`
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    extra = argv[cut + 1 :]
+    args = parser.parse_args(argv[:cut])
     if args.command == "parity":
         return parity(args)
+    if args.command == "calibrate":
+        from pytest_tokperf import calibrate
+
+        args.pytest_args = extra
+        return calibrate.main(args)
     if args.command == "merge":
         return merge(args)
     if args.command == "recompute":

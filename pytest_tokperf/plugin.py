@@ -18,6 +18,7 @@ import pytest
 
 from pytest_tokperf import (
     accuracy,
+    baseline,
     driver,
     gpus,
     launcher,
@@ -29,6 +30,7 @@ from pytest_tokperf import (
     records,
     reference,
     report,
+    summary,
     verdict,
     workloads,
 )
@@ -43,6 +45,7 @@ SLOS = pytest.StashKey[dict[str, float]]()
 RACK_FLOOR = pytest.StashKey[float]()
 RUNNER = pytest.StashKey[Tokperf]()
 PARITY = pytest.StashKey[accuracy.ParitySpec]()
+NO_REGRESSION = pytest.StashKey[dict[str, float | None]]()
 PROPERTY = report.PROPERTY
 FLOOR_MARKER = (
     "throughput_floor(min_tokens_per_s=None, per_gpu=None, per_rack=None): fail the test "
@@ -219,6 +222,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "tokperf_dataset); the GPU profiles' floors need it",
     )
     parser.addini("tokperf_dataset", "JSONL workload of runs that name none", default="")
+    baseline.add_options(group, parser)
 
 
 def _setting(config: pytest.Config, name: str) -> tuple[str, str] | None:
@@ -424,6 +428,20 @@ class TokperfSession:
         if records_setting is not None:
             rank = self.rack.rank if self.rack.size > 1 else None
             self.records = records.Writer(Path(records_setting[0]), self.rack.node, rank)
+        html = _setting(config, "tokperf_html")
+        self.html_path = Path(html[0]) if html else None
+        save = _setting(config, "tokperf_save_baseline")
+        compare = _setting(config, "tokperf_baseline")
+        self.gate = baseline.Gate(
+            save_dir=Path(save[0]) if save else None,
+            compare_dir=Path(compare[0]) if compare else None,
+            tolerance=baseline.fraction(_setting(config, "tokperf_max_regression")),
+            confidence=self.confidence,
+            rootdir=config.rootpath,
+            inventory=self.inventory,
+            entries=baseline.acknowledged.load(config.rootpath),
+            want_latencies=self.html_path is not None or bool(config.getoption("htmlpath", None)),
+        )
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -551,6 +569,11 @@ class TokperfSession:
                 item.stash[SLO_BOUNDS] = verdict.parse_slo_marker(
                     marker.args, marker.kwargs, item.nodeid, self.registry
                 )
+            marker = item.get_closest_marker("no_regression")
+            if marker is not None:
+                item.stash[NO_REGRESSION] = baseline.parse_marker(
+                    marker.args, marker.kwargs, item.nodeid
+                )
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
@@ -602,6 +625,10 @@ class TokperfSession:
         )
         if not gated:
             data["verdict"] = "MEASURED"  # no floor and no SLO: reported, not gated
+        # baselines: save, or compare (a compared test is gated by its regression checks)
+        data = self.gate.apply(data, result, runner.gpus, item.stash.get(NO_REGRESSION, None))
+        gated = gated or bool(data.get("regression", {}).get("compared"))
+        if not gated:
             item.user_properties.append((report.PROPERTY, json.dumps(data)))
             return
         # the rack's floor: the marker's per_rack, else for a bare throughput_floor() the
@@ -622,14 +649,18 @@ class TokperfSession:
         for row in rows:
             item.user_properties.append((report.PROPERTY, json.dumps(row)))
         status = data["verdict"]
-        message = rackjudge.message if data.get("kind") == "rack" else report.failure_message
+        if data.get("kind") == "rack":
+            message = rackjudge.message(data)
+        else:
+            lines = [report.failure_message(data), *summary.regression_lines(data)]
+            message = "\n".join(line for line in lines if line)
         if status in ("FAIL", "INVALID"):
-            pytest.fail(message(data), pytrace=False)
+            pytest.fail(message, pytrace=False)
         if status == "INCONCLUSIVE":
             if self.inconclusive == "fail":
-                pytest.fail(message(data), pytrace=False)
+                pytest.fail(message, pytrace=False)
             if self.inconclusive == "skip":
-                pytest.skip(message(data))
+                pytest.skip(message)
 
     def progress(self) -> Progress | None:
         """The live line's callback, or None where it must stay quiet."""
@@ -700,6 +731,11 @@ class TokperfSession:
                 rep.outcome, rep.longrepr = "failed", why
             elif isinstance(rep.longrepr, tuple):
                 rep.longrepr = (rep.longrepr[0], rep.longrepr[1], f"Skipped: {why}")
+        if rep.when == "call" and self.config.getoption("htmlpath", None):  # pytest-html
+            from pytest_tokperf import html
+
+            payloads = [json.loads(str(v)) for k, v in rep.user_properties if k == PROPERTY]
+            html.add_pytest_html_extra(rep, payloads)
         if rep.failed and self.server is not None:
             # a failing perf test against a launched server gets that server's log
             rep.sections.append(("tokperf server log (tail)", self.server.log_tail()))
@@ -723,6 +759,12 @@ class TokperfSession:
             self._loop.close()
         if self.json_path is not None and not self.is_worker:
             self._write_json(self.json_path)
+        if not self.is_worker:
+            summary.write_step_summary(self._sorted())
+            if self.html_path is not None:
+                from pytest_tokperf import html
+
+                html.write(self.html_path, self._sorted(), self.profile.name)
 
     def _write_json(self, path: Path) -> None:
         """Rank 0 (or the only process) writes PATH; under MPI each rank also writes its
@@ -756,6 +798,10 @@ class TokperfSession:
         racks = [p for p in self._sorted() if p.get("kind") == "rack" and p["rack"]["nodes"]]
         for line in rackjudge.table(racks) if racks else []:
             terminalreporter.write_line(line)
+        for line in summary.terminal_lines(perf):
+            terminalreporter.write_line(line)
+        if self.html_path is not None:
+            terminalreporter.write_line(f"HTML report: {self.html_path}")
         if self.json_path is not None:
             terminalreporter.write_line(f"results: {self.json_path}")
 
@@ -767,6 +813,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", FLOOR_MARKER)
     config.addinivalue_line("markers", PARITY_MARKER)
     config.addinivalue_line("markers", SLO_MARKER)
+    config.addinivalue_line("markers", baseline.MARKER)
     config.pluginmanager.register(TokperfSession(config), "tokperf-session")
 
 

@@ -35,8 +35,9 @@ from pytest_tokperf.verdict import (
 PROPERTY = "tokperf"
 SCHEMA = "pytest-tokperf/results/1"
 # PASS/FAIL/INCONCLUSIVE: gated by a floor or SLO; INVALID: the measurement cannot be
-# trusted; MEASURED: ran without a gate; SKIPPED: no floor or SLO for this profile
-VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID", "MEASURED", "SKIPPED")
+# trusted; MEASURED: ran without a gate; SKIPPED: no floor or SLO for this profile;
+# ACKNOWLEDGED: a regression against the baseline listed in tokperf-acknowledged.toml
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID", "MEASURED", "SKIPPED", "ACKNOWLEDGED")
 
 
 def num(value: float | None) -> str:

@@ -1,7 +1,8 @@
 """Shared test setup.
 
 pytester's in-process runs drop modules first imported inside them; numpy (under
-llama_cpp) cannot be imported twice in one process, so import it here, once.
+llama_cpp) cannot be imported twice in one process, so import it here, once (and
+matplotlib, whose classes would no longer match their re-imported selves).
 Tests marked `gpu` need the real NVML and a GPU; elsewhere they skip, saying why.
 """
 
@@ -13,6 +14,11 @@ import pytest
 
 with contextlib.suppress(ImportError):
     import llama_cpp  # noqa: F401
+with contextlib.suppress(ImportError):  # likewise matplotlib (the HTML report's figures)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -91,6 +91,7 @@ def test_json_document_round_trips(tmp_path: Path) -> None:
         "INVALID": 0,
         "MEASURED": 0,
         "SKIPPED": 0,
+        "ACKNOWLEDGED": 0,
     }
     assert loaded["profile"]["name"] == "gb300-nvl72"
     assert loaded["tests"][0]["tokens_per_s_per_gpu"] == p["tokens_per_s_per_gpu"]

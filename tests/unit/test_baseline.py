@@ -1,0 +1,159 @@
+"""Baseline keys, messages, acknowledgements and the step summary (no engine)."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+
+from pytest_tokperf import acknowledged, baseline, summary
+from pytest_tokperf.regression import Check
+
+
+def _payload(**over: object) -> dict:
+    p = {
+        "nodeid": "t.py::test_a",
+        "verdict": "PASS",
+        "profile": "cpu",
+        "device_kind": "cpu",
+        "scenario": "offline",
+        "qps": None,
+        "concurrency": None,
+        "workload": "default",
+        "max_tokens": 64,
+        "tokens_per_s": 150.0,
+        "ttft_s": {"p99": 0.1},
+        "tpot_s": {"p99": 0.01},
+        "hardware": {"kind": "cpu", "model": "Intel Xeon", "count": 2},
+        "engine": {"backend": "llamacpp", "model": "SmolLM2", "precision": "q4_1"},
+    }
+    p.update(over)
+    return p
+
+
+def _block(status: str = "FAIL", note: str = "") -> dict:
+    return {
+        "compared": True,
+        "status": status,
+        "confidence": 0.95,
+        "baseline": {
+            "key": baseline.key(_payload()),
+            "provenance": {"date": "2026-11-30T10:00:00+00:00", "commit": "abc1234def"},
+        },
+        "checks": [
+            {"metric": "tokens_per_s", "observed": 150.0, "baseline": 200.0, "ratio": 0.75,
+             "low": 0.719, "high": 0.781, "tolerance": 0.05, "status": status, "note": note}
+        ],
+    }  # fmt: skip
+
+
+def test_message_has_the_issues_shape() -> None:
+    (line,) = summary.regression_lines(_payload(regression=_block()))
+    assert line == (
+        "output tokens/s 150 vs baseline 200 (-25.0%, 95% CI -28.1%..-21.9%) exceeds the "
+        "allowed 5% drop [baseline 2026-11-30, commit abc1234, same profile cpu on Intel Xeon x2]"
+    )
+
+
+def test_latency_message_and_improvement() -> None:
+    check = {"metric": "ttft_p99", "observed": 0.12, "baseline": 0.1, "ratio": 1.2, "low": 1.15,
+             "high": 1.25, "tolerance": 0.1, "status": "FAIL", "note": ""}  # fmt: skip
+    assert summary.check_line(check, 0.95) == (
+        "TTFT p99 120 ms vs baseline 100 ms (+20.0%, 95% CI +15.0%..+25.0%) exceeds the "
+        "allowed 10% rise"
+    )
+    better = {**check, "metric": "tokens_per_s", "observed": 260.0, "baseline": 200.0,
+              "ratio": 1.3, "low": 1.25, "high": 1.35, "status": "IMPROVED"}  # fmt: skip
+    assert summary.check_line(better, 0.95).startswith("IMPROVED: output tokens/s 260 vs")
+
+
+def test_key_differences_name_each_key() -> None:
+    here = baseline.key(_payload())
+    there = baseline.key(
+        _payload(hardware={"kind": "gpu", "model": "NVIDIA GB300", "count": 4}, max_tokens=128)
+    )
+    assert baseline.differences(here, there) == [
+        "hardware '4 x NVIDIA GB300' (here 'Intel Xeon x2')",
+        "workload 'default max_tokens 128' (here 'default max_tokens 64')",
+    ]
+    assert baseline.path_for(Path("b"), here) != baseline.path_for(Path("b"), there)
+
+
+def test_tolerances_marker_overrides_and_turns_off() -> None:
+    assert baseline.tolerances(None, 0.05) == {"tokens_per_s": 0.05}
+    assert baseline.tolerances({"ttft_p99": 0.1}, 0.05) == {"tokens_per_s": 0.05, "ttft_p99": 0.1}
+    assert baseline.tolerances({"tokens_per_s": None}, 0.05) == {}
+
+
+@pytest.mark.parametrize(
+    ("verdict", "status", "expected"),
+    [("MEASURED", "PASS", "PASS"), ("PASS", "FAIL", "FAIL"), ("INVALID", "PASS", "INVALID"),
+     ("PASS", "IMPROVED", "PASS"), ("PASS", "ACKNOWLEDGED", "ACKNOWLEDGED"),
+     ("FAIL", "ACKNOWLEDGED", "FAIL"), ("PASS", "INCONCLUSIVE", "INCONCLUSIVE")],
+)  # fmt: skip
+def test_combined_verdict_is_the_worse(verdict: str, status: str, expected: str) -> None:
+    assert baseline.combined(verdict, {"compared": True, "status": status}) == expected
+    assert baseline.combined(verdict, {"compared": False}) == verdict
+
+
+def _gate(tmp_path: Path, expires: datetime.date) -> baseline.Gate:
+    (tmp_path / acknowledged.FILENAME).write_text(
+        '[[regression]]\ntest = "t.py::test_a"\nmetric = "tokens_per_s"\naccepted = 150\n'
+        f'reason = "known"\nexpires = {expires.isoformat()}\n'
+    )
+    from pytest_tokperf.gpus import Inventory
+
+    return baseline.Gate(None, tmp_path, 0.05, 0.95, tmp_path, Inventory(()),
+                         acknowledged.load(tmp_path), today=datetime.date(2026, 12, 1))  # fmt: skip
+
+
+def test_acknowledged_until_the_date_then_failing(tmp_path: Path) -> None:
+    check = Check("tokens_per_s", 148.0, 200.0, 0.74, 0.72, 0.76, 0.05, "FAIL", "m")
+    row = _gate(tmp_path, datetime.date(2026, 12, 1))._acknowledge("t.py::test_a", check)
+    assert row["status"] == "ACKNOWLEDGED"  # valid through the expiry day; 148 >= 150 x 0.95
+    row = _gate(tmp_path, datetime.date(2026, 11, 30))._acknowledge("t.py::test_a", check)
+    assert (
+        row["status"] == "FAIL" and row["note"] == "acknowledged until 2026-11-30, expired: known"
+    )
+    worse = Check("tokens_per_s", 120.0, 200.0, 0.6, 0.58, 0.62, 0.05, "FAIL", "m")
+    row = _gate(tmp_path, datetime.date(2027, 1, 1))._acknowledge("t.py::test_a", worse)
+    assert row["status"] == "FAIL" and row["note"].startswith("worse than the acknowledged 150")
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('[[regression]]\ntest = "a"\n', "missing metric, accepted, reason, expires"),
+        ('[[regression]]\ntest="a"\nmetric="speed"\naccepted=1\nreason="r"\nexpires=2027-01-01\n',
+         "metric 'speed' is not one of"),
+        ('[[regression]]\ntest="a"\nmetric="ttft_p99"\naccepted=1\nreason="r"\nexpires="soon"\n',
+         "expires must be a TOML date"),
+    ],
+)  # fmt: skip
+def test_bad_acknowledgements_are_usage_errors(tmp_path: Path, text: str, error: str) -> None:
+    (tmp_path / acknowledged.FILENAME).write_text(text)
+    with pytest.raises(pytest.UsageError, match=error):
+        acknowledged.load(tmp_path)
+
+
+def test_step_summary_lists_regressions_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(target))
+    payloads = [
+        _payload(nodeid="t.py::test_a", verdict="PASS"),
+        _payload(nodeid="t.py::test_z", verdict="FAIL", regression=_block()),
+        {"nodeid": "t.py::test_s", "verdict": "SKIPPED", "profile": "cpu", "reason": "rack"},
+    ]
+    assert summary.write_step_summary(payloads) == target
+    text = target.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert (
+        rows[0]
+        == "| `t.py::test_z` | **FAIL** | 150 | -25.0% (-28.1%..-21.9%) FAIL | 100 ms | 10 ms |"
+    )
+    assert rows[1].startswith("| `t.py::test_a` | **PASS** |")
+    assert text.startswith("### tokperf: 1 FAIL, 1 PASS, 1 SKIPPED")
+    assert "- `t.py::test_z`: output tokens/s 150 vs baseline 200" in text
