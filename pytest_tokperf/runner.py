@@ -236,10 +236,14 @@ class Tokperf:
             )
         if warm:  # apart from the measured run, so telemetry covers that run alone
             driver.run(self.engine, warm, timeout_s=timeout_s, loop=self.loop)
+        interrupted: driver.Interrupted | None = None
         with self.telemetry() as sampler:
-            driven = driver.run_plan(
-                self.engine, measured, plan, stop=stop, progress=self.progress, loop=self.loop
-            )
+            try:
+                driven = driver.run_plan(
+                    self.engine, measured, plan, stop=stop, progress=self.progress, loop=self.loop
+                )
+            except driver.Interrupted as exc:  # Ctrl-C: keep what finished, then stop
+                driven, interrupted = exc.driven, exc
         result = metrics.summarize(
             driven.records,
             self.engine.info,
@@ -255,6 +259,8 @@ class Tokperf:
         result = metrics.with_telemetry(result, sampler.summary())
         self.results.append(result)
         self.looks.append(1 if stop is None else stop.looks)
+        if interrupted is not None:
+            raise interrupted
         return result
 
 
