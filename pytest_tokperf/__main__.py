@@ -1,4 +1,7 @@
-"""Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle` and `parity`.
+"""Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle`, `parity`, `recover`.
+
+`python -m pytest_tokperf recover PATH.journal [--out PATH]` rebuilds the JSON
+results of a session that never wrote them (killed, crashed) from its journal.
 
 `python -m pytest_tokperf parity --precision q4_0` measures accuracy parity of the
 embedded engine outside a test suite, with the same code and report as the marker.
@@ -110,6 +113,25 @@ def parity(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def recover(args: argparse.Namespace) -> int:
+    """Rebuild the results document from a journal; a bad journal is a one-line error."""
+    from pytest_tokperf import journal
+
+    try:
+        out, doc = journal.recover(Path(args.journal), None if args.out is None else Path(args.out))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot write the results: {exc}", file=sys.stderr)
+        return 1
+    state = doc["recovered"]
+    ended = "the session finished" if state["session_finished"] else "the session did not finish"
+    torn = "; its last line was cut short (dropped)" if state["last_line_torn"] else ""
+    print(f"recovered {len(doc['tests'])} test results from {args.journal} ({ended}{torn}): {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_tokperf")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,9 +157,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     par.add_argument("--threads", type=int, default=None, help="llama.cpp threads per engine")
     par.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine")
     par.add_argument("--json", default=None, help="write the result payload here")
+    rec = commands.add_parser(
+        "recover", help="rebuild the JSON results from the journal of an interrupted session"
+    )
+    rec.add_argument("journal", help="the PATH.journal file next to --tokperf-json PATH")
+    rec.add_argument("--out", default=None, help="where to write (default: PATH)")
     args = parser.parse_args(argv)
     if args.command == "parity":
         return parity(args)
+    if args.command == "recover":
+        return recover(args)
     if not args.allow_pickle:
         parser.error(
             f"refusing to load {args.source}: loading a pickle runs the code inside it; "
