@@ -7,6 +7,7 @@ environment > ini > profile default.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,6 +21,7 @@ from pytest_tokperf import (
     accuracy,
     driver,
     gpus,
+    journal,
     launcher,
     metrics,
     precision,
@@ -330,6 +332,9 @@ class TokperfSession:
         # xdist's documented marker of a worker process
         self.is_worker = hasattr(config, "workerinput")
         self.payloads: list[dict[str, Any]] = []
+        self.journal: journal.Journal | None = None
+        self.write_errors: list[str] = []  # results files that could not be written, and why
+        self.json_written = False
         self.references: dict[str, Engine] = {}  # reference engines by precision, lazily
 
     @property
@@ -421,13 +426,20 @@ class TokperfSession:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
-        yield  # the test body; if it raised, that is the outcome and nothing below runs
+        interrupted = None
+        try:
+            yield  # the test body; if it raised, that is the outcome and nothing below runs
+        except driver.Interrupted as exc:  # Ctrl-C in a run: keep what finished, then stop
+            item.session.shouldstop = f"tokperf: {exc}"  # pytest exits as interrupted (2)
+            interrupted = str(exc)
         runner = item.stash.get(RUNNER, None)
         floors = item.stash.get(FLOORS, None)
         slos = item.stash.get(SLOS, None)
+        if interrupted is not None and (runner is None or runner.last is None):
+            pytest.fail(f"{interrupted}: nothing was measured; the session stops", pytrace=False)
         if runner is None:
             return
-        if PARITY in item.stash:
+        if interrupted is None and PARITY in item.stash:
             self._judge_parity(item, runner)
         elif runner.last_parity is not None:  # tokperf.accuracy() without the marker
             data = report.parity_payload(item.nodeid, runner.last_parity, self.profile)
@@ -451,6 +463,15 @@ class TokperfSession:
         outcome = verdict.judge(
             result, floors or {}, slos, confidence=self.confidence, looks=runner.looks[-1]
         )
+        if interrupted is not None:  # a cut run is no measurement, whatever it shows
+            done = result.requests - result.failed
+            why = (
+                f"{interrupted} after {result.duration_s:.1f} s, {done:,} of "
+                f"{result.requests:,} requests finished; the session stops"
+            )
+            invalid = (why, *outcome.invalid)
+            outcome = dataclasses.replace(outcome, status="INVALID", invalid=invalid)
+            gated = True
         good = result.goodput(verdict.per_request_limits(slos)) if slos else None
         data = report.payload(
             item.nodeid, result, outcome, floors or {}, self.profile, slos, good, gpus=runner.gpus
@@ -537,14 +558,42 @@ class TokperfSession:
             rep.sections.append(("tokperf server log (tail)", self.server.log_tail()))
         return rep
 
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.json_path is None or self.is_worker:
+            return
+        path = journal.path_for(self.json_path)
+        try:
+            self.journal = journal.Journal(path, self._document())
+        except OSError as exc:
+            self._write_failed(path, exc, "the results stay in memory until the end")
+
+    def _write_failed(self, path: Path, exc: OSError, consequence: str, now: bool = True) -> None:
+        """Say so in the summary (and `now`, where the session goes on without it)."""
+        line = f"tokperf: cannot write {path}: {exc.strerror or exc}; {consequence}"
+        self.write_errors.append(line)
+        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        if now and terminal is not None:
+            terminal.write_line(line, red=True)
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when not in ("setup", "call"):
             return
         for name, value in report.user_properties:
             if name == PROPERTY:
                 self.payloads.append(json.loads(str(value)))
+                if self.journal is not None:  # on disk before the next test is judged
+                    try:
+                        self.journal.append(self.payloads[-1])
+                    except OSError as exc:
+                        self._write_failed(self.journal.path, exc, "journal stopped")
+                        self.journal = None
 
-    def pytest_sessionfinish(self) -> None:
+    def _document(self) -> dict[str, Any]:
+        return report.document(
+            self._sorted(), self.profile, self.profile_source, inventory=self.inventory
+        )
+
+    def pytest_sessionfinish(self, exitstatus: int) -> None:
         for engine in self.references.values():
             self.loop.run_until_complete(engine.aclose())
         self.references.clear()
@@ -552,14 +601,19 @@ class TokperfSession:
             self.server.stop()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.close()
+        if self.journal is not None:
+            with contextlib.suppress(OSError):  # the journal has every test already
+                self.journal.close(int(exitstatus))
         if self.json_path is not None and not self.is_worker:
-            doc = report.document(
-                self._sorted(), self.profile, self.profile_source, inventory=self.inventory
-            )
-            report.write_json(self.json_path, doc)
+            try:
+                report.write_json(self.json_path, self._document())
+                self.json_written = True
+            except OSError as exc:
+                kept = self.journal.path if self.journal else "the terminal summary below"
+                self._write_failed(self.json_path, exc, f"the results are in {kept}", now=False)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.is_worker or not self.payloads:
+        if self.is_worker or not (self.payloads or self.write_errors):
             return
         terminalreporter.section("tokperf")
         perf = [p for p in self._sorted() if p.get("kind") != report.PARITY_KIND]
@@ -568,7 +622,9 @@ class TokperfSession:
             terminalreporter.write_line(line)
         for line in report.parity_table(parity) if parity else []:
             terminalreporter.write_line(line)
-        if self.json_path is not None:
+        for line in self.write_errors:
+            terminalreporter.write_line(line, red=True)
+        if self.json_written:
             terminalreporter.write_line(f"results: {self.json_path}")
 
     def _sorted(self) -> list[dict[str, Any]]:
@@ -579,6 +635,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", FLOOR_MARKER)
     config.addinivalue_line("markers", PARITY_MARKER)
     config.addinivalue_line("markers", SLO_MARKER)
+    if config.getoption("help"):  # --help resolves no setting: a bad one must not break it
+        return
     config.pluginmanager.register(TokperfSession(config), "tokperf-session")
 
 
