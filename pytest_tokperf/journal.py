@@ -15,6 +15,7 @@ session with the same PATH starts; it stays next to the JSON file otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -46,8 +47,13 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] | None = path.open("w", encoding="utf-8")
         head = {k: v for k, v in document.items() if k not in ("summary", "tests")}
-        self._write({"kind": "header", "schema": report.SCHEMA, "started": _now(),
-                     "pid": os.getpid(), "document": head})  # fmt: skip
+        try:
+            self._write({"kind": "header", "schema": report.SCHEMA, "started": _now(),
+                         "pid": os.getpid(), "document": head})  # fmt: skip
+        except OSError:
+            with contextlib.suppress(OSError):  # its buffer cannot be flushed either
+                self.close()
+            raise
 
     def _write(self, line: Mapping[str, Any]) -> None:
         if self._file is None:
@@ -67,8 +73,8 @@ class Journal:
             if exitstatus is not None:
                 self._write({"kind": "end", "exitstatus": exitstatus, "finished": _now()})
         finally:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            file.close()
 
 
 @dataclass(frozen=True)
