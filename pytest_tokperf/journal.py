@@ -6,8 +6,8 @@ short of the disk) would lose every result, so the controller also appends each
 payload to `PATH.journal` as one JSON line, flushed and fsynced before the next test
 is judged. `python -m pytest_tokperf recover PATH.journal` rebuilds the document.
 
-Lines: a header `{"kind": "header", "schema", "started", "pid", "document": {...}}`
-(the document's own fields as at the start: machine, packages, profile, inventory),
+Lines: a header `{"kind": "header", "schema", "profile", "started", "pid", "document"}`
+(the document's other fields as at the start: machine, packages, inventory),
 then one `{"kind": "test", "payload": {...}}` per test, and `{"kind": "end",
 "exitstatus": N}` when the session finished. A journal is overwritten when the next
 session with the same PATH starts; it stays next to the JSON file otherwise.
@@ -46,10 +46,10 @@ class Journal:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] | None = path.open("w", encoding="utf-8")
-        head = {k: v for k, v in document.items() if k not in ("summary", "tests")}
+        head = {k: v for k, v in document.items() if k not in ("profile", "summary", "tests")}
         try:
-            self._write({"kind": "header", "schema": report.SCHEMA, "started": _now(),
-                         "pid": os.getpid(), "document": head})  # fmt: skip
+            self._write({"kind": "header", "schema": report.SCHEMA, "profile": document["profile"],
+                         "started": _now(), "pid": os.getpid(), "document": head})  # fmt: skip
         except OSError:
             with contextlib.suppress(OSError):  # its buffer cannot be flushed either
                 self.close()
@@ -115,7 +115,11 @@ def read(path: Path) -> Read:
             raise ValueError(f"{where}: not a journal line (invalid JSON)") from None
         kind = entry.get("kind") if isinstance(entry, dict) else None
         if header is None:
-            if kind != "header" or entry.get("schema") != report.SCHEMA:
+            if (
+                kind != "header"
+                or entry.get("schema") != report.SCHEMA
+                or not isinstance(entry.get("document"), dict)
+            ):
                 raise ValueError(
                     f"{where}: not a pytest-tokperf journal (expected a header line of "
                     f"schema {report.SCHEMA})"
@@ -138,8 +142,11 @@ def document(journal: Read, source: Path) -> dict[str, Any]:
     `recovered` (an extra key) says where it came from and whether the session ended.
     """
     payloads = sorted(journal.payloads, key=lambda p: str(p.get("nodeid")))
+    head = journal.header["document"]
     return {
-        **journal.header["document"],
+        **{k: v for k, v in head.items() if k != "inventory"},
+        "profile": journal.header["profile"],
+        "inventory": head.get("inventory"),
         "summary": {s: sum(1 for p in payloads if p.get("verdict") == s) for s in report.VERDICTS},
         "tests": payloads,
         "recovered": {

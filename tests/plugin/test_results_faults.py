@@ -149,7 +149,7 @@ def test_sigint_mid_run_keeps_what_finished_and_exits_interrupted(
     lines = journal_path.read_text().splitlines()
     assert json.loads(lines[-1]) == {**json.loads(lines[-1]), "kind": "end", "exitstatus": 2}
     print(
-        f"\nFAULT sigint: {finished} requests kept; SIGINT to journaled {recorded:.2f} s, "
+        f"\nFAULT sigint: {cut['invalid'][0]!r}; SIGINT to journaled {recorded:.2f} s, "
         f"to exit {took:.2f} s"
     )
 

@@ -76,6 +76,7 @@ def test_a_corrupt_line_in_the_middle_names_file_and_line(tmp_path: Path) -> Non
         ("", "empty journal"),
         ('{"kind": "test", "payload": {}}\n', "not a pytest-tokperf journal"),
         ('{"kind": "header", "schema": "other/1"}\n', "not a pytest-tokperf journal"),
+        (f'{{"kind": "header", "schema": "{report.SCHEMA}"}}\n', "not a pytest-tokperf journal"),
     ],
 )
 def test_not_a_journal(tmp_path: Path, text: str, why: str) -> None:
