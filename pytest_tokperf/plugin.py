@@ -594,16 +594,21 @@ class TokperfSession:
         )
 
     def pytest_sessionfinish(self, exitstatus: int) -> None:
-        for engine in self.references.values():
-            self.loop.run_until_complete(engine.aclose())
-        self.references.clear()
-        if self.server is not None:
-            self.server.stop()
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.close()
+        try:
+            for engine in self.references.values():
+                self.loop.run_until_complete(engine.aclose())
+            self.references.clear()
+            if self.server is not None:
+                self.server.stop()
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.close()
+        finally:  # whatever the cleanup met (a second Ctrl-C), the results are written
+            self._write_results(int(exitstatus))
+
+    def _write_results(self, exitstatus: int) -> None:
         if self.journal is not None:
             with contextlib.suppress(OSError):  # the journal has every test already
-                self.journal.close(int(exitstatus))
+                self.journal.close(exitstatus)
         if self.json_path is not None and not self.is_worker:
             try:
                 report.write_json(self.json_path, self._document())

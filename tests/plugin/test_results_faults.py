@@ -29,13 +29,17 @@ DOCUMENT_KEYS = {"schema", "created", "packages", "machine", "profile", "invento
 
 
 def pytest_process(where: Path, *args: str) -> subprocess.Popen[str]:
-    """`python -m pytest ARGS` in `where`, its own process (signals go to it alone)."""
+    """`python -m pytest ARGS` in `where`, its own process (signals go to it alone).
+
+    SIGINT as Ctrl-C delivers it, even when this run was started with SIGINT ignored
+    (a background job of a non-interactive shell)."""
     return subprocess.Popen(
         [sys.executable, "-m", "pytest", *QUIET, *args],
         cwd=where,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
