@@ -52,8 +52,9 @@ def reqs(n: int, tokens: int = 4) -> Iterator[Request]:
 
 @pytest.fixture(params=["asyncio", "uvloop"])
 def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
-    """The standard loop and uvloop (the driver's choice where it is installed)."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    """The standard loop and uvloop (the driver's choice where it is installed), with
+    SIGINT handled as in a terminal (also when this run was started with it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     if request.param == "uvloop":
         uvloop = pytest.importorskip("uvloop", reason="needs the 'openai' extra")
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
@@ -63,6 +64,7 @@ def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
     # whatever happened, Python's own handler is back
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(
