@@ -292,6 +292,36 @@ def test_a_full_disk_keeps_the_old_results_file_whole(pytester: pytest.Pytester)
     assert not (pytester.path / f".out.json.{os.getpid()}.tmp").is_symlink()
 
 
+def test_a_disk_filling_up_mid_session_stops_the_journal_not_the_session(
+    pytester: pytest.Pytester,
+) -> None:
+    """RLIMIT_FSIZE caps every file the run writes, like a disk that fills up after
+    the journal's header and first test: the second line is cut short (EFBIG)."""
+    resource = pytest.importorskip("resource")
+    pytester.makepyfile(test_suite=SUITE.format(count=3, tokens=8))
+
+    def limited() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, 4_000))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *QUIET, "--tokperf-profile", "sim",
+         "--tokperf-json", "out.json"],
+        cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=limited,
+    )  # fmt: skip
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out  # the tests passed; the files are not the tests
+    path = pytester.path / "out.json.journal"
+    assert re.search(r"tokperf: cannot write out\.json\.journal: .*; journal stopped", out)
+    assert re.search(r"cannot write .*out\.json: .*; the results are in the terminal summary", out)
+    assert all(f"test_suite.py::test_run[{n}]" in out for n in range(3))  # the table
+    assert not (pytester.path / "out.json").exists()
+    kept = journal.read(path)
+    assert [p["nodeid"] for p in kept.payloads] == ["test_suite.py::test_run[0]"]
+    assert kept.torn and not kept.finished
+
+
 def test_a_bad_setting_does_not_break_help(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
