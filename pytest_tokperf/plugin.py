@@ -427,11 +427,16 @@ class TokperfSession:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
         interrupted = None
+        cut = False  # Ctrl-C came in a run (its requests in flight were cut)
         try:
             yield  # the test body; if it raised, that is the outcome and nothing below runs
-        except driver.Interrupted as exc:  # Ctrl-C in a run: keep what finished, then stop
-            item.session.shouldstop = f"tokperf: {exc}"  # pytest exits as interrupted (2)
-            interrupted = str(exc)
+        except KeyboardInterrupt as exc:  # Ctrl-C: keep what finished, then stop
+            cut = isinstance(exc, driver.Interrupted)
+            runner = item.stash.get(RUNNER, None)
+            if not cut and (runner is None or runner.last is None):
+                raise  # nothing measured to keep: pytest's own interrupt
+            interrupted = str(exc) if cut else f"{driver.INTERRUPTED} in the test's own code"
+            item.session.shouldstop = f"tokperf: {interrupted}"  # pytest exits with status 2
         runner = item.stash.get(RUNNER, None)
         floors = item.stash.get(FLOORS, None)
         slos = item.stash.get(SLOS, None)
@@ -465,8 +470,9 @@ class TokperfSession:
         )
         if interrupted is not None:  # a cut run is no measurement, whatever it shows
             done = result.requests - result.failed
+            when = f"{result.duration_s:.1f} s" if cut else "its last run"
             why = (
-                f"{interrupted} after {result.duration_s:.1f} s, {done:,} of "
+                f"{interrupted} after {when}, {done:,} of "
                 f"{result.requests:,} requests finished; the session stops"
             )
             invalid = (why, *outcome.invalid)

@@ -158,6 +158,37 @@ def test_sigint_mid_run_keeps_what_finished_and_exits_interrupted(
     )
 
 
+BODY_SUITE = """
+import pathlib
+import time
+
+def test_a(tokperf):
+    tokperf.run(requests=4, max_tokens=8)
+    pathlib.Path("a-ran").touch()
+    time.sleep(300)  # the test's own code, after its run
+
+def test_b(tokperf):
+    tokperf.run(requests=4, max_tokens=8)
+"""
+
+
+def test_sigint_in_the_tests_own_code_keeps_its_finished_run(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_suite=BODY_SUITE)
+    proc = pytest_process(pytester.path, "--tokperf-profile", "sim", "--tokperf-json", "out.json")
+    wait_for("test_a's run", (pytester.path / "a-ran").exists, proc)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "Interrupted: tokperf: interrupted (SIGINT) in the test's own code" in out
+    (test,) = json.loads((pytester.path / "out.json").read_text())["tests"]
+    assert test["nodeid"] == "test_suite.py::test_a" and test["verdict"] == "INVALID"
+    assert test["failed"] == 0 and test["requests"] == 4  # the run itself had finished
+    assert test["invalid"] == [
+        "interrupted (SIGINT) in the test's own code after its last run, 4 of 4 requests "
+        "finished; the session stops"
+    ]
+
+
 GPU_SUITE = """
 import os
 import pathlib
