@@ -1,9 +1,11 @@
 """Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle`, `parity`, `merge`,
-`recompute` and `calibrate`.
+`recompute`, `calibrate` and `recover`.
 
 `python -m pytest_tokperf merge node*.json --out rack.json` judges a rack from nodes
 launched by separate jobs; `python -m pytest_tokperf recompute RECORDS --json DOC`
 recomputes every run's metrics from a records file and checks them against the JSON.
+`python -m pytest_tokperf recover PATH.journal [--out PATH]` rebuilds the JSON
+results of a session that never wrote them (killed, crashed) from its journal.
 
 `python -m pytest_tokperf parity --precision q4_0` measures accuracy parity of the
 embedded engine outside a test suite, with the same code and report as the marker.
@@ -157,6 +159,25 @@ def recompute(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def recover(args: argparse.Namespace) -> int:
+    """Rebuild the results document from a journal; a bad journal is a one-line error."""
+    from pytest_tokperf import journal
+
+    try:
+        out, doc = journal.recover(Path(args.journal), None if args.out is None else Path(args.out))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot write the results: {exc}", file=sys.stderr)
+        return 1
+    state = doc["recovered"]
+    ended = "the session finished" if state["session_finished"] else "the session did not finish"
+    torn = "; its last line was cut short (dropped)" if state["last_line_torn"] else ""
+    print(f"recovered {len(doc['tests'])} test results from {args.journal} ({ended}{torn}): {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_tokperf")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cal.add_argument("--confidence", type=float, default=0.90, help="of the tolerance bound")
     cal.add_argument("--out", default=None, help="write the tokperf.toml snippet here")
     cal.add_argument("--baseline", default=None, help="also save the last run as a baseline here")
+    rcv = commands.add_parser(
+        "recover", help="rebuild the JSON results from the journal of an interrupted session"
+    )
+    rcv.add_argument("journal", help="the PATH.journal file next to --tokperf-json PATH")
+    rcv.add_argument("--out", default=None, help="where to write (default: PATH)")
     # everything after `--` goes to pytest: `calibrate examples -n 5 -- -k offline`
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -219,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return merge(args)
     if args.command == "recompute":
         return recompute(args)
+    if args.command == "recover":
+        return recover(args)
     if not args.allow_pickle:
         parser.error(
             f"refusing to load {args.source}: loading a pickle runs the code inside it; "

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_tokperf.verdict import check_keywords
+from pytest_tokperf.verdict import check_keywords, finite
 
 if TYPE_CHECKING:
     import numpy as np
@@ -327,11 +327,12 @@ def score(
 
 
 def _fraction(value: object, where: str, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    number = finite(value)
+    if number is None or not 0 < number <= 1:
         raise pytest.UsageError(
             f"{where}: accuracy_parity({name}=...) must be a number in (0, 1], got {value!r}"
         )
-    return float(value)
+    return number
 
 
 def parse_parity_marker(
@@ -363,20 +364,18 @@ def parse_parity_marker(
     ratio = kwargs.get("rouge_ratio", spec.rouge_ratio)
     ratio = _fraction(ratio, where, "rouge_ratio")
     band = kwargs.get("tokens_per_sample", spec.tokens_per_sample)
-    if (
-        not isinstance(band, (tuple, list))
-        or len(band) != 2
-        or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in band)
-        or not 0 <= band[0] <= 1 <= band[1]
-    ):
+    low, high = (
+        (finite(band[0]), finite(band[1]))
+        if isinstance(band, (tuple, list)) and len(band) == 2
+        else (None, None)
+    )
+    if low is None or high is None or not 0 <= low <= 1 <= high:
         raise pytest.UsageError(
             f"{where}: accuracy_parity(tokens_per_sample=...) must be (low, high) with "
             f"low <= 1 <= high, e.g. (0.9, 1.1), got {band!r}"
         )
     max_kl = kwargs.get("max_kl")
-    if max_kl is not None and (
-        isinstance(max_kl, bool) or not isinstance(max_kl, (int, float)) or max_kl <= 0
-    ):
+    if max_kl is not None and not (finite(max_kl) or 0) > 0:
         raise pytest.UsageError(
             f"{where}: accuracy_parity(max_kl=...) must be a positive number (nats), got {max_kl!r}"
         )
@@ -394,8 +393,8 @@ def parse_parity_marker(
     return ParitySpec(
         reference=reference if isinstance(reference, str) else None,
         rouge_ratio=ratio,
-        tokens_per_sample=(float(band[0]), float(band[1])),
-        max_kl=None if max_kl is None else float(max_kl),
+        tokens_per_sample=(low, high),
+        max_kl=finite(max_kl),
         min_top1=min_top1,
         dataset=dataset,
     )

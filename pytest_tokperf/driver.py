@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from pytest_tokperf.engines import Engine, Request
 NS = 1_000_000_000
 SCENARIOS = ("offline", "server", "interactive", "concurrency")
 LOOK_EVERY_S = 0.25  # how often the watcher wakes for progress and stop checks
+TIMED_OUT = "cancelled: the run's time limit was reached before this request completed"
+INTERRUPTED = "interrupted (SIGINT)"
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class _Live:
     chunk_tokens: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    cancelled: str = TIMED_OUT  # the record's error if its task is cancelled
 
     def record(self, end_ns: int, error: str | None = None) -> RequestRecord:
         return RequestRecord(
@@ -95,29 +100,64 @@ async def _stream(engine: Engine, live: _Live) -> RequestRecord:
             live.texts.append(chunk.text)
             live.token_ids.extend(chunk.token_ids)
     except asyncio.CancelledError:
-        error = "cancelled: the run's time limit was reached before this request completed"
+        error = live.cancelled
     except Exception as exc:  # any engine failure becomes the record's error
         error = f"{type(exc).__name__}: {exc}"
     return live.record(clock(), error)
 
 
-async def _issue(engine: Engine, request: Request, issue_ns: int) -> RequestRecord:
-    return await _stream(engine, _Live(request, issue_ns, None))
+@dataclass
+class Flights:
+    """A run's requests in flight, so it can be stopped from outside (Ctrl-C)."""
+
+    halt: asyncio.Event = field(default_factory=asyncio.Event)  # set: issue no more
+    stopped: str | None = None  # why it was stopped from outside
+    flying: list[tuple[_Live, asyncio.Task[RequestRecord]]] = field(default_factory=list)
+
+    def launch(self, engine: Engine, live: _Live) -> asyncio.Task[RequestRecord]:
+        task = asyncio.create_task(_stream(engine, live))
+        self.flying.append((live, task))
+        return task
+
+    def stop(self, reason: str) -> None:
+        """Issue no more; every request in flight ends now, as a record failed with `reason`."""
+        self.stopped = reason
+        self.halt.set()
+        for live, task in self.flying:
+            if not task.done():
+                live.cancelled = f"{reason} before this request completed"
+                task.cancel()
 
 
 async def run_offline(
-    engine: Engine, requests: Sequence[Request], timeout_s: float
+    engine: Engine, requests: Sequence[Request], timeout_s: float, flights: Flights | None = None
 ) -> list[RequestRecord]:
     """MLPerf Offline: issue every request at t0 and let the engine schedule them.
 
     Requests still running after `timeout_s` are cancelled and recorded as failed.
     """
+    flights = flights or Flights()
     t0 = time.perf_counter_ns()
-    tasks = [asyncio.create_task(_issue(engine, r, t0)) for r in requests]
+    lives = [_Live(r, t0, None) for r in requests]
+    tasks = [flights.launch(engine, live) for live in lives]
     await asyncio.wait(tasks, timeout=timeout_s)
     for task in tasks:
-        task.cancel()  # a no-op for finished tasks; `_issue` turns it into a record
-    return list(await asyncio.gather(*tasks))
+        task.cancel()  # a no-op for finished tasks; `_stream` turns it into a record
+    return await _records(lives, tasks)
+
+
+async def _records(
+    lives: Sequence[_Live], tasks: Sequence[asyncio.Task[RequestRecord]]
+) -> list[RequestRecord]:
+    """Every request's record, in issue order, once all are done. A request cancelled
+    before its task first ran (Ctrl-C just after it was issued) is a record too."""
+    if tasks:
+        await asyncio.wait(tasks)
+    end = time.perf_counter_ns()
+    return [
+        live.record(end, live.cancelled) if task.cancelled() else task.result()
+        for live, task in zip(lives, tasks, strict=True)
+    ]
 
 
 def poisson_offsets_ns(qps: float, seed: int) -> Iterator[int]:
@@ -168,20 +208,23 @@ async def drive(
     *,
     stop: Snapshot | None = None,
     progress: Callable[[Sequence[RequestRecord], float], None] | None = None,
+    flights: Flights | None = None,
 ) -> Driven:
     """Issue `requests` (possibly endless, then bounded by `max_duration_s`) as `plan` says.
 
     `stop(snapshot, elapsed_s)` is asked on every look once `min_requests` and
     `min_duration_s` are met; True ends issuing (requests in flight finish). A snapshot
-    holds every record so far, in-flight requests cut at the present.
+    holds every record so far, in-flight requests cut at the present. `flights.stop`
+    ends the run from outside.
     """
     clock = time.perf_counter_ns
+    flights = flights or Flights()
     if plan.scenario == "offline":
         cpu0, t0 = time.thread_time_ns(), clock()
-        records = await run_offline(engine, list(requests), plan.timeout_s)
+        records = await run_offline(engine, list(requests), plan.timeout_s, flights)
         wall = clock() - t0
         cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
-        return Driven(tuple(records), cpu, "all requests issued")
+        return Driven(tuple(records), cpu, flights.stopped or "all requests issued")
 
     t0 = clock()
     cpu0 = time.thread_time_ns()
@@ -190,7 +233,7 @@ async def drive(
     lives: list[_Live] = []
     tasks: list[asyncio.Task[RequestRecord]] = []
     done: dict[int, RequestRecord] = {}
-    halt = asyncio.Event()
+    halt = flights.halt
     reason = ["all requests issued"]
     stopped_at: list[int | None] = [None]
 
@@ -200,7 +243,7 @@ async def drive(
 
     def launch(request: Request, scheduled: int | None) -> asyncio.Task[RequestRecord]:
         live = _Live(request, clock(), scheduled)
-        task = asyncio.create_task(_stream(engine, live))
+        task = flights.launch(engine, live)
         index = len(tasks)
         task.add_done_callback(lambda t: finish(index, t))
         lives.append(live)
@@ -273,11 +316,11 @@ async def drive(
         await asyncio.wait(tasks, timeout=max(0.0, (deadline - clock()) / NS))
     for task in tasks:
         task.cancel()  # a no-op for finished tasks; `_stream` turns it into a record
-    records = await asyncio.gather(*tasks)
+    records = await _records(lives, tasks)
     wall = clock() - t0
     cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
     window_end = stopped_at[0] if plan.max_duration_s is not None else None
-    return Driven(tuple(records), cpu, reason[0], window_end)
+    return Driven(tuple(records), cpu, flights.stopped or reason[0], window_end)
 
 
 def run(
@@ -320,15 +363,59 @@ def run_plan(
     """
     if plan.scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {plan.scenario!r}; available: {', '.join(SCENARIOS)}")
+    flights = Flights()
 
     async def main() -> Driven:
-        if warmup:
-            await run_offline(engine, warmup, plan.timeout_s)
-        return await drive(engine, requests, plan, stop=stop, progress=progress)
+        with _on_sigint(flights):
+            if warmup:
+                await run_offline(engine, warmup, plan.timeout_s, flights)
+            if flights.stopped is not None:
+                return Driven((), None, f"{flights.stopped} during the warm-up")
+            return await drive(engine, requests, plan, stop=stop, progress=progress,
+                               flights=flights)  # fmt: skip
 
-    if loop is None:
-        return asyncio.run(main())
-    return loop.run_until_complete(main())
+    driven = asyncio.run(main()) if loop is None else loop.run_until_complete(main())
+    if flights.stopped is not None:
+        raise Interrupted(driven)
+    return driven
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run: `driven` holds its records, the requests in flight cut.
+
+    A KeyboardInterrupt, so whoever does not catch it stops as Ctrl-C stops them.
+    """
+
+    def __init__(self, driven: Driven) -> None:
+        super().__init__(driven.stopped)
+        self.driven = driven
+
+
+@contextlib.contextmanager
+def _on_sigint(flights: Flights) -> Iterator[None]:
+    """While the run goes on, Ctrl-C stops it in order (see `Flights.stop`); a second
+    Ctrl-C interrupts at once. Only where Python's own SIGINT handler is in place (the
+    main thread, nobody else's handler), and only on loops that support it."""
+    loop = asyncio.get_running_loop()
+    ours = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if ours:
+        try:
+            loop.add_signal_handler(signal.SIGINT, _first_sigint, loop, flights)
+        except (NotImplementedError, RuntimeError):  # e.g. Windows' proactor loop
+            ours = False
+    try:
+        yield
+    finally:
+        if ours:
+            loop.remove_signal_handler(signal.SIGINT)  # back to default_int_handler
+
+
+def _first_sigint(loop: asyncio.AbstractEventLoop, flights: Flights) -> None:
+    loop.remove_signal_handler(signal.SIGINT)
+    flights.stop(INTERRUPTED)
 
 
 def new_loop() -> asyncio.AbstractEventLoop:

@@ -7,6 +7,7 @@ environment > ini > profile default.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ from pytest_tokperf import (
     baseline,
     driver,
     gpus,
+    journal,
     launcher,
     metrics,
     precision,
@@ -411,6 +413,9 @@ class TokperfSession:
         # xdist's documented marker of a worker process
         self.is_worker = hasattr(config, "workerinput")
         self.payloads: list[dict[str, Any]] = []
+        self.journal: journal.Journal | None = None
+        self.write_errors: list[str] = []  # results files that could not be written, and why
+        self.json_written = False
         self.references: dict[str, Engine] = {}  # reference engines by precision, lazily
         # xdist workers inherit the launcher's MPI environment but are no MPI ranks
         connect = rack.connect if not self.is_worker else lambda *_: rack.Local()
@@ -581,8 +586,17 @@ class TokperfSession:
         floors = item.stash.get(FLOORS, None)
         slos = item.stash.get(SLOS, None)
         gated = floors is not None or slos is not None
+        interrupted = None
+        cut = False  # Ctrl-C came in a run (its requests in flight were cut)
         try:
             yield  # the test body; if it raised, that is the outcome and nothing below runs
+        except KeyboardInterrupt as exc:  # Ctrl-C: keep what finished, then stop
+            cut = isinstance(exc, driver.Interrupted)
+            runner = item.stash.get(RUNNER, None)
+            if not cut and (runner is None or runner.last is None):
+                raise  # nothing measured to keep: pytest's own interrupt
+            interrupted = str(exc) if cut else f"{driver.INTERRUPTED} in the test's own code"
+            item.session.shouldstop = f"tokperf: {interrupted}"  # pytest exits with status 2
         except BaseException as exc:
             if gated:  # other ranks may be waiting for this one
                 skipped = isinstance(exc, pytest.skip.Exception)
@@ -594,9 +608,11 @@ class TokperfSession:
                         pytest.skip(why)
                     pytest.fail(why, pytrace=False)
             raise
+        if interrupted is not None and (runner is None or runner.last is None):
+            pytest.fail(f"{interrupted}: nothing was measured; the session stops", pytrace=False)
         if runner is None:
             return
-        if PARITY in item.stash:
+        if interrupted is None and PARITY in item.stash:
             self._judge_parity(item, runner)
         elif runner.last_parity is not None:  # tokperf.accuracy() without the marker
             data = report.parity_payload(item.nodeid, runner.last_parity, self.profile)
@@ -619,6 +635,16 @@ class TokperfSession:
         outcome = verdict.judge(
             result, floors or {}, slos, confidence=self.confidence, looks=runner.looks[-1]
         )
+        if interrupted is not None:  # a cut run is no measurement, whatever it shows
+            done = result.requests - result.failed
+            when = f"{result.duration_s:.1f} s" if cut else "its last run"
+            why = (
+                f"{interrupted} after {when}, {done:,} of "
+                f"{result.requests:,} requests finished; the session stops"
+            )
+            invalid = (why, *outcome.invalid)
+            outcome = dataclasses.replace(outcome, status="INVALID", invalid=invalid)
+            gated = True
         good = result.goodput(verdict.per_request_limits(slos)) if slos else None
         data = report.payload(
             item.nodeid, result, outcome, floors or {}, self.profile, slos, good, gpus=runner.gpus
@@ -741,24 +767,65 @@ class TokperfSession:
             rep.sections.append(("tokperf server log (tail)", self.server.log_tail()))
         return rep
 
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.json_path is None or self.is_worker:
+            return
+        path = journal.path_for(self.json_path)
+        try:
+            self.journal = journal.Journal(path, self._document())
+        except OSError as exc:
+            self._write_failed(path, exc, "the results stay in memory until the end")
+
+    def _write_failed(self, path: Path, exc: OSError, consequence: str, now: bool = True) -> None:
+        """Say so in the summary (and `now`, where the session goes on without it)."""
+        line = f"tokperf: cannot write {path}: {exc.strerror or exc}; {consequence}"
+        self.write_errors.append(line)
+        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        if now and terminal is not None:
+            terminal.write_line(line, red=True)
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when not in ("setup", "call"):
             return
         for name, value in report.user_properties:
             if name == PROPERTY:
                 self.payloads.append(json.loads(str(value)))
+                if self.journal is not None:  # on disk before the next test is judged
+                    try:
+                        self.journal.append(self.payloads[-1])
+                    except OSError as exc:
+                        self._write_failed(self.journal.path, exc, "journal stopped")
+                        self.journal = None
 
-    def pytest_sessionfinish(self) -> None:
-        for engine in self.references.values():
-            self.loop.run_until_complete(engine.aclose())
-        self.references.clear()
-        for server in (self.server, *self.reference_servers):
-            if server is not None:
-                server.stop()
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.close()
+    def _document(self) -> dict[str, Any]:
+        return report.document(
+            self._sorted(), self.profile, self.profile_source, inventory=self.inventory
+        )
+
+    def pytest_sessionfinish(self, exitstatus: int) -> None:
+        try:
+            for engine in self.references.values():
+                self.loop.run_until_complete(engine.aclose())
+            self.references.clear()
+            for server in (self.server, *self.reference_servers):
+                if server is not None:
+                    server.stop()
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.close()
+        finally:  # whatever the cleanup met (a second Ctrl-C), the results are written
+            self._write_results(int(exitstatus))
+
+    def _write_results(self, exitstatus: int) -> None:
+        if self.journal is not None:
+            with contextlib.suppress(OSError):  # the journal has every test already
+                self.journal.close(exitstatus)
         if self.json_path is not None and not self.is_worker:
-            self._write_json(self.json_path)
+            try:
+                self._write_json(self.json_path)
+                self.json_written = True
+            except OSError as exc:
+                kept = self.journal.path if self.journal else "the terminal summary below"
+                self._write_failed(self.json_path, exc, f"the results are in {kept}", now=False)
         if not self.is_worker:
             summary.write_step_summary(self._sorted())
             if self.html_path is not None:
@@ -786,7 +853,7 @@ class TokperfSession:
             report.write_json(target, {**doc, **where})
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.is_worker or not self.payloads:
+        if self.is_worker or not (self.payloads or self.write_errors):
             return
         terminalreporter.section("tokperf")
         perf = [p for p in self._sorted() if p.get("kind") != report.PARITY_KIND]
@@ -802,7 +869,9 @@ class TokperfSession:
             terminalreporter.write_line(line)
         if self.html_path is not None:
             terminalreporter.write_line(f"HTML report: {self.html_path}")
-        if self.json_path is not None:
+        for line in self.write_errors:
+            terminalreporter.write_line(line, red=True)
+        if self.json_written:
             terminalreporter.write_line(f"results: {self.json_path}")
 
     def _sorted(self) -> list[dict[str, Any]]:
@@ -814,6 +883,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", PARITY_MARKER)
     config.addinivalue_line("markers", SLO_MARKER)
     config.addinivalue_line("markers", baseline.MARKER)
+    if config.getoption("help"):  # --help resolves no setting: a bad one must not break it
+        return
     config.pluginmanager.register(TokperfSession(config), "tokperf-session")
 
 

@@ -72,6 +72,11 @@ def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
     with filelock.FileLock(str(target) + ".lock"):
         if target.is_file():  # another process built it while this one waited
             return target
+        # only the lock's holder writes a temporary file: any found now is a dead
+        # builder's (killed mid-build), a partial model that would stay forever
+        for stale in target.parent.iterdir():
+            if stale.name.startswith(f".{target.name}.") and stale.name.endswith(".tmp"):
+                stale.unlink(missing_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             build(tmp)

@@ -29,7 +29,7 @@ import pytest
 from pytest_tokperf import workloads
 from pytest_tokperf.driver import SCENARIOS
 from pytest_tokperf.gpus import Inventory, Need, unsuitable
-from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS
+from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS, finite
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -252,9 +252,10 @@ def _int(value: object, minimum: int) -> int:
 def _float(value: object, minimum: float, strict: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Bad(f"expected a number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
+    number = finite(value)  # TOML has nan and inf
+    if number is None or number < minimum or (strict and number == minimum):
         raise _Bad(f"expected a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
-    return float(value)
+    return number
 
 
 def _choice(value: object, choices: tuple[str, ...]) -> str:
@@ -360,13 +361,14 @@ def _tables(rootdir: Path) -> list[tuple[str, dict[str, Any], Path]]:
             continue
         try:
             doc: Any = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise pytest.UsageError(f"{path}: not valid TOML: {exc}") from None
-        for key in keys:
-            doc = doc.get(key, {}) if isinstance(doc, dict) else {}
-        where = "[" + ".".join(keys) + "]"
-        if not isinstance(doc, dict):
-            raise pytest.UsageError(f"{path}: {where} must be a table of profiles")
+        for depth, key in enumerate(keys, start=1):
+            doc = doc.get(key, {})
+            if not isinstance(doc, dict):  # e.g. `tool.tokperf = 1`: never ignored silently
+                where = "[" + ".".join(keys[:depth]) + "]"
+                what = "a table of profiles" if depth == len(keys) else "a table"
+                raise pytest.UsageError(f"{path}: {where} must be {what}, got {doc!r}")
         for name, table in doc.items():
             if not isinstance(table, dict):
                 raise pytest.UsageError(

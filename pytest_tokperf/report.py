@@ -384,11 +384,18 @@ def document(
 
 
 def write_json(path: Path, doc: Mapping[str, Any]) -> None:
-    """Write atomically, so a reader never sees half a file."""
+    """Write atomically (a temporary file on the disk, then renamed), so a reader never
+    sees half a file; on failure (disk full, read-only) the OSError says why."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- accuracy parity -------------------------------------------------------------------

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from pytest_tokperf import accuracy, driver, metrics, records, verdict, workloads
 from pytest_tokperf import gpus as gpus_module
@@ -17,20 +20,30 @@ Progress = Callable[[Sequence[RequestRecord], float], None]
 SERVER = ("server", "interactive")
 
 
-def _check_int(name: str, value: object, least: int) -> None:
+MOST_REQUESTS = 10_000_000  # per run; each is an object in memory before it is issued
+
+
+def _check_int(name: str, value: object, least: int, most: int | None = None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"tokperf.run({name}={value!r}): expected an integer")
     if value < least:
         raise ValueError(f"tokperf.run({name}={value}): must be at least {least}")
+    if most is not None and value > most:
+        raise ValueError(f"tokperf.run({name}={value}): must be at most {most:,}")
 
 
-def _check_seconds(name: str, value: object) -> None:
+def _check_seconds(
+    name: str, value: object, *, zero: bool = False, call: str = "tokperf.run"
+) -> None:
+    """None, or a finite number of seconds: positive (or also 0, with `zero`)."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"tokperf.run({name}={value!r}): expected a positive number of seconds")
+    number = verdict.finite(value)
+    if number is None or number < 0 or (number == 0 and not zero):
+        kind = "0 or a positive" if zero else "a positive"
+        raise ValueError(f"{call}({name}={value!r}): expected {kind} number of seconds")
 
 
 class Tokperf:
@@ -102,6 +115,16 @@ class Tokperf:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"tokperf.accuracy({name}={value!r}): expected a positive integer")
+        _check_seconds("timeout_s", timeout_s, call="tokperf.accuracy")
+        given = {"reference": reference, "rouge_ratio": rouge_ratio, "max_kl": max_kl,
+                 "tokens_per_sample": tokens_per_sample, "min_top1": min_top1,
+                 "dataset": dataset}  # fmt: skip
+        try:  # the marker's rules, for the same arguments given here
+            accuracy.parse_parity_marker(
+                (), {k: v for k, v in given.items() if v is not None}, "tokperf.accuracy()", None
+            )
+        except pytest.UsageError as exc:
+            raise ValueError(str(exc)) from None
         spec = self.parity_spec
         spec = accuracy.ParitySpec(
             reference=reference or spec.reference,
@@ -172,15 +195,15 @@ class Tokperf:
             raise ValueError(
                 f"tokperf.run(scenario={scenario!r}): available: {', '.join(driver.SCENARIOS)}"
             )
-        for name, value, least in (
-            ("requests", requests, 1),
-            ("max_tokens", max_tokens, 1),
-            ("warmup", warmup, 0),
-            ("concurrency", concurrency, 1),
-            ("min_requests", min_requests, 0),
-            ("seed", seed, 0),
+        for name, value, least, most in (
+            ("requests", requests, 1, MOST_REQUESTS),
+            ("max_tokens", max_tokens, 1, None),
+            ("warmup", warmup, 0, MOST_REQUESTS),
+            ("concurrency", concurrency, 1, None),
+            ("min_requests", min_requests, 0, None),
+            ("seed", seed, 0, None),
         ):
-            _check_int(name, value, least)
+            _check_int(name, value, least, most)
         for name, seconds in (
             ("qps", qps),
             ("duration_s", duration_s),
@@ -188,8 +211,12 @@ class Tokperf:
             ("timeout_s", timeout_s),
         ):
             _check_seconds(name, seconds)
-        if min_duration_s < 0:
-            raise ValueError(f"tokperf.run(min_duration_s={min_duration_s}): must be 0 or more")
+        _check_seconds("min_duration_s", min_duration_s, zero=True)
+        if workload is not None and not isinstance(workload, (str, os.PathLike)):
+            raise ValueError(
+                f"tokperf.run(workload={workload!r}): expected a built-in set's name or a "
+                "JSONL file's path"
+            )
         if scenario in SERVER and qps is None:
             raise ValueError(f"tokperf.run(scenario={scenario!r}) needs qps=<requests per second>")
         if scenario not in SERVER and qps is not None:
@@ -252,10 +279,14 @@ class Tokperf:
             driver.run(self.engine, warm, timeout_s=timeout_s, loop=self.loop)
         self.before_run()
         anchor = records.anchor()
+        interrupted: driver.Interrupted | None = None
         with self.telemetry() as sampler:
-            driven = driver.run_plan(
-                self.engine, measured, plan, stop=stop, progress=self.progress, loop=self.loop
-            )
+            try:
+                driven = driver.run_plan(
+                    self.engine, measured, plan, stop=stop, progress=self.progress, loop=self.loop
+                )
+            except driver.Interrupted as exc:  # Ctrl-C: keep what finished, then stop
+                driven, interrupted = exc.driven, exc
         result = metrics.summarize(
             driven.records,
             self.engine.info,
@@ -274,6 +305,8 @@ class Tokperf:
         self.anchors.append(anchor)
         if self.after_run is not None:
             self.after_run(result, anchor)
+        if interrupted is not None:
+            raise interrupted
         return result
 
 

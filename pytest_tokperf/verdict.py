@@ -105,12 +105,22 @@ class Verdict:
         return tuple(c for c in self.checks if not c.passed)
 
 
+def finite(value: object) -> float | None:
+    """`value` as a float if it is a finite real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not abs(value) < 1e308:  # inf, nan, or an int too big for a float
+        return None
+    return float(value)
+
+
 def _number(value: object, where: str, what: str = "a floor") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise pytest.UsageError(f"{where}: expected a number, got {value!r}")
-    if not value > 0 or not math.isfinite(value):
+    number = finite(value)
+    if number is None or not number > 0:
         raise pytest.UsageError(f"{where}: {what} must be a positive number, got {value!r}")
-    return float(value)
+    return number
 
 
 def check_keywords(

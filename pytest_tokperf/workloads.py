@@ -97,7 +97,9 @@ def _prompt(obj: object, where: str) -> Prompt:
 def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines end lines at "\n" only: str.splitlines would also split inside JSON
+    # strings at U+2028, U+0085 and the like, which JSON leaves unescaped
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{source}:{number}"
@@ -105,6 +107,8 @@ def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise WorkloadError(f"{where}: not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, deep nesting
+            raise WorkloadError(f"{where}: not a usable JSON line ({exc})") from None
         prompt = _prompt(obj, where)
         if prompt.id in seen:
             raise WorkloadError(
@@ -129,7 +133,11 @@ def load(workload: str | Path | None) -> Workload:
             f"workload {name!r} is neither a built-in set ({', '.join(BUILTIN)}) "
             "nor an existing JSONL file"
         )
-    return Workload(str(path), parse_jsonl(path.read_text("utf-8"), str(path)))
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WorkloadError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    return Workload(str(path), parse_jsonl(text, str(path)))
 
 
 def profile_dataset(
