@@ -26,7 +26,7 @@ from typing import Any
 
 from pytest_tokperf import acknowledged, metrics, regression
 
-__all__ = ["Gate", "acknowledged", "add_options", "parse_marker"]
+__all__ = ["Gate", "acknowledged", "parse_marker"]
 from pytest_tokperf.gpus import Inventory
 from pytest_tokperf.metrics import RunResult
 
@@ -325,38 +325,6 @@ MARKER = (
     "latency percentiles (ttft/tpot/e2e _p50.._p999) are compared only when named; "
     "None turns a metric off"
 )
-
-
-def add_options(group: Any, parser: Any) -> None:
-    group.addoption(
-        "--tokperf-save-baseline",
-        metavar="DIR",
-        help="store each perf test's result as a baseline in DIR "
-        "(env TOKPERF_SAVE_BASELINE, ini tokperf_save_baseline)",
-    )
-    group.addoption(
-        "--tokperf-compare-baseline",
-        dest="tokperf_baseline",
-        metavar="DIR",
-        help="compare each perf test with its baseline in DIR "
-        "(env TOKPERF_BASELINE, ini tokperf_baseline)",
-    )
-    group.addoption(
-        "--tokperf-max-regression",
-        metavar="FRACTION",
-        help="allowed drop of tokens/s against the baseline (env TOKPERF_MAX_REGRESSION, "
-        f"ini tokperf_max_regression; default {regression.DEFAULT_TOLERANCE})",
-    )
-    group.addoption(
-        "--tokperf-html",
-        metavar="PATH",
-        help="write a self-contained HTML report with figures here "
-        "(env TOKPERF_HTML, ini tokperf_html; figures need the `html` extra, matplotlib)",
-    )
-    parser.addini("tokperf_save_baseline", "directory to store baselines in", default="")
-    parser.addini("tokperf_baseline", "directory of the baselines to compare with", default="")
-    parser.addini("tokperf_max_regression", "allowed relative drop of tokens/s", default="")
-    parser.addini("tokperf_html", "path of the tokperf HTML report", default="")
 
 
 def fraction(setting: tuple[str, str] | None) -> float:

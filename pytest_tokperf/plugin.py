@@ -7,7 +7,6 @@ environment > ini > profile default.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +21,6 @@ from pytest_tokperf import (
     baseline,
     driver,
     gpus,
-    journal,
     launcher,
     metrics,
     precision,
@@ -32,6 +30,8 @@ from pytest_tokperf import (
     records,
     reference,
     report,
+    results,
+    settings,
     summary,
     verdict,
     workloads,
@@ -67,253 +67,12 @@ SLO_MARKER = (
     "p50/p90/p95/p99/p999) under the limit in ms; each a number or a dict keyed by "
     "profile name; no keywords: the profile's defaults for the run's scenario"
 )
-INCONCLUSIVE_POLICIES = ("fail", "skip", "pass")
 PROGRESS_AFTER_S = 3.0  # runs shorter than this print no progress line
 PROGRESS_EVERY_S = 5.0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("tokperf", "LLM inference performance acceptance tests")
-    group.addoption(
-        "--tokperf-profile",
-        metavar="NAME",
-        help=f"hardware profile (env {profiles.ENV_PROFILE}, ini tokperf_profile; "
-        f"default {profiles.DEFAULT_PROFILE}): {', '.join(sorted(profiles.BUILTIN))}",
-    )
-    group.addoption(
-        "--tokperf-json",
-        metavar="PATH",
-        help="write self-describing JSON results here (env TOKPERF_JSON, ini tokperf_json)",
-    )
-    group.addoption(
-        "--tokperf-model-path",
-        metavar="PATH",
-        help="GGUF model for the embedded engine instead of the shipped SmolLM2-135M; "
-        "transformers engine: a model folder, or a config JSON for random weights "
-        "(env TOKPERF_MODEL_PATH, ini tokperf_model_path)",
-    )
-    group.addoption(
-        "--tokperf-requests",
-        metavar="N",
-        help="requests per run when a test does not say (env TOKPERF_REQUESTS, "
-        "ini tokperf_requests; default: the profile's)",
-    )
-    group.addoption(
-        "--tokperf-max-tokens",
-        metavar="N",
-        help="max new tokens per request when neither the test nor the prompt says "
-        "(env TOKPERF_MAX_TOKENS, ini tokperf_max_tokens; default: the profile's)",
-    )
-    group.addoption(
-        "--tokperf-engine",
-        metavar="BACKEND",
-        help="engine backend instead of the profile's (env TOKPERF_ENGINE, ini tokperf_engine): "
-        f"{', '.join(sorted(BACKENDS))}",
-    )
-    group.addoption(
-        "--tokperf-base-url",
-        metavar="URL",
-        help="OpenAI-compatible server for the openai engine, e.g. http://127.0.0.1:8000 "
-        "(env TOKPERF_BASE_URL, ini tokperf_base_url)",
-    )
-    group.addoption(
-        "--tokperf-served-model",
-        metavar="NAME",
-        help="model name on that server (env TOKPERF_SERVED_MODEL, ini tokperf_served_model; "
-        "default: the first it lists)",
-    )
-    group.addoption(
-        "--tokperf-server-cmd",
-        metavar="CMD",
-        help="start this server for the session and stop it at the end, e.g. "
-        "'trtllm-serve MODEL --tp_size 4' (env TOKPERF_SERVER_CMD, ini tokperf_server_cmd)",
-    )
-    group.addoption(
-        "--tokperf-tokenizer",
-        metavar="GGUF",
-        help="count the openai engine's output tokens with this model's tokenizer when the "
-        "server sends no usage (env TOKPERF_TOKENIZER, ini tokperf_tokenizer)",
-    )
-    parser.addini("tokperf_tokenizer", "GGUF file whose tokenizer counts tokens", default="")
-    group.addoption(
-        "--tokperf-precision",
-        metavar="NAME",
-        help="precision of the engine under test (env TOKPERF_PRECISION, ini "
-        "tokperf_precision; default: the profile's); embedded engine: "
-        f"{', '.join(precision.VARIANTS)}, built on first use into the cache",
-    )
-    parser.addini("tokperf_precision", "tokperf precision of the engine under test", default="")
-    parser.addini("tokperf_engine", "tokperf engine backend", default="")
-    parser.addini("tokperf_base_url", "OpenAI-compatible server URL", default="")
-    parser.addini("tokperf_served_model", "model name on the server", default="")
-    parser.addini("tokperf_server_cmd", "server command the session starts", default="")
-    group.addoption(
-        "--tokperf-gpus",
-        metavar="N",
-        help="GPUs to allocate to each process instead of the profile's "
-        "(env TOKPERF_GPUS, ini tokperf_gpus)",
-    )
-    group.addoption(
-        "--tokperf-allow-busy-gpus",
-        action="store_true",
-        help="allocate GPUs that run other processes' compute work "
-        "(env TOKPERF_ALLOW_BUSY_GPUS, ini tokperf_allow_busy_gpus)",
-    )
-    group.addoption(
-        "--tokperf-require-hardware",
-        action="store_true",
-        help="error instead of skipping when the profile's GPUs are missing or taken "
-        "(env TOKPERF_REQUIRE_HARDWARE, ini tokperf_require_hardware)",
-    )
-    group.addoption(
-        "--tokperf-lock-dir",
-        metavar="DIR",
-        help="directory of the per-GPU lock files every tokperf process on this machine "
-        f"shares (env TOKPERF_LOCK_DIR, ini tokperf_lock_dir; default {gpus.DEFAULT_LOCK_DIR})",
-    )
-    group.addoption(
-        "--tokperf-inconclusive",
-        metavar="POLICY",
-        help="what an INCONCLUSIVE floor verdict does to the test: fail, skip or pass "
-        "(env TOKPERF_INCONCLUSIVE, ini tokperf_inconclusive; default fail)",
-    )
-    group.addoption(
-        "--tokperf-confidence",
-        metavar="LEVEL",
-        help="confidence of the throughput intervals, between 0.5 and 1 "
-        "(env TOKPERF_CONFIDENCE, ini tokperf_confidence; default 0.95)",
-    )
-    group.addoption(
-        "--tokperf-records",
-        metavar="PATH",
-        help="append every measured request as a JSON line on a wall clock (env "
-        "TOKPERF_RECORDS, ini tokperf_records; under MPI each rank writes PATH.rankN)",
-    )
-    group.addoption(
-        "--tokperf-rack-timeout",
-        metavar="SECONDS",
-        help="how long MPI ranks wait for each other at each meeting (env "
-        f"TOKPERF_RACK_TIMEOUT, ini tokperf_rack_timeout; default {rack.DEFAULT_TIMEOUT_S:g})",
-    )
-    parser.addini("tokperf_records", "path of the tokperf per-request records", default="")
-    parser.addini("tokperf_rack_timeout", "tokperf MPI meeting timeout in s", default="")
-    parser.addini("tokperf_inconclusive", "tokperf INCONCLUSIVE policy", default="")
-    parser.addini("tokperf_confidence", "tokperf confidence level", default="")
-    parser.addini("tokperf_profile", "tokperf hardware profile", default="")
-    parser.addini("tokperf_gpus", "tokperf GPUs per process", default="")
-    parser.addini("tokperf_allow_busy_gpus", "tokperf: allocate busy GPUs", default="")
-    parser.addini("tokperf_require_hardware", "tokperf: error on missing GPUs", default="")
-    parser.addini("tokperf_lock_dir", "tokperf GPU lock directory", default="")
-    group.addoption(
-        "--tokperf-gpu-wait",
-        metavar="SECONDS",
-        help="wait up to this long for GPUs other processes hold before skipping "
-        "(env TOKPERF_GPU_WAIT, ini tokperf_gpu_wait; default 0)",
-    )
-    parser.addini("tokperf_gpu_wait", "tokperf: seconds to wait for held GPUs", default="")
-    reference.add_options(group, parser)
-    parser.addini("tokperf_requests", "tokperf requests per run", default="")
-    parser.addini("tokperf_max_tokens", "tokperf max new tokens per request", default="")
-    parser.addini("tokperf_json", "path of the tokperf JSON results", default="")
-    parser.addini("tokperf_model_path", "GGUF model for the embedded engine", default="")
-    group.addoption(
-        "--tokperf-dataset",
-        metavar="PATH",
-        help="JSONL workload a run without one measures, e.g. MLPerf's OpenOrca converted "
-        "with `python -m pytest_tokperf convert-openorca` (env TOKPERF_DATASET, ini "
-        "tokperf_dataset); the GPU profiles' floors need it",
-    )
-    parser.addini("tokperf_dataset", "JSONL workload of runs that name none", default="")
-    baseline.add_options(group, parser)
-
-
-def _setting(config: pytest.Config, name: str) -> tuple[str, str] | None:
-    """(value, where it came from) for option/env/ini `name`, or None when unset."""
-    option = config.getoption(name)
-    env = os.environ.get(name.upper())
-    ini = config.getini(name)
-    if option:
-        return option, "--" + name.replace("_", "-")
-    if env:
-        return env, f"environment variable {name.upper()}"
-    if ini:
-        return ini, f"ini option {name} in {config.inipath}"
-    return None
-
-
-def _positive_int(config: pytest.Config, name: str) -> int | None:
-    setting = _setting(config, name)
-    if setting is None:
-        return None
-    value, source = setting
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise pytest.UsageError(f"{source} must be a positive integer, got {value!r}")
-    return number
-
-
-FLAGS = {"1": True, "true": True, "yes": True, "on": True,
-         "0": False, "false": False, "no": False, "off": False, "": False}  # fmt: skip
-
-
-def _flag(config: pytest.Config, name: str) -> bool:
-    setting = _setting(config, name)
-    if setting is None:
-        return False
-    value, source = setting
-    if isinstance(value, bool):  # the command-line flag itself
-        return value
-    if value.strip().lower() not in FLAGS:
-        raise pytest.UsageError(f"{source} must be true or false (1/0, yes/no), got {value!r}")
-    return FLAGS[value.strip().lower()]
-
-
-def _inconclusive_policy(config: pytest.Config) -> str:
-    setting = _setting(config, "tokperf_inconclusive")
-    if setting is None:
-        return "fail"
-    value, source = setting
-    if value not in INCONCLUSIVE_POLICIES:
-        raise pytest.UsageError(
-            f"{source} must be one of {', '.join(INCONCLUSIVE_POLICIES)}, got {value!r}"
-        )
-    return value
-
-
-def _seconds(config: pytest.Config, name: str, default: float = 0.0, zero: bool = True) -> float:
-    """A number of seconds, >= 0 (`zero`: 0 allowed) or > 0."""
-    setting = _setting(config, name)
-    if setting is None:
-        return default
-    value, source = setting
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not (seconds >= 0 if zero else seconds > 0) or seconds == float("inf"):
-        least = "a number of seconds >= 0" if zero else "a positive number of seconds"
-        raise pytest.UsageError(f"{source} must be {least}, got {value!r}")
-    return seconds
-
-
-def _confidence(config: pytest.Config) -> float:
-    setting = _setting(config, "tokperf_confidence")
-    if setting is None:
-        return 0.95
-    value, source = setting
-    try:
-        level = float(value)
-    except ValueError:
-        level = 0.0
-    if not 0.5 <= level < 1:
-        raise pytest.UsageError(
-            f"{source} must be a number from 0.5 up to (not including) 1, such as 0.95; "
-            f"got {value!r}"
-        )
-    return level
+    settings.add_options(parser)
 
 
 class TokperfSession:
@@ -340,28 +99,28 @@ class TokperfSession:
         except profiles.Unmatched as exc:
             self.unmatched = str(exc)
             self.profile, self.profile_source = self.registry["cpu"], "not used"
-        self.gpu_wait = _seconds(config, "tokperf_gpu_wait")
+        self.gpu_wait = settings.seconds(config, "tokperf_gpu_wait")
         self.allocation: gpus.Allocation | None = None
-        self.gpu_count = _positive_int(config, "tokperf_gpus")
-        self.allow_busy = _flag(config, "tokperf_allow_busy_gpus")
-        self.require_hardware = _flag(config, "tokperf_require_hardware")
-        lock_dir = _setting(config, "tokperf_lock_dir")
+        self.gpu_count = settings.positive_int(config, "tokperf_gpus")
+        self.allow_busy = settings.flag(config, "tokperf_allow_busy_gpus")
+        self.require_hardware = settings.flag(config, "tokperf_require_hardware")
+        lock_dir = settings.setting(config, "tokperf_lock_dir")
         self.lock_dir = Path(lock_dir[0]) if lock_dir else gpus.DEFAULT_LOCK_DIR
-        requests = _positive_int(config, "tokperf_requests")
-        max_tokens = _positive_int(config, "tokperf_max_tokens")
+        requests = settings.positive_int(config, "tokperf_requests")
+        max_tokens = settings.positive_int(config, "tokperf_max_tokens")
         self.profile = dataclasses.replace(
             self.profile,
             requests=requests or self.profile.requests,
             max_tokens=max_tokens or self.profile.max_tokens,
         )
-        engine = _setting(config, "tokperf_engine")
+        engine = settings.setting(config, "tokperf_engine")
         self.backend = engine[0] if engine else self.profile.backend
         if self.backend not in BACKENDS:
             raise pytest.UsageError(
                 f"unknown engine {self.backend!r} (from {engine[1] if engine else 'profile'}); "
                 f"available: {', '.join(sorted(BACKENDS))}"
             )
-        precision_setting = _setting(config, "tokperf_precision")
+        precision_setting = settings.setting(config, "tokperf_precision")
         if precision_setting is not None:
             value, source = precision_setting
             known = self.precisions()
@@ -371,10 +130,10 @@ class TokperfSession:
                     f"engine; available: {', '.join(known)}"
                 )
             self.profile = dataclasses.replace(self.profile, precision=value)
-        json_setting = _setting(config, "tokperf_json")
+        json_setting = settings.setting(config, "tokperf_json")
         self.json_path = Path(json_setting[0]) if json_setting else None
         self.model_path: Path | None = None
-        model = _setting(config, "tokperf_model_path")
+        model = settings.setting(config, "tokperf_model_path")
         if model is not None:
             self.model_path = Path(model[0])
             folder = self.backend == "transformers" and self.model_path.is_dir()
@@ -388,7 +147,7 @@ class TokperfSession:
                 self.profile.name,
                 self.profile.dataset,
                 self.profile.defined_in,
-                _setting(config, "tokperf_dataset"),
+                settings.setting(config, "tokperf_dataset"),
             )
         except workloads.WorkloadError as exc:
             raise pytest.UsageError(str(exc)) from None
@@ -399,28 +158,24 @@ class TokperfSession:
                 ("model", "tokperf_served_model"),
                 ("tokenizer", "tokperf_tokenizer"),
             )
-            if (value := (_setting(config, name) or ("", ""))[0])
+            if (value := (settings.setting(config, name) or ("", ""))[0])
         }
         if self.backend == "openai" and precision_setting is not None:
             self.server_settings["precision"] = precision_setting[0]  # a label: served as is
-        server_cmd = _setting(config, "tokperf_server_cmd")
+        server_cmd = settings.setting(config, "tokperf_server_cmd")
         self.server_cmd = server_cmd[0] if server_cmd else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.server: launcher.Server | None = None
         self.reference_servers: list[launcher.Server] = []
-        self.inconclusive = _inconclusive_policy(config)
-        self.confidence = _confidence(config)
+        self.inconclusive = settings.inconclusive_policy(config)
+        self.confidence = settings.confidence(config)
         # xdist's documented marker of a worker process
         self.is_worker = hasattr(config, "workerinput")
-        self.payloads: list[dict[str, Any]] = []
-        self.journal: journal.Journal | None = None
-        self.write_errors: list[str] = []  # results files that could not be written, and why
-        self.json_written = False
         self.references: dict[str, Engine] = {}  # reference engines by precision, lazily
         # xdist workers inherit the launcher's MPI environment but are no MPI ranks
         connect = rack.connect if not self.is_worker else lambda *_: rack.Local()
         self.rack = connect(
-            _seconds(config, "tokperf_rack_timeout", rack.DEFAULT_TIMEOUT_S, zero=False),
+            settings.seconds(config, "tokperf_rack_timeout", rack.DEFAULT_TIMEOUT_S, zero=False),
             {"profile": self.profile.name, "backend": self.backend,
              "model": self.profile.model, "precision": self.profile.precision},
             tuple((g.fabric_cluster, g.fabric_clique, g.fabric_state)
@@ -428,24 +183,34 @@ class TokperfSession:
         )  # fmt: skip
         if isinstance(self.rack, rack.Rack):
             config.pluginmanager.register(self.rack, "tokperf-rack")
-        records_setting = _setting(config, "tokperf_records")
+        records_setting = settings.setting(config, "tokperf_records")
         self.records = None
         if records_setting is not None:
             rank = self.rack.rank if self.rack.size > 1 else None
             self.records = records.Writer(Path(records_setting[0]), self.rack.node, rank)
-        html = _setting(config, "tokperf_html")
+        html = settings.setting(config, "tokperf_html")
         self.html_path = Path(html[0]) if html else None
-        save = _setting(config, "tokperf_save_baseline")
-        compare = _setting(config, "tokperf_baseline")
+        save = settings.setting(config, "tokperf_save_baseline")
+        compare = settings.setting(config, "tokperf_baseline")
         self.gate = baseline.Gate(
             save_dir=Path(save[0]) if save else None,
             compare_dir=Path(compare[0]) if compare else None,
-            tolerance=baseline.fraction(_setting(config, "tokperf_max_regression")),
+            tolerance=baseline.fraction(settings.setting(config, "tokperf_max_regression")),
             confidence=self.confidence,
             rootdir=config.rootpath,
             inventory=self.inventory,
             entries=baseline.acknowledged.load(config.rootpath),
             want_latencies=self.html_path is not None or bool(config.getoption("htmlpath", None)),
+        )
+        self.results = results.Results(
+            config,
+            self.profile,
+            self.profile_source,
+            self.inventory,
+            self.rack,
+            self.records,
+            self.json_path,
+            self.html_path,
         )
 
     @property
@@ -489,7 +254,7 @@ class TokperfSession:
                 self.engine_settings(at),
                 self.profile,
                 at,
-                lambda name: (_setting(self.config, name) or (None, ""))[0],
+                lambda name: (settings.setting(self.config, name) or (None, ""))[0],
                 self.server.base_url if self.server else self.server_settings.get("base_url"),
             )
             if plan.server_cmd is not None:
@@ -767,115 +532,15 @@ class TokperfSession:
             rep.sections.append(("tokperf server log (tail)", self.server.log_tail()))
         return rep
 
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
-        if self.json_path is None or self.is_worker:
-            return
-        path = journal.path_for(self.json_path)
-        try:
-            self.journal = journal.Journal(path, self._document())
-        except OSError as exc:
-            self._write_failed(path, exc, "the results stay in memory until the end")
-
-    def _write_failed(self, path: Path, exc: OSError, consequence: str, now: bool = True) -> None:
-        """Say so in the summary (and `now`, where the session goes on without it)."""
-        line = f"tokperf: cannot write {path}: {exc.strerror or exc}; {consequence}"
-        self.write_errors.append(line)
-        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
-        if now and terminal is not None:
-            terminal.write_line(line, red=True)
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when not in ("setup", "call"):
-            return
-        for name, value in report.user_properties:
-            if name == PROPERTY:
-                self.payloads.append(json.loads(str(value)))
-                if self.journal is not None:  # on disk before the next test is judged
-                    try:
-                        self.journal.append(self.payloads[-1])
-                    except OSError as exc:
-                        self._write_failed(self.journal.path, exc, "journal stopped")
-                        self.journal = None
-
-    def _document(self) -> dict[str, Any]:
-        return report.document(
-            self._sorted(), self.profile, self.profile_source, inventory=self.inventory
-        )
-
-    def pytest_sessionfinish(self, exitstatus: int) -> None:
-        try:
-            for engine in self.references.values():
-                self.loop.run_until_complete(engine.aclose())
-            self.references.clear()
-            for server in (self.server, *self.reference_servers):
-                if server is not None:
-                    server.stop()
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.close()
-        finally:  # whatever the cleanup met (a second Ctrl-C), the results are written
-            self._write_results(int(exitstatus))
-
-    def _write_results(self, exitstatus: int) -> None:
-        if self.journal is not None:
-            with contextlib.suppress(OSError):  # the journal has every test already
-                self.journal.close(exitstatus)
-        if self.json_path is not None and not self.is_worker:
-            try:
-                self._write_json(self.json_path)
-                self.json_written = True
-            except OSError as exc:
-                kept = self.journal.path if self.journal else "the terminal summary below"
-                self._write_failed(self.json_path, exc, f"the results are in {kept}", now=False)
-        if not self.is_worker:
-            summary.write_step_summary(self._sorted())
-            if self.html_path is not None:
-                from pytest_tokperf import html
-
-                html.write(self.html_path, self._sorted(), self.profile.name)
-
-    def _write_json(self, path: Path) -> None:
-        """Rank 0 (or the only process) writes PATH; under MPI each rank also writes its
-        own node's rows to PATH.rankN, the files `merge` takes."""
-        rank, rows = self.rack.rank, self._sorted()
-        where = {
-            "node": {"name": self.rack.node, "rank": rank, "host": self.rack.host},
-            "records": None if self.records is None else str(self.records.path.resolve()),
-        }
-        docs = [(path, rows)] if rank == 0 else []
-        if self.rack.size > 1:
-            own = [r for r in rows if r.get("kind") != "rack" and r.get("node", {}).get("rank",
-                   rank) == rank]  # fmt: skip
-            docs.append((path.with_name(f"{path.stem}.rank{rank}{path.suffix}"), own))
-        for target, payloads in docs:
-            doc = report.document(
-                payloads, self.profile, self.profile_source, inventory=self.inventory
-            )
-            report.write_json(target, {**doc, **where})
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.is_worker or not (self.payloads or self.write_errors):
-            return
-        terminalreporter.section("tokperf")
-        perf = [p for p in self._sorted() if p.get("kind") != report.PARITY_KIND]
-        parity = [p for p in self._sorted() if p.get("kind") == report.PARITY_KIND]
-        for line in report.table(perf) if perf else []:
-            terminalreporter.write_line(line)
-        for line in report.parity_table(parity) if parity else []:
-            terminalreporter.write_line(line)
-        racks = [p for p in self._sorted() if p.get("kind") == "rack" and p["rack"]["nodes"]]
-        for line in rackjudge.table(racks) if racks else []:
-            terminalreporter.write_line(line)
-        for line in summary.terminal_lines(perf):
-            terminalreporter.write_line(line)
-        if self.html_path is not None:
-            terminalreporter.write_line(f"HTML report: {self.html_path}")
-        for line in self.write_errors:
-            terminalreporter.write_line(line, red=True)
-        if self.json_written:
-            terminalreporter.write_line(f"results: {self.json_path}")
-
-    def _sorted(self) -> list[dict[str, Any]]:
-        return sorted(self.payloads, key=lambda p: str(p["nodeid"]))
+    def pytest_sessionfinish(self) -> None:
+        for engine in self.references.values():
+            self.loop.run_until_complete(engine.aclose())
+        self.references.clear()
+        for server in (self.server, *self.reference_servers):
+            if server is not None:
+                server.stop()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -885,7 +550,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", baseline.MARKER)
     if config.getoption("help"):  # --help resolves no setting: a bad one must not break it
         return
-    config.pluginmanager.register(TokperfSession(config), "tokperf-session")
+    session = TokperfSession(config)
+    config.pluginmanager.register(session, "tokperf-session")
+    config.pluginmanager.register(session.results, "tokperf-results")
 
 
 MARKERS = ("throughput_floor", "accuracy_parity", "latency_slo")

@@ -16,8 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
-
 from pytest_tokperf.accuracy import ParitySpec
 from pytest_tokperf.profiles import Profile
 
@@ -42,16 +40,6 @@ OPTIONS = (
     ),
 )
 IN_PROCESS = ("llamacpp",)  # backends that build the reference precision themselves
-
-
-def add_options(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
-    for name, metavar, text in OPTIONS:
-        group.addoption(
-            "--" + name.replace("_", "-"),
-            metavar=metavar,
-            help=f"{text} (env {name.upper()}, ini {name})",
-        )
-        parser.addini(name, text, default="")
 
 
 def _where(name: str) -> str:

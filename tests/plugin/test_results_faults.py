@@ -201,7 +201,7 @@ def test_run(tokperf, tokperf_gpus, n):
     pathlib.Path(me).write_text(str(os.getpid()))
     with open("ran.log", "a") as f:
         f.write(f"{me} {time.time()} {os.environ['CUDA_VISIBLE_DEVICES']}\\n")
-    tokperf.run()
+    tokperf.run(workload="default")  # the built-in prompts: no MLPerf dataset here
 """
 GPU_PROFILE = """
 [profiles.h100-sim]

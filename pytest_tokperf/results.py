@@ -1,0 +1,151 @@
+"""The results of a session: every test's payload, collected where tests report
+(the xdist controller, MPI rank 0, or the only process), and every output fed from
+them: the journal (as each test is judged), the JSON document, the GitHub step
+summary, the HTML report and the terminal summary.
+
+Payloads are plain JSON data in `user_properties`, so results never need to know
+whether a test ran here, in an xdist worker or on another MPI rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_tokperf import journal, rack, rackjudge, records, report, summary
+from pytest_tokperf.gpus import Inventory
+from pytest_tokperf.profiles import Profile
+
+PROPERTY = report.PROPERTY
+
+
+class Results:
+    """Registered as a plugin by the session; the only object that writes results."""
+
+    def __init__(
+        self,
+        config: pytest.Config,
+        profile: Profile,
+        profile_source: str,
+        inventory: Inventory,
+        world: rack.Local | rack.Rack,
+        records_writer: records.Writer | None,
+        json_path: Path | None,
+        html_path: Path | None,
+    ) -> None:
+        self.config = config
+        self.profile = profile
+        self.profile_source = profile_source
+        self.inventory = inventory
+        self.rack = world
+        self.records = records_writer
+        self.json_path = json_path
+        self.html_path = html_path
+        # xdist's documented marker of a worker process: workers report, never write
+        self.is_worker = hasattr(config, "workerinput")
+        self.payloads: list[dict[str, Any]] = []
+        self.journal: journal.Journal | None = None
+        self.write_errors: list[str] = []  # results files that could not be written, and why
+        self.json_written = False
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.json_path is None or self.is_worker:
+            return
+        path = journal.path_for(self.json_path)
+        try:
+            self.journal = journal.Journal(path, self._document())
+        except OSError as exc:
+            self._write_failed(path, exc, "the results stay in memory until the end")
+
+    def _write_failed(self, path: Path, exc: OSError, consequence: str, now: bool = True) -> None:
+        """Say so in the summary (and `now`, where the session goes on without it)."""
+        line = f"tokperf: cannot write {path}: {exc.strerror or exc}; {consequence}"
+        self.write_errors.append(line)
+        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        if now and terminal is not None:
+            terminal.write_line(line, red=True)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when not in ("setup", "call"):
+            return
+        for name, value in report.user_properties:
+            if name == PROPERTY:
+                self.payloads.append(json.loads(str(value)))
+                if self.journal is not None:  # on disk before the next test is judged
+                    try:
+                        self.journal.append(self.payloads[-1])
+                    except OSError as exc:
+                        self._write_failed(self.journal.path, exc, "journal stopped")
+                        self.journal = None
+
+    def _document(self) -> dict[str, Any]:
+        return report.document(
+            self._sorted(), self.profile, self.profile_source, inventory=self.inventory
+        )
+
+    @pytest.hookimpl(tryfirst=True)  # before any cleanup that might fail or be interrupted
+    def pytest_sessionfinish(self, exitstatus: int) -> None:
+        if self.journal is not None:
+            with contextlib.suppress(OSError):  # the journal has every test already
+                self.journal.close(exitstatus)
+        if self.json_path is not None and not self.is_worker:
+            try:
+                self._write_json(self.json_path)
+                self.json_written = True
+            except OSError as exc:
+                kept = self.journal.path if self.journal else "the terminal summary below"
+                self._write_failed(self.json_path, exc, f"the results are in {kept}", now=False)
+        if not self.is_worker:
+            summary.write_step_summary(self._sorted())
+            if self.html_path is not None:
+                from pytest_tokperf import html
+
+                html.write(self.html_path, self._sorted(), self.profile.name)
+
+    def _write_json(self, path: Path) -> None:
+        """Rank 0 (or the only process) writes PATH; under MPI each rank also writes its
+        own node's rows to PATH.rankN, the files `merge` takes."""
+        rank, rows = self.rack.rank, self._sorted()
+        where = {
+            "node": {"name": self.rack.node, "rank": rank, "host": self.rack.host},
+            "records": None if self.records is None else str(self.records.path.resolve()),
+        }
+        docs = [(path, rows)] if rank == 0 else []
+        if self.rack.size > 1:
+            own = [r for r in rows if r.get("kind") != "rack" and r.get("node", {}).get("rank",
+                   rank) == rank]  # fmt: skip
+            docs.append((path.with_name(f"{path.stem}.rank{rank}{path.suffix}"), own))
+        for target, payloads in docs:
+            doc = report.document(
+                payloads, self.profile, self.profile_source, inventory=self.inventory
+            )
+            report.write_json(target, {**doc, **where})
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.is_worker or not (self.payloads or self.write_errors):
+            return
+        terminalreporter.section("tokperf")
+        perf = [p for p in self._sorted() if p.get("kind") != report.PARITY_KIND]
+        parity = [p for p in self._sorted() if p.get("kind") == report.PARITY_KIND]
+        for line in report.table(perf) if perf else []:
+            terminalreporter.write_line(line)
+        for line in report.parity_table(parity) if parity else []:
+            terminalreporter.write_line(line)
+        racks = [p for p in self._sorted() if p.get("kind") == "rack" and p["rack"]["nodes"]]
+        for line in rackjudge.table(racks) if racks else []:
+            terminalreporter.write_line(line)
+        for line in summary.terminal_lines(perf):
+            terminalreporter.write_line(line)
+        if self.html_path is not None:
+            terminalreporter.write_line(f"HTML report: {self.html_path}")
+        for line in self.write_errors:
+            terminalreporter.write_line(line, red=True)
+        if self.json_written:
+            terminalreporter.write_line(f"results: {self.json_path}")
+
+    def _sorted(self) -> list[dict[str, Any]]:
+        return sorted(self.payloads, key=lambda p: str(p["nodeid"]))

@@ -1,0 +1,204 @@
+"""Every tokperf option, written once: flag, environment variable, ini key and help.
+
+Precedence, written down once: marker > command line > environment > ini > profile
+default. Each parser below raises `pytest.UsageError` naming where the bad value
+came from and what a good one looks like.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from pytest_tokperf import gpus, precision, profiles, rack, reference
+from pytest_tokperf.engines import BACKENDS
+from pytest_tokperf.regression import DEFAULT_TOLERANCE
+
+INCONCLUSIVE_POLICIES = ("fail", "skip", "pass")
+GROUP = ("tokperf", "LLM inference performance acceptance tests")
+
+
+@dataclass(frozen=True)
+class Option:
+    """`--tokperf-x-y` / env `TOKPERF_X_Y` / ini `tokperf_x_y` (all from `name`)."""
+
+    name: str  # the dest, e.g. "tokperf_json"
+    metavar: str | None  # None: a flag (store_true)
+    help: str
+    default: str | None = None  # the default, as shown in the help
+    flag: str | None = None  # the command-line flag when it is not --NAME
+
+    @property
+    def option(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("tokperf_profile", "NAME",
+           f"hardware profile: {', '.join(sorted(profiles.BUILTIN))} or one of yours",
+           f"{profiles.DEFAULT_PROFILE}, or detected from the GPUs"),
+    Option("tokperf_json", "PATH",
+           "write self-describing JSON results here (each test also to PATH.journal as it "
+           "finishes)"),
+    Option("tokperf_model_path", "PATH",
+           "GGUF model for the embedded engine instead of the shipped SmolLM2-135M; "
+           "transformers engine: a model folder, or a config JSON for random weights"),
+    Option("tokperf_requests", "N", "requests per run when a test does not say",
+           "the profile's"),
+    Option("tokperf_max_tokens", "N",
+           "max new tokens per request when neither the test nor the prompt says",
+           "the profile's"),
+    Option("tokperf_engine", "BACKEND",
+           f"engine backend instead of the profile's: {', '.join(sorted(BACKENDS))}"),
+    Option("tokperf_base_url", "URL",
+           "OpenAI-compatible server for the openai engine, e.g. http://127.0.0.1:8000"),
+    Option("tokperf_served_model", "NAME", "model name on that server", "the first it lists"),
+    Option("tokperf_server_cmd", "CMD",
+           "start this server for the session and stop it at the end, e.g. "
+           "'trtllm-serve MODEL --tp_size 4'"),
+    Option("tokperf_tokenizer", "PATH",
+           "count the openai engine's output tokens with this tokenizer (a GGUF file or a "
+           "Hugging Face tokenizer.json) when the server sends no usage"),
+    Option("tokperf_precision", "NAME",
+           "precision of the engine under test; embedded engine: "
+           f"{', '.join(precision.VARIANTS)}, built on first use into the cache",
+           "the profile's"),
+    Option("tokperf_gpus", "N", "GPUs to allocate to each process instead of the profile's"),
+    Option("tokperf_allow_busy_gpus", None,
+           "allocate GPUs that run other processes' compute work"),
+    Option("tokperf_require_hardware", None,
+           "error instead of skipping when the profile's GPUs (or its dataset) are missing "
+           "or taken"),
+    Option("tokperf_lock_dir", "DIR",
+           "directory of the per-GPU lock files every tokperf process on this machine shares",
+           str(gpus.DEFAULT_LOCK_DIR)),
+    Option("tokperf_gpu_wait", "SECONDS",
+           "wait up to this long for GPUs other processes hold before skipping", "0"),
+    Option("tokperf_inconclusive", "POLICY",
+           "what an INCONCLUSIVE verdict does to the test: fail, skip or pass", "fail"),
+    Option("tokperf_confidence", "LEVEL",
+           "confidence of the intervals, from 0.5 up to (not including) 1", "0.95"),
+    Option("tokperf_records", "PATH",
+           "append every measured request as a JSON line on a wall clock (under MPI each "
+           "rank writes PATH.rankN)"),
+    Option("tokperf_rack_timeout", "SECONDS",
+           "how long MPI ranks wait for each other at each meeting",
+           f"{rack.DEFAULT_TIMEOUT_S:g}"),
+    *(Option(name, metavar, text) for name, metavar, text in reference.OPTIONS),
+    Option("tokperf_dataset", "PATH",
+           "JSONL workload a run without one measures, e.g. MLPerf's OpenOrca converted "
+           "with `python -m pytest_tokperf convert-openorca`; the GPU profiles' floors "
+           "need it"),
+    Option("tokperf_save_baseline", "DIR", "store each perf test's result as a baseline in DIR"),
+    Option("tokperf_baseline", "DIR", "compare each perf test with its baseline in DIR",
+           flag="--tokperf-compare-baseline"),
+    Option("tokperf_max_regression", "FRACTION", "allowed drop of tokens/s against the baseline",
+           str(DEFAULT_TOLERANCE)),
+    Option("tokperf_html", "PATH",
+           "write a self-contained HTML report with figures here (figures need the `html` "
+           "extra, matplotlib)"),
+)  # fmt: skip
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Each option as a command-line flag and an ini key, with one help text."""
+    group = parser.getgroup(*GROUP)
+    for o in OPTIONS:
+        where = f"env {o.name.upper()}, ini {o.name}"
+        if o.default is not None:
+            where += f"; default {o.default}"
+        kind = {"action": "store_true"} if o.metavar is None else {"metavar": o.metavar}
+        group.addoption(o.option, dest=o.name, help=f"{o.help} ({where})", **kind)
+        parser.addini(o.name, o.help, default="")
+
+
+def setting(config: pytest.Config, name: str) -> tuple[str, str] | None:
+    """(value, where it came from) for option/env/ini `name`, or None when unset."""
+    option = config.getoption(name)
+    env = os.environ.get(name.upper())
+    ini = config.getini(name)
+    if option:
+        flag = next((o.option for o in OPTIONS if o.name == name), "--" + name.replace("_", "-"))
+        return option, flag
+    if env:
+        return env, f"environment variable {name.upper()}"
+    if ini:
+        return ini, f"ini option {name} in {config.inipath}"
+    return None
+
+
+def positive_int(config: pytest.Config, name: str) -> int | None:
+    found = setting(config, name)
+    if found is None:
+        return None
+    value, source = found
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise pytest.UsageError(f"{source} must be a positive integer, got {value!r}")
+    return number
+
+
+FLAGS = {"1": True, "true": True, "yes": True, "on": True,
+         "0": False, "false": False, "no": False, "off": False, "": False}  # fmt: skip
+
+
+def flag(config: pytest.Config, name: str) -> bool:
+    found = setting(config, name)
+    if found is None:
+        return False
+    value, source = found
+    if isinstance(value, bool):  # the command-line flag itself
+        return value
+    if value.strip().lower() not in FLAGS:
+        raise pytest.UsageError(f"{source} must be true or false (1/0, yes/no), got {value!r}")
+    return FLAGS[value.strip().lower()]
+
+
+def inconclusive_policy(config: pytest.Config) -> str:
+    found = setting(config, "tokperf_inconclusive")
+    if found is None:
+        return "fail"
+    value, source = found
+    if value not in INCONCLUSIVE_POLICIES:
+        raise pytest.UsageError(
+            f"{source} must be one of {', '.join(INCONCLUSIVE_POLICIES)}, got {value!r}"
+        )
+    return value
+
+
+def seconds(config: pytest.Config, name: str, default: float = 0.0, zero: bool = True) -> float:
+    """A number of seconds, >= 0 (`zero`: 0 allowed) or > 0."""
+    found = setting(config, name)
+    if found is None:
+        return default
+    value, source = found
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not (number >= 0 if zero else number > 0) or number == float("inf"):
+        least = "a number of seconds >= 0" if zero else "a positive number of seconds"
+        raise pytest.UsageError(f"{source} must be {least}, got {value!r}")
+    return number
+
+
+def confidence(config: pytest.Config) -> float:
+    found = setting(config, "tokperf_confidence")
+    if found is None:
+        return 0.95
+    value, source = found
+    try:
+        level = float(value)
+    except ValueError:
+        level = 0.0
+    if not 0.5 <= level < 1:
+        raise pytest.UsageError(
+            f"{source} must be a number from 0.5 up to (not including) 1, such as 0.95; "
+            f"got {value!r}"
+        )
+    return level
