@@ -110,7 +110,7 @@ def terminal_lines(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
 
 # --- GitHub Actions step summary ---------------------------------------------------------
 
-_FIRST = {"FAIL": 0, "INVALID": 1, "INCONCLUSIVE": 2, "ACKNOWLEDGED": 3}
+_FIRST = {"FAIL": 0, "INVALID": 1, "INCONCLUSIVE": 2, "ACKNOWLEDGED": 3, "PASS": 4, "MEASURED": 5}
 
 
 def _vs(p: Mapping[str, Any]) -> str:
