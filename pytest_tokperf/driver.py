@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pytest_tokperf.engines import Engine, Request
+from pytest_tokperf.engines import Completion, Engine, ReadEngine, Request, reconcile
 
 NS = 1_000_000_000
+_clock = time.perf_counter_ns
 SCENARIOS = ("offline", "server", "interactive", "concurrency")
 LOOK_EVERY_S = 0.25  # how often the watcher wakes for progress and stop checks
 
@@ -69,6 +70,27 @@ class _Live:
     chunk_tokens: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    counted_by: str = ""
+
+    def arrived(self, tokens: int) -> int:
+        """One read delivered `tokens` (a `ReadEngine` calls this from the read itself)."""
+        now = _clock()
+        self.chunk_ns.append(now)
+        self.chunk_tokens.append(tokens)
+        return now
+
+    def settle(self, done: Completion) -> None:
+        """The per-read counts settled to the stream's total; reads left with none drop out."""
+        counts = reconcile(self.chunk_tokens, done.trailing, done.tokens)
+        if 0 in counts:
+            pairs = [(at, n) for at, n in zip(self.chunk_ns, counts, strict=True) if n > 0]
+            self.chunk_ns = [at for at, _ in pairs]
+            counts = [n for _, n in pairs]
+        if done.tokens and not counts:  # no read was counted: the tokens came at the end
+            self.chunk_ns, counts = [_clock()], [done.tokens]
+        self.chunk_tokens = counts
+        self.texts = [done.text]
+        self.counted_by = done.counted_by
 
     def record(self, end_ns: int, error: str | None = None) -> RequestRecord:
         return RequestRecord(
@@ -84,16 +106,20 @@ class _Live:
         )
 
 
-async def _stream(engine: Engine, live: _Live) -> RequestRecord:
-    """Stream one request; timestamps are taken as each chunk reaches the client."""
-    clock = time.perf_counter_ns
+async def _stream(engine: Engine, live: _Live, texts: bool = True) -> RequestRecord:
+    """Stream one request; timestamps are taken as each chunk (or read) reaches the client."""
+    clock = _clock
     error: str | None = None
     try:
-        async for chunk in engine.stream(live.request):
-            live.chunk_ns.append(clock())
-            live.chunk_tokens.append(chunk.tokens)
-            live.texts.append(chunk.text)
-            live.token_ids.extend(chunk.token_ids)
+        if hasattr(engine, "stream_reads"):  # a ReadEngine (isinstance costs ~50 us)
+            reads: ReadEngine = engine  # type: ignore[assignment]
+            live.settle(await reads.stream_reads(live.request, live.arrived, texts))
+        else:
+            async for chunk in engine.stream(live.request):
+                live.chunk_ns.append(clock())
+                live.chunk_tokens.append(chunk.tokens)
+                live.texts.append(chunk.text)
+                live.token_ids.extend(chunk.token_ids)
     except asyncio.CancelledError:
         error = "cancelled: the run's time limit was reached before this request completed"
     except Exception as exc:  # any engine failure becomes the record's error
@@ -101,23 +127,35 @@ async def _stream(engine: Engine, live: _Live) -> RequestRecord:
     return live.record(clock(), error)
 
 
-async def _issue(engine: Engine, request: Request, issue_ns: int) -> RequestRecord:
-    return await _stream(engine, _Live(request, issue_ns, None))
-
-
 async def run_offline(
-    engine: Engine, requests: Sequence[Request], timeout_s: float
+    engine: Engine,
+    requests: Sequence[Request],
+    timeout_s: float,
+    texts: bool = True,
+    counted: dict[str, int] | None = None,
 ) -> list[RequestRecord]:
     """MLPerf Offline: issue every request at t0 and let the engine schedule them.
 
     Requests still running after `timeout_s` are cancelled and recorded as failed.
+    `counted` gathers how many requests each token-counting method counted.
     """
-    t0 = time.perf_counter_ns()
-    tasks = [asyncio.create_task(_issue(engine, r, t0)) for r in requests]
-    await asyncio.wait(tasks, timeout=timeout_s)
+    t0 = _clock()
+    lives = [_Live(r, t0, None) for r in requests]
+    tasks = [asyncio.create_task(_stream(engine, lv, texts)) for lv in lives]
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s)
     for task in tasks:
-        task.cancel()  # a no-op for finished tasks; `_issue` turns it into a record
-    return list(await asyncio.gather(*tasks))
+        task.cancel()  # a no-op for finished tasks; `_stream` turns it into a record
+    records = list(await asyncio.gather(*tasks))
+    if counted is not None:
+        _tally(lives, counted)
+    return records
+
+
+def _tally(lives: Iterable[_Live], counted: dict[str, int]) -> None:
+    for lv in lives:
+        if lv.counted_by:
+            counted[lv.counted_by] = counted.get(lv.counted_by, 0) + 1
 
 
 def poisson_offsets_ns(qps: float, seed: int) -> Iterator[int]:
@@ -142,6 +180,7 @@ class Plan:
     max_duration_s: float | None = None  # stop issuing after this long
     timeout_s: float = 600.0  # cancel whatever still runs after this long
     look_every_s: float = LOOK_EVERY_S  # how often progress and early stopping look
+    texts: bool = True  # keep each answer's text (accuracy needs it, a perf run does not)
 
 
 @dataclass(frozen=True)
@@ -156,6 +195,7 @@ class Driven:
     client_cpu: float | None
     stopped: str
     window_end_ns: int | None = None
+    token_counting: Mapping[str, int] = field(default_factory=dict)  # requests per method
 
 
 Snapshot = Callable[[Sequence[RequestRecord], float], bool]
@@ -176,12 +216,13 @@ async def drive(
     holds every record so far, in-flight requests cut at the present.
     """
     clock = time.perf_counter_ns
+    counted: dict[str, int] = {}
     if plan.scenario == "offline":
         cpu0, t0 = time.thread_time_ns(), clock()
-        records = await run_offline(engine, list(requests), plan.timeout_s)
+        records = await run_offline(engine, list(requests), plan.timeout_s, plan.texts, counted)
         wall = clock() - t0
         cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
-        return Driven(tuple(records), cpu, "all requests issued")
+        return Driven(tuple(records), cpu, "all requests issued", token_counting=counted)
 
     t0 = clock()
     cpu0 = time.thread_time_ns()
@@ -189,23 +230,32 @@ async def drive(
     end_issuing = deadline if plan.max_duration_s is None else t0 + round(plan.max_duration_s * NS)
     lives: list[_Live] = []
     tasks: list[asyncio.Task[RequestRecord]] = []
+    running: set[asyncio.Task[RequestRecord]] = set()  # in flight now: O(1) per request
     done: dict[int, RequestRecord] = {}
     halt = asyncio.Event()
+    freed = asyncio.Event()  # a request finished, or the run halted
     reason = ["all requests issued"]
     stopped_at: list[int | None] = [None]
 
     def finish(index: int, task: asyncio.Task[RequestRecord]) -> None:
+        running.discard(task)
+        freed.set()
         if not task.cancelled():
             done[index] = task.result()
 
     def launch(request: Request, scheduled: int | None) -> asyncio.Task[RequestRecord]:
         live = _Live(request, clock(), scheduled)
-        task = asyncio.create_task(_stream(engine, live))
+        task = asyncio.create_task(_stream(engine, live, plan.texts))
         index = len(tasks)
         task.add_done_callback(lambda t: finish(index, t))
         lives.append(live)
         tasks.append(task)
+        running.add(task)
         return task
+
+    def stop_issuing() -> None:
+        halt.set()
+        freed.set()
 
     def snapshot(now: int) -> list[RequestRecord]:
         return [done[i] if i in done else lv.record(now) for i, lv in enumerate(lives)]
@@ -217,7 +267,7 @@ async def drive(
             if now >= end_issuing:
                 reason[0] = f"max_duration_s={plan.max_duration_s} reached"
                 stopped_at[0] = end_issuing
-                halt.set()
+                stop_issuing()
                 return
             elapsed = (now - t0) / NS
             if progress is None and stop is None:
@@ -229,7 +279,7 @@ async def drive(
             if stop is not None and ready and stop(snap, elapsed):
                 reason[0] = f"early stop after {elapsed:.1f} s: the verdict was decisive"
                 stopped_at[0] = now  # the window the decision saw
-                halt.set()
+                stop_issuing()
 
     async def wait_halt(seconds: float) -> None:
         """Sleep `seconds`, or less when the run is told to stop."""
@@ -252,11 +302,10 @@ async def drive(
             launch(request, scheduled)
     elif plan.scenario == "concurrency":
         assert plan.concurrency is not None
-        halted = asyncio.create_task(halt.wait())
         for request in source:
-            running = [t for t in tasks if not t.done()]
-            if len(running) >= plan.concurrency:
-                await asyncio.wait([*running, halted], return_when=asyncio.FIRST_COMPLETED)
+            while len(running) >= plan.concurrency and not halt.is_set():
+                freed.clear()
+                await freed.wait()
             if halt.is_set():
                 break
             if clock() >= end_issuing:
@@ -264,7 +313,6 @@ async def drive(
                 stopped_at[0] = end_issuing
                 break
             launch(request, None)
-        halted.cancel()
     else:
         raise ValueError(f"unknown scenario {plan.scenario!r}; available: {', '.join(SCENARIOS)}")
     halt.set()
@@ -277,7 +325,8 @@ async def drive(
     wall = clock() - t0
     cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
     window_end = stopped_at[0] if plan.max_duration_s is not None else None
-    return Driven(tuple(records), cpu, reason[0], window_end)
+    _tally(lives, counted)
+    return Driven(tuple(records), cpu, reason[0], window_end, counted)
 
 
 def run(
@@ -288,6 +337,7 @@ def run(
     warmup: Sequence[Request] = (),
     timeout_s: float = 600.0,
     loop: asyncio.AbstractEventLoop | None = None,
+    texts: bool = True,
 ) -> list[RequestRecord]:
     """Run warm-up requests (discarded), then the measured Offline scenario.
 
@@ -299,7 +349,7 @@ def run(
             f"unknown scenario {scenario!r} for driver.run; available: offline "
             f"(use driver.run_plan for {', '.join(SCENARIOS[1:])})"
         )
-    plan = Plan("offline", timeout_s=timeout_s)
+    plan = Plan("offline", timeout_s=timeout_s, texts=texts)
     return list(run_plan(engine, requests, plan, warmup=warmup, loop=loop).records)
 
 
@@ -323,7 +373,7 @@ def run_plan(
 
     async def main() -> Driven:
         if warmup:
-            await run_offline(engine, warmup, plan.timeout_s)
+            await run_offline(engine, warmup, plan.timeout_s, plan.texts)
         return await drive(engine, requests, plan, stop=stop, progress=progress)
 
     if loop is None:

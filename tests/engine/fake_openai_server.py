@@ -1,7 +1,7 @@
 """A loopback OpenAI-compatible server that misbehaves on request, for the error paths.
 
 The prompt picks the behaviour: ok, multi, nousage, http500, cut, badjson, stall,
-nodone, error_event, slowfirst. Run: python fake_openai_server.py --port N
+nodone, error_event, slowfirst, slow1.5, role, fewer. Run: python fake_openai_server.py --port N
 """
 
 from __future__ import annotations
@@ -42,8 +42,23 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.Response(status=500, text="boom: the engine is on fire")
     if prompt == "slowfirst":
         await asyncio.sleep(30)
+    if prompt.startswith("slow1.5"):
+        await asyncio.sleep(1.5)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
+    if prompt == "role":  # a role-only delta at once, the first token later: not a token
+        role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        await response.write(b"data: " + json.dumps(role).encode() + b"\n\n")
+        await asyncio.sleep(0.3)
+    if prompt == "fewer":  # 4 text events, usage 3 (a detokenizer's split): no negative count
+        for text in ("one", " two", " thr", "ee"):
+            await response.write(event(text))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        await response.write(usage(3))
+        await asyncio.sleep(0.05)
+        await response.write(b"data: [DONE]\n\n")
+        return response
     if prompt == "badjson":
         await response.write(event("one") + b"data: {not json\n\n")
         return response

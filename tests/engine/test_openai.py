@@ -56,7 +56,10 @@ def test_every_error_path_is_a_failed_record_and_the_run_ends_on_time(
     assert recs["ok"].ok and recs["ok"].output_tokens == 3 and recs["ok"].text == "one two three"
     # the server's usage is the truth when it sends several tokens per event
     assert recs["multi"].ok and recs["multi"].output_tokens == 5
-    assert recs["multi"].chunk_tokens == (1, 1, 1, 2)
+    # ... spread over the reads that carried tokens: none negative, none added after them
+    multi = recs["multi"]
+    assert all(n > 0 for n in multi.chunk_tokens) and len(multi.chunk_tokens) <= 3
+    assert multi.issue_ns < multi.chunk_ns[0] and multi.chunk_ns[-1] <= multi.end_ns
     expected = {
         "http500": "HTTP 500 from http://127.0.0.1:",
         "cut": "",  # aiohttp's own words for a closed connection, whatever they are
@@ -72,6 +75,27 @@ def test_every_error_path_is_a_failed_record_and_the_run_ends_on_time(
     assert "boom: the engine is on fire" in (recs["http500"].error or "")
     assert recs["cut"].output_tokens == 2  # what arrived before the cut is kept
     assert recs["stall"].output_tokens == 2
+
+
+def test_token_timing_is_exact_and_counts_never_negative(fake: launcher.Server) -> None:
+    recs = _run(_engine(fake), ["role", "fewer"])
+    role, fewer = recs["role"], recs["fewer"]
+    # the role-only delta came at once; the first token 0.3 s later is the first chunk
+    assert role.ok and role.output_tokens == 3 and role.text == "one two three"
+    assert role.chunk_ns[0] - role.issue_ns >= 300_000_000
+    # 4 text events, usage 3: three tokens where text arrived, none negative, and no
+    # chunk for the usage event 0.3 s later (no spurious inter-token gap)
+    assert fewer.ok and fewer.output_tokens == 3 and fewer.text == "one two three"
+    assert all(n > 0 for n in fewer.chunk_tokens)
+    assert fewer.end_ns - fewer.chunk_ns[-1] >= 300_000_000
+
+
+def test_the_first_token_clock_starts_when_the_request_is_sent(fake: launcher.Server) -> None:
+    # one connection: the second request waits 1.5 s for it, then 1.5 s for its first
+    # token; 3 s from issue, but only 1.5 s from being sent, under the 2 s timeout
+    recs = _run(_engine(fake, max_connections=1), ["slow1.5", "slow1.5 "])
+    assert all(r.ok for r in recs.values()), [r.error for r in recs.values()]
+    assert max(r.chunk_ns[0] - r.issue_ns for r in recs.values()) > 2_900_000_000
 
 
 def test_completions_api_reads_text(fake: launcher.Server) -> None:
@@ -97,7 +121,7 @@ def test_a_refused_connection_is_a_failed_record() -> None:
     engine = _engine(server)
     server.stop()
     (rec,) = _run(engine, ["ok"]).values()
-    assert rec.error is not None and "Cannot connect" in rec.error
+    assert rec.error is not None and "cannot connect to 127.0.0.1:" in rec.error
 
 
 def test_the_api_key_is_sent_but_never_recorded(
