@@ -184,6 +184,17 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class ClientProc:
+    """One client process of a run split over several (`--tokperf-client-procs`)."""
+
+    index: int  # 1-based, as the INVALID reason names it
+    pid: int
+    requests: int
+    output_tokens: int
+    cpu: float | None  # its driver thread's CPU time / wall time
+
+
+@dataclass(frozen=True)
 class Driven:
     """A finished run: its records, the driver thread's CPU share and why it stopped.
 
@@ -196,6 +207,7 @@ class Driven:
     stopped: str
     window_end_ns: int | None = None
     token_counting: Mapping[str, int] = field(default_factory=dict)  # requests per method
+    procs: tuple[ClientProc, ...] = ()  # several client processes: each one's share
 
 
 Snapshot = Callable[[Sequence[RequestRecord], float], bool]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_tokperf import accuracy, driver, metrics, verdict, workloads
+from pytest_tokperf import accuracy, driver, metrics, server_metrics, verdict, workloads
 from pytest_tokperf import gpus as gpus_module
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import Engine, LogitsEngine, Request
@@ -228,6 +229,7 @@ class Tokperf:
             max_duration_s=bound,
             timeout_s=timeout_s,
             look_every_s=min(driver.LOOK_EVERY_S, (bound or 60.0) / 64),
+            texts=False,  # a perf run keeps timestamps and counts, not the answers
         )
         stop = None
         if max_duration_s is not None and self.floors:
@@ -236,7 +238,9 @@ class Tokperf:
             )
         if warm:  # apart from the measured run, so telemetry covers that run alone
             driver.run(self.engine, warm, timeout_s=timeout_s, loop=self.loop)
-        with self.telemetry() as sampler:
+        info = self.engine.info
+        watch = server_metrics.Watch(server_metrics.url_for(info.settings, info.backend))
+        with self.telemetry() as sampler, watch:
             driven = driver.run_plan(
                 self.engine, measured, plan, stop=stop, progress=self.progress, loop=self.loop
             )
@@ -253,6 +257,12 @@ class Tokperf:
             window_end_ns=driven.window_end_ns,
         )
         result = metrics.with_telemetry(result, sampler.summary())
+        result = dataclasses.replace(
+            result,
+            token_counting=dict(driven.token_counting),
+            client_procs=driven.procs,
+            server=watch.summary(sum(r.output_tokens for r in driven.records), scenario),
+        )
         self.results.append(result)
         self.looks.append(1 if stop is None else stop.looks)
         return result

@@ -13,6 +13,8 @@ import json
 from aiohttp import web
 
 SEEN: dict[str, str] = {}
+STREAMED = [0]  # output tokens sent in usage events, for the /metrics page
+PAGE: dict[str, object] = {}  # --metrics: a recorded page, its counters moved by STREAMED
 
 
 def event(text: str, completions: bool = False) -> bytes:
@@ -21,6 +23,7 @@ def event(text: str, completions: bool = False) -> bytes:
 
 
 def usage(tokens: int) -> bytes:
+    STREAMED[0] += tokens
     body = {"choices": [], "usage": {"completion_tokens": tokens, "prompt_tokens": 5}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -91,16 +94,43 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+TOKEN_COUNTERS = ("vllm:generation_tokens_total", "sglang:generation_tokens_total",
+                  "llamacpp:tokens_predicted_total")  # fmt: skip
+QUEUES = ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "llamacpp:requests_deferred")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """The recorded page with its generated-token counter advanced by what was streamed
+    (times --metrics-scale) and its queue gauge set to --metrics-queue."""
+    lines = []
+    for line in str(PAGE["text"]).splitlines():
+        name, _, value = line.rpartition(" ")
+        series = name.split("{")[0]
+        if series in TOKEN_COUNTERS:
+            line = f"{name} {float(value) + STREAMED[0] * float(str(PAGE['scale']))}"
+        elif series in QUEUES:
+            line = f"{name} {PAGE['queue']}"
+        lines.append(line)
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--metrics", help="serve this recorded /metrics page")
+    parser.add_argument("--metrics-scale", type=float, default=1.0)
+    parser.add_argument("--metrics-queue", type=float, default=0.0)
     args = parser.parse_args()
+    if args.metrics:
+        with open(args.metrics) as page:
+            PAGE.update(text=page.read(), scale=args.metrics_scale, queue=args.metrics_queue)
     app = web.Application()
     app.add_routes(
         [
             web.get("/health", health),
             web.get("/v1/models", models),
             web.get("/seen", seen),
+            *([web.get("/metrics", metrics)] if args.metrics else []),
             web.post("/v1/chat/completions", chat),
             web.post("/v1/completions", chat),
         ]
