@@ -200,6 +200,7 @@ class Sample:
     kl_sum: float | None = None
     top1_agree: int | None = None
     positions: int | None = None
+    has_ids: bool = True  # both engines reported token ids: exact match can be judged
 
 
 @dataclass(frozen=True)
@@ -284,8 +285,11 @@ def score(
             decide(ci.low, ci.high, lo, hi),
         )
     )  # fmt: skip
-    scores["exact_match"] = _mean([1.0 if s.first_divergence is None else 0.0 for s in samples])
-    diverged = [s.first_divergence for s in samples if s.first_divergence is not None]
+    with_ids = [s for s in samples if s.has_ids]  # text alone cannot show a token match
+    scores["exact_match"] = (
+        _mean([1.0 if s.first_divergence is None else 0.0 for s in with_ids]) if with_ids else None
+    )
+    diverged = [s.first_divergence for s in with_ids if s.first_divergence is not None]
     scores["mean_first_divergence"] = _mean(diverged) if diverged else None
     scored = [s for s in samples if s.positions]
     if scored:

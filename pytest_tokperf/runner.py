@@ -333,6 +333,7 @@ def run_parity(
                 kl_sum=kl_sum,
                 top1_agree=agree,
                 positions=positions,
+                has_ids=bool(got.token_ids and ref.token_ids),
             )
         )
     scores, checks, status = accuracy.score(out, spec)
