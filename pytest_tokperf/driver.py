@@ -181,6 +181,10 @@ class Plan:
     timeout_s: float = 600.0  # cancel whatever still runs after this long
     look_every_s: float = LOOK_EVERY_S  # how often progress and early stopping look
     texts: bool = True  # keep each answer's text (accuracy needs it, a perf run does not)
+    # several client processes (procs.py): each one's share of the one seeded schedule,
+    # and the common instant (perf_counter_ns) they all start from
+    offsets_ns: tuple[int, ...] | None = None
+    start_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,8 @@ async def drive(
     """
     clock = time.perf_counter_ns
     counted: dict[str, int] = {}
+    if plan.start_ns is not None:
+        await asyncio.sleep(max(0.0, (plan.start_ns - clock()) / NS))
     if plan.scenario == "offline":
         cpu0, t0 = time.thread_time_ns(), clock()
         records = await run_offline(engine, list(requests), plan.timeout_s, plan.texts, counted)
@@ -236,7 +242,7 @@ async def drive(
         cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
         return Driven(tuple(records), cpu, "all requests issued", token_counting=counted)
 
-    t0 = clock()
+    t0 = clock() if plan.start_ns is None else plan.start_ns
     cpu0 = time.thread_time_ns()
     deadline = t0 + round(plan.timeout_s * NS)
     end_issuing = deadline if plan.max_duration_s is None else t0 + round(plan.max_duration_s * NS)
@@ -302,7 +308,8 @@ async def drive(
     source = iter(requests)
     if plan.scenario in ("server", "interactive"):
         assert plan.qps is not None
-        for request, offset in zip(source, poisson_offsets_ns(plan.qps, plan.seed), strict=False):
+        schedule = plan.offsets_ns or poisson_offsets_ns(plan.qps, plan.seed)
+        for request, offset in zip(source, schedule, strict=False):
             scheduled = t0 + offset
             if scheduled >= end_issuing:
                 reason[0] = f"max_duration_s={plan.max_duration_s} reached"

@@ -23,6 +23,7 @@ from pytest_tokperf import (
     launcher,
     metrics,
     precision,
+    procs,
     profiles,
     report,
     verdict,
@@ -122,6 +123,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "server sends no usage (env TOKPERF_TOKENIZER, ini tokperf_tokenizer)",
     )
     parser.addini("tokperf_tokenizer", "GGUF file whose tokenizer counts tokens", default="")
+    group.addoption(
+        "--tokperf-client-procs",
+        metavar="N",
+        help="issue and stream from N client processes (openai engine), or 'auto' from the "
+        "offered load (env TOKPERF_CLIENT_PROCS, ini tokperf_client_procs; default 1)",
+    )
+    parser.addini("tokperf_client_procs", "tokperf client processes", default="")
     group.addoption(
         "--tokperf-precision",
         metavar="NAME",
@@ -256,6 +264,13 @@ def _confidence(config: pytest.Config) -> float:
     return level
 
 
+def _client_procs(config: pytest.Config) -> int:
+    setting = _setting(config, "tokperf_client_procs")
+    if setting is None or setting[0] == "auto":
+        return 0 if setting else 1
+    return _positive_int(config, "tokperf_client_procs") or 1
+
+
 class TokperfSession:
     """Per-process state, registered as a plugin (never kept in globals)."""
 
@@ -325,6 +340,8 @@ class TokperfSession:
         self.server_cmd = server_cmd[0] if server_cmd else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.server: launcher.Server | None = None
+        self.client_procs = _client_procs(config)  # 0: auto
+        self.spawn: procs.Spawn | None = None  # how a client process loads the engine
         self.inconclusive = _inconclusive_policy(config)
         self.confidence = _confidence(config)
         # xdist's documented marker of a worker process
@@ -614,6 +631,7 @@ def tokperf_engine(pytestconfig: pytest.Config, tokperf_gpus: gpus.Allocation) -
             state.server = launcher.start(state.server_cmd, settings.get("base_url"))
             settings["base_url"] = state.server.base_url
         engine = load_engine(state.backend, settings, tokperf_gpus.devices)
+        state.spawn = procs.Spawn(state.backend, settings, tokperf_gpus.devices)
     except (EngineError, launcher.LaunchError) as exc:
         pytest.fail(f"tokperf could not load its engine: {exc}", pytrace=False)
     yield engine
@@ -646,6 +664,8 @@ def tokperf(
         reference=state.reference_engine,
         telemetry=lambda: gpus.Sampler(state.nvml, tokperf_gpus.uuids),
         gpus=tokperf_gpus.uuids,
+        client_procs=state.client_procs,
+        spawn=state.spawn,
     )
     spec = request.node.stash.get(PARITY, None)
     if spec is not None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_tokperf import accuracy, driver, metrics, server_metrics, verdict, workloads
+from pytest_tokperf import accuracy, driver, metrics, procs, server_metrics, verdict, workloads
 from pytest_tokperf import gpus as gpus_module
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import Engine, LogitsEngine, Request
@@ -50,8 +51,12 @@ class Tokperf:
         *,
         telemetry: Callable[[], gpus_module.Sampler] | None = None,
         gpus: Sequence[str] = (),
+        client_procs: int = 1,
+        spawn: procs.Spawn | None = None,
     ) -> None:
         self.engine = engine
+        self.client_procs = client_procs  # 0: auto
+        self.spawn = spawn  # how a client process loads this engine again
         self.profile = profile
         self.loop = loop
         # a fresh sampler per measured run: telemetry of the run, not of the warm-up
@@ -240,10 +245,35 @@ class Tokperf:
             driver.run(self.engine, warm, timeout_s=timeout_s, loop=self.loop)
         info = self.engine.info
         watch = server_metrics.Watch(server_metrics.url_for(info.settings, info.backend))
-        with self.telemetry() as sampler, watch:
-            driven = driver.run_plan(
-                self.engine, measured, plan, stop=stop, progress=self.progress, loop=self.loop
+        n = self.client_procs
+        if n == 0:  # auto: from the offered load (a server run) or the floors
+            offered = (
+                (qps * (max_tokens or default)) if qps else max(self.floors.values(), default=0)
             )
+            if "per_gpu" in self.floors:
+                offered = max(offered, self.floors["per_gpu"] * info.devices)
+            n = procs.auto_count(offered)
+        if self.spawn is None or (
+            self.client_procs == 0 and self.spawn.backend not in procs.SPAWNABLE
+        ):
+            n = 1  # auto never splits an engine a child process cannot load again
+        with self.telemetry() as sampler, watch:
+            if n > 1 and self.spawn is not None:
+                endless = requests is None and bound is not None
+                count = len(load.prompts)  # a concurrency share cycles in its process
+                if endless and scenario in SERVER:  # every arrival of the schedule's window
+                    assert qps is not None and bound is not None
+                    window = itertools.takewhile(
+                        lambda at: at < bound * driver.NS, driver.poisson_offsets_ns(qps, seed)
+                    )
+                    count = sum(1 for _ in window)
+                share = list(itertools.islice(measured, count)) if endless else list(measured)
+                endless = endless and scenario not in SERVER
+                driven = procs.run(self.spawn, share, plan, n, endless=endless)
+            else:
+                driven = driver.run_plan(
+                    self.engine, measured, plan, stop=stop, progress=self.progress, loop=self.loop
+                )
         result = metrics.summarize(
             driven.records,
             self.engine.info,
