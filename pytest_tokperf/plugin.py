@@ -118,9 +118,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--tokperf-tokenizer",
-        metavar="GGUF",
-        help="count the openai engine's output tokens with this model's tokenizer when the "
-        "server sends no usage (env TOKPERF_TOKENIZER, ini tokperf_tokenizer)",
+        metavar="PATH",
+        help="count the openai engine's output tokens with this GGUF file or tokenizer.json "
+        "when the server sends no usage and has no tokenize endpoint "
+        "(env TOKPERF_TOKENIZER, ini tokperf_tokenizer)",
     )
     parser.addini("tokperf_tokenizer", "GGUF file whose tokenizer counts tokens", default="")
     group.addoption(

@@ -181,23 +181,18 @@ class _Conn(asyncio.Protocol):
         at = self.head.find(b"\r\n\r\n")
         if at < 0:
             return b""
-        head, rest = self.head[:at], self.head[at + 4 :]
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        try:
-            self.status = int(parts[1])
-        except (IndexError, ValueError):
-            self.fail(f"not an HTTP response: {lines[0][:120]!r}")
+        head, rest = self.head[:at].lower(), self.head[at + 4 :]
+        try:  # b"http/1.1 200 ok"
+            self.status = int(head[9:12])
+        except ValueError:
+            self.fail(f"not an HTTP response: {head[:120]!r}")
             return b""
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip().lower()
-        self.chunked = "chunked" in headers.get("transfer-encoding", "")
-        self.remaining = -1 if self.chunked else int(headers.get("content-length", -1))
+        self.chunked = b"chunked" in _header(head, b"transfer-encoding")
+        length = _header(head, b"content-length")
+        self.remaining = int(length) if length and not self.chunked else -1
         self.keep_alive = (
-            parts[0] == "HTTP/1.1"
-            and headers.get("connection") != "close"
+            head.startswith(b"http/1.1")
+            and _header(head, b"connection") != b"close"
             and (self.chunked or self.remaining >= 0)
         )
         if self.status >= 400:
@@ -227,6 +222,15 @@ class _Conn(asyncio.Protocol):
                 self.pending = b""
                 return text.count(b"data:", at)
             at = end + 1
+
+
+def _header(head: bytes, name: bytes) -> bytes:
+    """The value of header `name` in a lowercased response head (b"" when absent)."""
+    at = head.find(b"\r\n" + name + b":")
+    if at < 0:
+        return b""
+    end = head.find(b"\r\n", at + 2)
+    return head[at + 3 + len(name) : end if end >= 0 else None].strip()
 
 
 def _ignore(n: int) -> int:
