@@ -639,7 +639,7 @@ def file_counter(path: str) -> tuple[Counter, str]:
         hf = tokenizers.Tokenizer.from_file(path)
         return (
             lambda text: len(hf.encode(text, add_special_tokens=False).ids),
-            f"tokenizer.json {os.path.basename(path)}",
+            f"Hugging Face tokenizer {os.path.basename(path)}",
         )
     try:
         import llama_cpp

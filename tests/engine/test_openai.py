@@ -191,3 +191,40 @@ def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child)
+
+
+def test_a_tokenizer_json_counts_when_the_server_sends_no_usage(
+    fake: launcher.Server, tmp_path: Path
+) -> None:
+    tokenizers = pytest.importorskip("tokenizers", reason="needs the 'openai' extra")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"[UNK]": 0, "one": 1, "two": 2, "three": 3}
+    hf = tokenizers.Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = Whitespace()
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    engine = _engine(fake, tokenizer=str(path))
+    assert (
+        engine.info.settings["token_counting"]
+        == "usage; without usage: Hugging Face tokenizer tokenizer.json"
+    )
+    loop = driver.new_loop()
+    try:
+        plan = driver.Plan("offline", texts=False)  # a perf run: the text is read only to count
+        driven = driver.run_plan(engine, [Request("nousage", "nousage", 8)], plan, loop=loop)
+    finally:
+        loop.run_until_complete(engine.aclose())
+        loop.close()
+    (rec,) = driven.records
+    assert rec.ok and rec.output_tokens == 3 and rec.text == ""
+    assert driven.token_counting == {"Hugging Face tokenizer tokenizer.json": 1}
+
+
+def test_without_usage_or_a_way_to_count_the_request_fails_saying_how(
+    fake: launcher.Server,
+) -> None:
+    (rec,) = _run(_engine(fake), ["nousage"]).values()
+    assert rec.error is not None and "no tokenize endpoint" in rec.error
+    assert "--tokperf-tokenizer" in rec.error
