@@ -228,3 +228,32 @@ def test_without_usage_or_a_way_to_count_the_request_fails_saying_how(
     (rec,) = _run(_engine(fake), ["nousage"]).values()
     assert rec.error is not None and "no tokenize endpoint" in rec.error
     assert "--tokperf-tokenizer" in rec.error
+
+
+def test_the_generic_stream_yields_the_settled_counts(fake: launcher.Server) -> None:
+    engine = _engine(fake)
+    loop = driver.new_loop()
+
+    async def chunks() -> list[tuple[int, str]]:
+        return [(c.tokens, c.text) async for c in engine.stream(Request("multi", "multi", 8))]
+
+    try:
+        got = loop.run_until_complete(chunks())
+    finally:
+        loop.run_until_complete(engine.aclose())
+        loop.close()
+    assert sum(n for n, _ in got) == 5 and all(n > 0 for n, _ in got)
+    assert "".join(t for _, t in got) == "one two three"
+
+
+def test_the_standard_event_loop_works_too(fake: launcher.Server) -> None:
+    import asyncio
+
+    engine = _engine(fake)
+    loop = asyncio.new_event_loop()
+    try:
+        (rec,) = driver.run(engine, [Request("ok", "ok", 8)], loop=loop)
+    finally:
+        loop.run_until_complete(engine.aclose())
+        loop.close()
+    assert rec.ok and rec.output_tokens == 3 and rec.text == "one two three"
