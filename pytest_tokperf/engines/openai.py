@@ -565,6 +565,7 @@ class OpenAIEngine:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        await asyncio.sleep(0)  # let the cancelled watchers finish
 
 
 def _get_json(url: str, headers: Mapping[str, str], timeout_s: float) -> Any:
