@@ -266,9 +266,12 @@ def _confidence(config: pytest.Config) -> float:
 
 
 def _client_procs(config: pytest.Config) -> int:
+    """Client processes: N, or 0 for `auto` (decided per run from the offered load)."""
     setting = _setting(config, "tokperf_client_procs")
-    if setting is None or setting[0] == "auto":
-        return 0 if setting else 1
+    if setting is None:
+        return 1
+    if setting[0] == "auto":
+        return 0
     return _positive_int(config, "tokperf_client_procs") or 1
 
 
