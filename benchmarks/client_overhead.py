@@ -1,25 +1,34 @@
-"""The openai engine's client CPU time per streamed token, against a null server.
+"""The openai engine's client CPU time per streamed token, beside the raw-socket floor.
 
 The server (benchmarks/null_openai_server.py, its own process, pinned to the last core
-when it can be) answers instantly; the client (this process, pinned to core 0) runs the
-plugin's real path: `load_engine("openai")` + `driver.run(..., scenario="offline")`.
-Client CPU = user + system time of this process over the run, divided by the tokens it
-received. "burst": the server writes each whole stream at once; "paced": one chunk per
-stream every --pace-ms ms, so every token costs the client a wake-up, as with a real
-server. Each configuration runs --repeats times; the median is reported.
+when it can be) answers instantly; the client (this process, pinned to core 0) runs,
+in turn, the plugin's real path (`load_engine("openai")` + the driver's `concurrency`
+scenario, a closed loop, texts not kept as in a perf run) and the floor client
+(benchmarks/floor_client.py: an `asyncio.Protocol` that counts `data:` events and
+timestamps reads, nothing else), both on uvloop. Client CPU = user + system time of
+this process over a run, divided by the tokens received. "burst": the server writes
+each whole stream at once; "paced": one chunk per stream every --pace-ms ms, so every
+token costs the client a wake-up, as with a real server. The two clients alternate
+--repeats times; the table shows medians and the median of the paired ratios.
 
-Run: python benchmarks/client_overhead.py [--requests 2000 --tokens 256 --concurrency 64]
+Run: python benchmarks/client_overhead.py [--requests 640 --tokens 256 --concurrency 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import floor_client
 
 from pytest_tokperf import driver, launcher
 from pytest_tokperf.engines import Request, load_engine
@@ -32,64 +41,91 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(base_url: str, requests: int, tokens: int, concurrency: int, uvloop: bool) -> float:
-    engine = load_engine("openai", {"base_url": base_url, "max_connections": concurrency})
-    loop = driver.new_loop() if uvloop else __import__("asyncio").new_event_loop()
-    reqs = [Request(f"r{i}", "x", tokens) for i in range(requests)]
+def per_token(run: Callable[[], int]) -> float:
+    start = cpu_s()
+    tokens = run()
+    return (cpu_s() - start) / tokens * 1e6
+
+
+def cpu_name() -> str:
     try:
-        driver.run(engine, reqs[:concurrency], loop=loop)  # warm the connection pool
-        done = 0
-        start = cpu_s()
-        # offline issues everything at once; batches of `concurrency` keep that many in flight
-        for i in range(0, requests, concurrency):
-            records = driver.run(engine, reqs[i : i + concurrency], loop=loop)
-            bad = [r.error for r in records if not r.ok]
-            if bad:
-                raise SystemExit(f"requests failed: {bad[:3]}")
-            done += sum(r.output_tokens for r in records)
-        return (cpu_s() - start) / done * 1e6
-    finally:
-        loop.run_until_complete(engine.aclose())
-        loop.close()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=640)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--pace-ms", type=float, default=5.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--modes", default="burst,paced")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     print(
-        f"{args.requests} requests x {args.tokens} tokens, concurrency {args.concurrency}, "
-        f"python {sys.version.split()[0]}, cores {len(cores)}"
+        f"{time.strftime('%Y-%m-%d')}, {cpu_name()}, {len(cores)} cores, python "
+        f"{sys.version.split()[0]}; {args.requests} requests x {args.tokens} tokens, "
+        f"concurrency {args.concurrency}, {args.repeats} alternating runs each"
     )
-    print(f"{'mode':<8}{'loop':<8}{'us/token (median)':>20}{'runs':>30}")
-    for mode, pace in (("burst", 0.0), ("paced", args.pace_ms)):
-        cmd = f"{sys.executable} {SERVER} --port {{port}} --pace-ms {pace}"
-        if len(cores) > 1 and os.path.exists("/usr/bin/taskset"):
-            cmd = f"taskset -c {cores[-1]} {cmd}"
-        server = launcher.start(cmd, ready_timeout_s=60)
-        if len(cores) > 1 and hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, {cores[0]})
-        try:
-            for use_uvloop in (True, False):
-                runs = [
-                    measure(
-                        server.base_url, args.requests, args.tokens, args.concurrency, use_uvloop
-                    )
-                    for _ in range(args.repeats)
-                ]
-                name = "uvloop" if use_uvloop else "asyncio"
-                shown = ", ".join(f"{r:.1f}" for r in runs)
-                print(f"{mode:<8}{name:<8}{statistics.median(runs):>20.1f}{shown:>30}")
-        finally:
-            server.stop()
-            if hasattr(os, "sched_setaffinity"):
-                os.sched_setaffinity(0, set(cores))
-    time.sleep(0)
+    print(f"{'mode':<7}{'tokperf us/token':>18}{'floor us/token':>16}{'ratio':>7}   runs")
+    for mode in args.modes.split(","):
+        ours, theirs = measure(mode, args, cores)
+        ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+        runs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(ours, theirs, strict=True))
+        print(
+            f"{mode:<7}{statistics.median(ours):>18.2f}{statistics.median(theirs):>16.2f}"
+            f"{ratio:>7.2f}   {runs} (tokperf/floor)"
+        )
+
+
+def measure(
+    mode: str, args: argparse.Namespace, cores: list[int]
+) -> tuple[list[float], list[float]]:
+    """Per-token client CPU of tokperf and of the floor, alternating, against one server."""
+    reqs = [Request(f"r{i}", "x", args.tokens) for i in range(args.requests)]
+    expected = args.requests * args.tokens
+    plan = driver.Plan("concurrency", concurrency=args.concurrency, texts=False)
+    pace = args.pace_ms if mode == "paced" else 0.0
+    cmd = f"{sys.executable} {SERVER} --port {{port}} --pace-ms {pace}"
+    if len(cores) > 1 and os.path.exists("/usr/bin/taskset"):
+        cmd = f"taskset -c {cores[-1]} {cmd}"
+    server = launcher.start(cmd, ready_timeout_s=60)
+    if len(cores) > 1 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cores[0]})
+    loop = driver.new_loop()
+    engine = load_engine("openai", {"base_url": server.base_url})
+
+    def tokperf() -> int:
+        records = driver.run_plan(engine, reqs, plan, loop=loop).records
+        bad = [r.error for r in records if not r.ok]
+        if bad:
+            raise SystemExit(f"requests failed: {bad[:3]}")
+        return sum(r.output_tokens for r in records)
+
+    def floor() -> int:
+        run = floor_client.run(server.base_url, args.requests, args.tokens, args.concurrency)
+        return loop.run_until_complete(run)
+
+    try:
+        for run in (tokperf, floor):  # warm both: connections, code paths
+            if run() != expected:
+                raise SystemExit(f"{run.__name__} did not count {expected} tokens")
+        ours, theirs = [], []
+        for _ in range(args.repeats):
+            ours.append(per_token(tokperf))
+            theirs.append(per_token(floor))
+        return ours, theirs
+    finally:
+        loop.run_until_complete(engine.aclose())
+        loop.close()
+        server.stop()
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, set(cores))
 
 
 if __name__ == "__main__":

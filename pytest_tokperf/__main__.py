@@ -106,7 +106,7 @@ def parity(args: argparse.Namespace) -> int:
         )
     print(
         f"tokens per sample: {s['tokens_per_sample']:.1f} vs {s['reference_tokens_per_sample']:.1f}"
-        f"; exact match {s['exact_match']:.3f}; KL {s['kl']}; top-1 {s['top1']}"
+        f"; exact match {s['exact_match']}; KL {s['kl']}; top-1 {s['top1']}"
     )
     for line in report.parity_table([data]):
         print(line)

@@ -287,13 +287,13 @@ def score(
             decide(ci.low, ci.high, lo, hi),
         )
     )  # fmt: skip
-    if all(s.ids_compared for s in samples):
-        exact = [1.0 if s.first_divergence is None else 0.0 for s in samples]
-        diverged = [s.first_divergence for s in samples if s.first_divergence is not None]
-        scores["exact_match"] = _mean(exact)
-        scores["mean_first_divergence"] = _mean(diverged) if diverged else None
-    else:  # without token ids on both sides nothing says the tokens were the same
-        scores["exact_match"] = scores["mean_first_divergence"] = None
+    # only samples with token ids on both sides can show the tokens were the same
+    with_ids = [s for s in samples if s.ids_compared]
+    scores["exact_match"] = (
+        _mean([1.0 if s.first_divergence is None else 0.0 for s in with_ids]) if with_ids else None
+    )
+    diverged = [s.first_divergence for s in with_ids if s.first_divergence is not None]
+    scores["mean_first_divergence"] = _mean(diverged) if diverged else None
     scored = [s for s in samples if s.positions]
     if scored:
         kl_sums = [s.kl_sum or 0.0 for s in scored]

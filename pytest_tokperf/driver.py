@@ -19,12 +19,13 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pytest_tokperf.engines import Engine, Request
+from pytest_tokperf.engines import Completion, Engine, ReadEngine, Request, reconcile
 
 NS = 1_000_000_000
+_clock = time.perf_counter_ns
 SCENARIOS = ("offline", "server", "interactive", "concurrency")
 LOOK_EVERY_S = 0.25  # how often the watcher wakes for progress and stop checks
 TIMED_OUT = "cancelled: the run's time limit was reached before this request completed"
@@ -74,6 +75,27 @@ class _Live:
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     cancelled: str = TIMED_OUT  # the record's error if its task is cancelled
+    counted_by: str = ""
+
+    def arrived(self, tokens: int) -> int:
+        """One read delivered `tokens` (a `ReadEngine` calls this from the read itself)."""
+        now = _clock()
+        self.chunk_ns.append(now)
+        self.chunk_tokens.append(tokens)
+        return now
+
+    def settle(self, done: Completion) -> None:
+        """The per-read counts settled to the stream's total; reads left with none drop out."""
+        counts = reconcile(self.chunk_tokens, done.trailing, done.tokens)
+        if 0 in counts:
+            pairs = [(at, n) for at, n in zip(self.chunk_ns, counts, strict=True) if n > 0]
+            self.chunk_ns = [at for at, _ in pairs]
+            counts = [n for _, n in pairs]
+        if done.tokens and not counts:  # no read was counted: the tokens came at the end
+            self.chunk_ns, counts = [_clock()], [done.tokens]
+        self.chunk_tokens = counts
+        self.texts = [done.text]
+        self.counted_by = done.counted_by
 
     def record(self, end_ns: int, error: str | None = None) -> RequestRecord:
         return RequestRecord(
@@ -89,16 +111,20 @@ class _Live:
         )
 
 
-async def _stream(engine: Engine, live: _Live) -> RequestRecord:
-    """Stream one request; timestamps are taken as each chunk reaches the client."""
-    clock = time.perf_counter_ns
+async def _stream(engine: Engine, live: _Live, texts: bool = True) -> RequestRecord:
+    """Stream one request; timestamps are taken as each chunk (or read) reaches the client."""
+    clock = _clock
     error: str | None = None
     try:
-        async for chunk in engine.stream(live.request):
-            live.chunk_ns.append(clock())
-            live.chunk_tokens.append(chunk.tokens)
-            live.texts.append(chunk.text)
-            live.token_ids.extend(chunk.token_ids)
+        if hasattr(engine, "stream_reads"):  # a ReadEngine (isinstance costs ~50 us)
+            reads: ReadEngine = engine  # type: ignore[assignment]
+            live.settle(await reads.stream_reads(live.request, live.arrived, texts))
+        else:
+            async for chunk in engine.stream(live.request):
+                live.chunk_ns.append(clock())
+                live.chunk_tokens.append(chunk.tokens)
+                live.texts.append(chunk.text)
+                live.token_ids.extend(chunk.token_ids)
     except asyncio.CancelledError:
         error = live.cancelled
     except Exception as exc:  # any engine failure becomes the record's error
@@ -114,8 +140,10 @@ class Flights:
     stopped: str | None = None  # why it was stopped from outside
     flying: list[tuple[_Live, asyncio.Task[RequestRecord]]] = field(default_factory=list)
 
-    def launch(self, engine: Engine, live: _Live) -> asyncio.Task[RequestRecord]:
-        task = asyncio.create_task(_stream(engine, live))
+    def launch(
+        self, engine: Engine, live: _Live, texts: bool = True
+    ) -> asyncio.Task[RequestRecord]:
+        task = asyncio.create_task(_stream(engine, live, texts))
         self.flying.append((live, task))
         return task
 
@@ -130,20 +158,30 @@ class Flights:
 
 
 async def run_offline(
-    engine: Engine, requests: Sequence[Request], timeout_s: float, flights: Flights | None = None
+    engine: Engine,
+    requests: Sequence[Request],
+    timeout_s: float,
+    flights: Flights | None = None,
+    texts: bool = True,
+    counted: dict[str, int] | None = None,
 ) -> list[RequestRecord]:
     """MLPerf Offline: issue every request at t0 and let the engine schedule them.
 
     Requests still running after `timeout_s` are cancelled and recorded as failed.
+    `counted` gathers how many requests each token-counting method counted.
     """
     flights = flights or Flights()
-    t0 = time.perf_counter_ns()
+    t0 = _clock()
     lives = [_Live(r, t0, None) for r in requests]
-    tasks = [flights.launch(engine, live) for live in lives]
-    await asyncio.wait(tasks, timeout=timeout_s)
+    tasks = [flights.launch(engine, live, texts) for live in lives]
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s)
     for task in tasks:
         task.cancel()  # a no-op for finished tasks; `_stream` turns it into a record
-    return await _records(lives, tasks)
+    records = await _records(lives, tasks)
+    if counted is not None:
+        _tally(lives, counted)
+    return records
 
 
 async def _records(
@@ -158,6 +196,12 @@ async def _records(
         live.record(end, live.cancelled) if task.cancelled() else task.result()
         for live, task in zip(lives, tasks, strict=True)
     ]
+
+
+def _tally(lives: Iterable[_Live], counted: dict[str, int]) -> None:
+    for lv in lives:
+        if lv.counted_by:
+            counted[lv.counted_by] = counted.get(lv.counted_by, 0) + 1
 
 
 def poisson_offsets_ns(qps: float, seed: int) -> Iterator[int]:
@@ -182,6 +226,22 @@ class Plan:
     max_duration_s: float | None = None  # stop issuing after this long
     timeout_s: float = 600.0  # cancel whatever still runs after this long
     look_every_s: float = LOOK_EVERY_S  # how often progress and early stopping look
+    texts: bool = True  # keep each answer's text (accuracy needs it, a perf run does not)
+    # several client processes (procs.py): each one's share of the one seeded schedule,
+    # and the common instant (perf_counter_ns) they all start from
+    offsets_ns: tuple[int, ...] | None = None
+    start_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class ClientProc:
+    """One client process of a run split over several (`--tokperf-client-procs`)."""
+
+    index: int  # 1-based, as the INVALID reason names it
+    pid: int
+    requests: int
+    output_tokens: int
+    cpu: float | None  # its driver thread's CPU time / wall time
 
 
 @dataclass(frozen=True)
@@ -196,6 +256,8 @@ class Driven:
     client_cpu: float | None
     stopped: str
     window_end_ns: int | None = None
+    token_counting: Mapping[str, int] = field(default_factory=dict)  # requests per method
+    procs: tuple[ClientProc, ...] = ()  # several client processes: each one's share
 
 
 Snapshot = Callable[[Sequence[RequestRecord], float], bool]
@@ -219,36 +281,51 @@ async def drive(
     """
     clock = time.perf_counter_ns
     flights = flights or Flights()
+    counted: dict[str, int] = {}
+    if plan.start_ns is not None:
+        await asyncio.sleep(max(0.0, (plan.start_ns - clock()) / NS))
     if plan.scenario == "offline":
         cpu0, t0 = time.thread_time_ns(), clock()
-        records = await run_offline(engine, list(requests), plan.timeout_s, flights)
+        records = await run_offline(
+            engine, list(requests), plan.timeout_s, flights, plan.texts, counted
+        )
         wall = clock() - t0
         cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
-        return Driven(tuple(records), cpu, flights.stopped or "all requests issued")
+        stopped = flights.stopped or "all requests issued"
+        return Driven(tuple(records), cpu, stopped, token_counting=counted)
 
-    t0 = clock()
+    t0 = clock() if plan.start_ns is None else plan.start_ns
     cpu0 = time.thread_time_ns()
     deadline = t0 + round(plan.timeout_s * NS)
     end_issuing = deadline if plan.max_duration_s is None else t0 + round(plan.max_duration_s * NS)
     lives: list[_Live] = []
     tasks: list[asyncio.Task[RequestRecord]] = []
+    running: set[asyncio.Task[RequestRecord]] = set()  # in flight now: O(1) per request
     done: dict[int, RequestRecord] = {}
     halt = flights.halt
+    freed = asyncio.Event()  # a request finished, or the run halted
     reason = ["all requests issued"]
     stopped_at: list[int | None] = [None]
 
     def finish(index: int, task: asyncio.Task[RequestRecord]) -> None:
+        running.discard(task)
+        freed.set()
         if not task.cancelled():
             done[index] = task.result()
 
     def launch(request: Request, scheduled: int | None) -> asyncio.Task[RequestRecord]:
         live = _Live(request, clock(), scheduled)
-        task = flights.launch(engine, live)
+        task = flights.launch(engine, live, plan.texts)
         index = len(tasks)
         task.add_done_callback(lambda t: finish(index, t))
         lives.append(live)
         tasks.append(task)
+        running.add(task)
         return task
+
+    def stop_issuing() -> None:
+        halt.set()
+        freed.set()
 
     def snapshot(now: int) -> list[RequestRecord]:
         return [done[i] if i in done else lv.record(now) for i, lv in enumerate(lives)]
@@ -260,7 +337,7 @@ async def drive(
             if now >= end_issuing:
                 reason[0] = f"max_duration_s={plan.max_duration_s} reached"
                 stopped_at[0] = end_issuing
-                halt.set()
+                stop_issuing()
                 return
             elapsed = (now - t0) / NS
             if progress is None and stop is None:
@@ -272,7 +349,7 @@ async def drive(
             if stop is not None and ready and stop(snap, elapsed):
                 reason[0] = f"early stop after {elapsed:.1f} s: the verdict was decisive"
                 stopped_at[0] = now  # the window the decision saw
-                halt.set()
+                stop_issuing()
 
     async def wait_halt(seconds: float) -> None:
         """Sleep `seconds`, or less when the run is told to stop."""
@@ -283,7 +360,8 @@ async def drive(
     source = iter(requests)
     if plan.scenario in ("server", "interactive"):
         assert plan.qps is not None
-        for request, offset in zip(source, poisson_offsets_ns(plan.qps, plan.seed), strict=False):
+        schedule = plan.offsets_ns or poisson_offsets_ns(plan.qps, plan.seed)
+        for request, offset in zip(source, schedule, strict=False):
             scheduled = t0 + offset
             if scheduled >= end_issuing:
                 reason[0] = f"max_duration_s={plan.max_duration_s} reached"
@@ -295,11 +373,10 @@ async def drive(
             launch(request, scheduled)
     elif plan.scenario == "concurrency":
         assert plan.concurrency is not None
-        halted = asyncio.create_task(halt.wait())
         for request in source:
-            running = [t for t in tasks if not t.done()]
-            if len(running) >= plan.concurrency:
-                await asyncio.wait([*running, halted], return_when=asyncio.FIRST_COMPLETED)
+            while len(running) >= plan.concurrency and not halt.is_set():
+                freed.clear()
+                await freed.wait()
             if halt.is_set():
                 break
             if clock() >= end_issuing:
@@ -307,7 +384,6 @@ async def drive(
                 stopped_at[0] = end_issuing
                 break
             launch(request, None)
-        halted.cancel()
     else:
         raise ValueError(f"unknown scenario {plan.scenario!r}; available: {', '.join(SCENARIOS)}")
     halt.set()
@@ -320,7 +396,8 @@ async def drive(
     wall = clock() - t0
     cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
     window_end = stopped_at[0] if plan.max_duration_s is not None else None
-    return Driven(tuple(records), cpu, flights.stopped or reason[0], window_end)
+    _tally(lives, counted)
+    return Driven(tuple(records), cpu, flights.stopped or reason[0], window_end, counted)
 
 
 def run(
@@ -331,6 +408,7 @@ def run(
     warmup: Sequence[Request] = (),
     timeout_s: float = 600.0,
     loop: asyncio.AbstractEventLoop | None = None,
+    texts: bool = True,
 ) -> list[RequestRecord]:
     """Run warm-up requests (discarded), then the measured Offline scenario.
 
@@ -342,7 +420,7 @@ def run(
             f"unknown scenario {scenario!r} for driver.run; available: offline "
             f"(use driver.run_plan for {', '.join(SCENARIOS[1:])})"
         )
-    plan = Plan("offline", timeout_s=timeout_s)
+    plan = Plan("offline", timeout_s=timeout_s, texts=texts)
     return list(run_plan(engine, requests, plan, warmup=warmup, loop=loop).records)
 
 
@@ -368,7 +446,7 @@ def run_plan(
     async def main() -> Driven:
         with _on_sigint(flights):
             if warmup:
-                await run_offline(engine, warmup, plan.timeout_s, flights)
+                await run_offline(engine, warmup, plan.timeout_s, flights, plan.texts)
             if flights.stopped is not None:
                 return Driven((), None, f"{flights.stopped} during the warm-up")
             return await drive(engine, requests, plan, stop=stop, progress=progress,

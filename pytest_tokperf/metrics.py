@@ -12,10 +12,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist
+from typing import Any
 
-from pytest_tokperf.driver import RequestRecord
+from pytest_tokperf.driver import ClientProc, RequestRecord
 from pytest_tokperf.engines import EngineInfo
 from pytest_tokperf.gpus import Telemetry
 
@@ -370,6 +371,9 @@ class RunResult:
     client_cpu: float | None = None  # driver thread CPU time / wall time
     stopped: str = ""  # why the driver stopped issuing (early stopping, duration, count)
     window_end_ns: int | None = None  # a run bounded by time: when it stopped issuing
+    token_counting: Mapping[str, int] = field(default_factory=dict)  # requests per method
+    client_procs: tuple[ClientProc, ...] = ()  # the client processes that drove the run
+    server: Mapping[str, Any] | None = None  # the server's own counters (server_metrics)
 
     @property
     def errors(self) -> list[str]:

@@ -24,6 +24,7 @@ from pytest_tokperf import (
     launcher,
     metrics,
     precision,
+    procs,
     profiles,
     rack,
     rackjudge,
@@ -167,6 +168,8 @@ class TokperfSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.server: launcher.Server | None = None
         self.reference_servers: list[launcher.Server] = []
+        self.client_procs = settings.client_procs(config)  # 0: auto
+        self.spawn: procs.Spawn | None = None  # how a client process loads the engine
         self.inconclusive = settings.inconclusive_policy(config)
         self.confidence = settings.confidence(config)
         # xdist's documented marker of a worker process
@@ -601,6 +604,7 @@ def tokperf_engine(pytestconfig: pytest.Config, tokperf_gpus: gpus.Allocation) -
             )
             settings["base_url"] = state.server.base_url
         engine = load_engine(state.backend, settings, tokperf_gpus.devices)
+        state.spawn = procs.Spawn(state.backend, settings, tokperf_gpus.devices)
     except (EngineError, launcher.LaunchError) as exc:
         pytest.fail(f"tokperf could not load its engine: {exc}", pytrace=False)
     yield engine
@@ -633,6 +637,8 @@ def tokperf(
         reference=state.reference_engine,
         telemetry=lambda: gpus.Sampler(state.nvml, tokperf_gpus.uuids),
         gpus=tokperf_gpus.uuids,
+        client_procs=state.client_procs,
+        spawn=state.spawn,
     )
     runner.parity_spec = request.node.stash.get(PARITY, reference.defaults(state.profile))
     runner.confidence = state.confidence

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -10,7 +12,16 @@ from typing import Any
 
 import pytest
 
-from pytest_tokperf import accuracy, driver, metrics, records, verdict, workloads
+from pytest_tokperf import (
+    accuracy,
+    driver,
+    metrics,
+    procs,
+    records,
+    server_metrics,
+    verdict,
+    workloads,
+)
 from pytest_tokperf import gpus as gpus_module
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import Engine, LogitsEngine, PreparingEngine, Request
@@ -62,8 +73,12 @@ class Tokperf:
         *,
         telemetry: Callable[[], gpus_module.Sampler] | None = None,
         gpus: Sequence[str] = (),
+        client_procs: int = 1,
+        spawn: procs.Spawn | None = None,
     ) -> None:
         self.engine = engine
+        self.client_procs = client_procs  # 0: auto
+        self.spawn = spawn  # how a client process loads this engine again
         self.profile = profile
         self.loop = loop
         # a fresh sampler per measured run: telemetry of the run, not of the warm-up
@@ -269,6 +284,7 @@ class Tokperf:
             max_duration_s=bound,
             timeout_s=timeout_s,
             look_every_s=min(driver.LOOK_EVERY_S, (bound or 60.0) / 64),
+            texts=False,  # a perf run keeps timestamps and counts, not the answers
         )
         stop = None
         if max_duration_s is not None and self.floors:
@@ -280,13 +296,45 @@ class Tokperf:
         self.before_run()
         anchor = records.anchor()
         interrupted: driver.Interrupted | None = None
-        with self.telemetry() as sampler:
-            try:
-                driven = driver.run_plan(
-                    self.engine, measured, plan, stop=stop, progress=self.progress, loop=self.loop
-                )
-            except driver.Interrupted as exc:  # Ctrl-C: keep what finished, then stop
-                driven, interrupted = exc.driven, exc
+        info = self.engine.info
+        watch = server_metrics.Watch(server_metrics.url_for(info.settings, info.backend))
+        n = self.client_procs
+        if n == 0:  # auto: from the offered load (a server run) or the floors
+            offered = (
+                (qps * (max_tokens or default)) if qps else max(self.floors.values(), default=0)
+            )
+            if "per_gpu" in self.floors:
+                offered = max(offered, self.floors["per_gpu"] * info.devices)
+            n = procs.auto_count(offered)
+        if self.spawn is None or (
+            self.client_procs == 0 and self.spawn.backend not in procs.SPAWNABLE
+        ):
+            n = 1  # auto never splits an engine a child process cannot load again
+        with self.telemetry() as sampler, watch:
+            if n > 1 and self.spawn is not None:
+                endless = requests is None and bound is not None
+                count = len(load.prompts)  # a concurrency share cycles in its process
+                if endless and scenario in SERVER:  # every arrival of the schedule's window
+                    assert qps is not None and bound is not None
+                    window = itertools.takewhile(
+                        lambda at: at < bound * driver.NS, driver.poisson_offsets_ns(qps, seed)
+                    )
+                    count = sum(1 for _ in window)
+                share = list(itertools.islice(measured, count)) if endless else list(measured)
+                endless = endless and scenario not in SERVER
+                driven = procs.run(self.spawn, share, plan, n, endless=endless)
+            else:
+                try:
+                    driven = driver.run_plan(
+                        self.engine,
+                        measured,
+                        plan,
+                        stop=stop,
+                        progress=self.progress,
+                        loop=self.loop,
+                    )
+                except driver.Interrupted as exc:  # Ctrl-C: keep what finished, then stop
+                    driven, interrupted = exc.driven, exc
         result = metrics.summarize(
             driven.records,
             self.engine.info,
@@ -300,6 +348,12 @@ class Tokperf:
             window_end_ns=driven.window_end_ns,
         )
         result = metrics.with_telemetry(result, sampler.summary())
+        result = dataclasses.replace(
+            result,
+            token_counting=dict(driven.token_counting),
+            client_procs=driven.procs,
+            server=watch.summary(sum(r.output_tokens for r in driven.records), scenario),
+        )
         self.results.append(result)
         self.looks.append(1 if stop is None else stop.looks)
         self.anchors.append(anchor)

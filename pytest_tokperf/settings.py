@@ -59,8 +59,11 @@ OPTIONS: tuple[Option, ...] = (
            "start this server for the session and stop it at the end, e.g. "
            "'trtllm-serve MODEL --tp_size 4'"),
     Option("tokperf_tokenizer", "PATH",
-           "count the openai engine's output tokens with this tokenizer (a GGUF file or a "
-           "Hugging Face tokenizer.json) when the server sends no usage"),
+           "count the openai engine's output tokens with this GGUF file or tokenizer.json "
+           "when the server sends no usage and has no tokenize endpoint"),
+    Option("tokperf_client_procs", "N",
+           "issue and stream from N client processes (openai engine), or 'auto' from the "
+           "offered load", "1"),
     Option("tokperf_precision", "NAME",
            "precision of the engine under test; embedded engine: "
            f"{', '.join(precision.VARIANTS)}, built on first use into the cache",
@@ -157,6 +160,16 @@ def flag(config: pytest.Config, name: str) -> bool:
     if value.strip().lower() not in FLAGS:
         raise pytest.UsageError(f"{source} must be true or false (1/0, yes/no), got {value!r}")
     return FLAGS[value.strip().lower()]
+
+
+def client_procs(config: pytest.Config) -> int:
+    """Client processes: N, or 0 for `auto` (decided per run from the offered load)."""
+    found = setting(config, "tokperf_client_procs")
+    if found is None:
+        return 1
+    if found[0] == "auto":
+        return 0
+    return positive_int(config, "tokperf_client_procs") or 1
 
 
 def inconclusive_policy(config: pytest.Config) -> str:

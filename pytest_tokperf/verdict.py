@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from pytest_tokperf import early_stopping
+from pytest_tokperf import early_stopping, server_metrics
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.metrics import (
     BATCHES,
@@ -412,6 +412,16 @@ def run_validity(result: RunResult) -> tuple[str, ...]:
             f"the client saturated: the driver thread used {result.client_cpu:.0%} of a "
             "core over the run, so the load generator, not the engine, was measured"
         )
+    for proc in result.client_procs:
+        if proc.cpu is not None and proc.cpu > CLIENT_CPU_MAX:
+            reasons.append(
+                f"the client saturated: client process {proc.index} of "
+                f"{len(result.client_procs)} (pid {proc.pid}) used {proc.cpu:.0%} of a core "
+                "over the run; add client processes (--tokperf-client-procs)"
+            )
+    server = server_metrics.disagreement(result.server)
+    if server is not None:
+        reasons.append(server)
     return tuple(reasons)
 
 

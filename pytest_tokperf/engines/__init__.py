@@ -7,7 +7,7 @@ chunks, so an engine never needs to know about clocks, scenarios or metrics.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -61,6 +61,68 @@ class Engine(Protocol):
     def stream(self, request: Request) -> AsyncIterator[Chunk]: ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Completion:
+    """How a stream read by `ReadEngine.stream_reads` ended.
+
+    `tokens`: the authoritative output token count (the server's usage, else a
+    tokenizer's), None when nothing better than the per-read counts is known.
+    `trailing`: events counted by the per-read counts after the last token (the usage
+    event, `[DONE]`, an empty finishing delta), to take off the last reads.
+    `counted_by`: which method gave `tokens` (recorded with the result).
+    """
+
+    tokens: int | None
+    trailing: int = 0
+    text: str = ""
+    counted_by: str = "chunks"
+
+
+Arrived = Callable[[int], int]  # tokens that one socket read delivered -> its arrival ns
+
+
+@runtime_checkable
+class ReadEngine(Protocol):
+    """An engine that reports each socket read as it happens, not one chunk per token.
+
+    `arrived(n)` is called from the read itself (so its timestamp is the read's), with
+    the events the read delivered; the returned `Completion` settles the counts. This
+    is the cheap path the driver prefers: no async-generator step and no object per
+    token or event. `texts=False`: the caller does not need the text (a perf run).
+    """
+
+    async def stream_reads(self, request: Request, arrived: Arrived, texts: bool) -> Completion: ...
+
+
+def reconcile(counts: Sequence[int], trailing: int, total: int | None) -> list[int]:
+    """Per-read counts settled to `total`: never negative, no chunk added or moved.
+
+    The `trailing` non-token events come off the last reads; the rest is spread over
+    the reads in proportion to their cumulative count (rounded up, so the first read
+    with a token keeps at least one): a server sending several tokens per event gets
+    its tokens where they arrived, never in an extra chunk after the stream.
+    """
+    out = list(counts)
+    i = len(out) - 1
+    while trailing > 0 and i >= 0:
+        take = min(trailing, out[i])
+        out[i] -= take
+        trailing -= take
+        i -= 1
+    if total is None:
+        return out
+    counted = sum(out)
+    if counted == total or counted == 0:
+        return out
+    settled, cum, before = [], 0, 0
+    for n in out:
+        cum += n
+        now = -(-total * cum // counted)  # ceil
+        settled.append(now - before)
+        before = now
+    return settled
 
 
 @runtime_checkable

@@ -1,29 +1,53 @@
 """Any OpenAI-compatible server (trtllm-serve, vLLM, SGLang, llama.cpp), streamed over HTTP.
 
-One pooled aiohttp session per event loop. The stream is read in raw blocks and split
-into SSE lines by hand; each event is timestamped by the driver as it is yielded, and
-parsed only for what a record keeps (the text delta and the final `usage`).
+The client is a small HTTP/1.1 `asyncio.Protocol` with a keep-alive pool per event
+loop, because the per-token cost of a general HTTP library is several times what
+timing needs (benchmarks/client_overhead.py measures it against a raw-socket floor).
+Each socket read is handed to the driver as it happens, with the number of SSE `data:`
+events it holds (one `bytes.count`): no JSON is parsed per event. JSON is parsed for
+the events before the first token (a role-only delta is not a token), for the last
+events (usage, errors, `[DONE]`), and for all events only when the text is wanted.
 
 Output tokens come from the server's `usage` (asked for with
-`stream_options.include_usage`). Without it they come from a tokenizer the user names
-(a GGUF file, read vocabulary-only by llama.cpp); with neither, the engine refuses to
-guess. When both exist and disagree, the request's record says so.
+`stream_options.include_usage`). Without it they are counted from the text by the
+server's own tokenize endpoint (vLLM/SGLang `/tokenize`, llama.cpp `/tokenize`,
+llama-cpp-python `/extras/tokenize/count`, found when the engine loads) or a tokenizer
+the user names (a GGUF file, or a Hugging Face tokenizer.json); counting runs off the
+event loop. The per-read counts are then settled to that total (`reconcile`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
-import sys
+import ssl
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_tokperf.engines import Chunk, EngineError, EngineInfo, MissingExtraError, Request
+from pytest_tokperf.engines import (
+    Arrived,
+    Chunk,
+    Completion,
+    EngineError,
+    EngineInfo,
+    MissingExtraError,
+    Request,
+    reconcile,
+)
+
+_loads: Callable[[bytes], Any]
+try:  # optional: about 3x faster than json for the few events parsed
+    from orjson import loads as _loads
+except ModuleNotFoundError:  # pragma: no cover - depends on the environment
+    _loads = json.loads
 
 SETTINGS = {
     "base_url",
@@ -40,26 +64,329 @@ SETTINGS = {
     "total_timeout_s",
     "extra_body",
 }
+# an Offline run sends everything at once: a 24,576-sample run against a 2,048-batch
+# server must not queue in the client, so the pool is as large as open files allow
+MAX_CONNECTIONS = 65_536
+CROSS_CHECKS = 8  # requests whose usage is checked against a user-named tokenizer
+END = b"\r\n0\r\n\r\n"  # the last chunk of a chunked body
+TAIL_BYTES = 1024  # enough raw bytes to hold the last events of a stream (usage, [DONE])
+CACHED = 4096  # request bytes kept for prompts seen before (workloads cycle their prompts)
+NS = 1_000_000_000
 
 
 @dataclass(frozen=True)
 class Timeouts:
     connect_s: float = 10.0
-    first_token_s: float = 120.0  # a long Offline queue legitimately delays the first token
-    idle_s: float = 60.0  # between two chunks of one stream
+    # None: the run's own timeout. An Offline request's first token legitimately waits
+    # for the whole queue before it; the clock starts when the request is sent.
+    first_token_s: float | None = None
+    idle_s: float = 60.0  # between two reads with tokens of one stream
     total_s: float = 1800.0
-
-
-JSON = {"Content-Type": "application/json"}
-
-if sys.version_info >= (3, 11):
-    from asyncio import timeout
-else:  # the same API, from the package aiohttp itself uses there
-    from async_timeout import timeout
 
 
 class StreamError(Exception):
     """The server answered, but not with a well-formed stream; the message says how."""
+
+
+Counter = Callable[[str], int]
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time.
+
+    `data_received` is the per-token hot path: keep it to a few C calls.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.done: asyncio.Future[None] | None = None
+        self.arrived: Arrived = _ignore
+        self.in_body = False
+        self.head = b""
+        self.status = 0
+        self.chunked = False
+        self.remaining = -1  # Content-Length still to come; -1: chunked or until close
+        self.keep_alive = True
+        self.blocks: list[bytes] = []
+        self.first = True  # no token seen yet: classify events exactly
+        self.pending = b""  # the first phase's incomplete line
+        self.sent_ns = 0
+        self.last_ns = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.done is not None and not self.done.done():
+            if self.in_body and not self.chunked and self.remaining < 0:
+                self.done.set_result(None)  # a body delimited by the close: complete
+            else:
+                self.done.set_exception(StreamError("the server closed the connection mid-stream"))
+
+    def send(self, data: bytes, arrived: Arrived) -> asyncio.Future[None]:
+        assert self.transport is not None
+        self.done = asyncio.get_running_loop().create_future()
+        self.arrived = arrived
+        self.in_body = False
+        self.head = b""
+        self.blocks = []
+        self.first = True
+        self.pending = b""
+        self.sent_ns = self.last_ns = time.perf_counter_ns()
+        self.transport.write(data)
+        return self.done
+
+    def fail(self, message: str) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(StreamError(message))
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_body:
+            data = self._head(data)
+            if not self.in_body:
+                return
+        self.blocks.append(data)
+        n = data.count(b"data:")
+        if self.first and (n or self.pending):
+            try:
+                n = self._first_tokens(data)
+            except StreamError as exc:
+                self.fail(str(exc))
+                return
+        if n:
+            self.last_ns = self.arrived(n)
+        if self.chunked:
+            if data.endswith(END) or (
+                len(data) < len(END) and b"".join(self.blocks[-2:]).endswith(END)
+            ):
+                self._end()
+        elif self.remaining >= 0:
+            self.remaining -= len(data)
+            if self.remaining <= 0:
+                self._end()
+
+    def _end(self) -> None:
+        self.in_body = False
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def _head(self, data: bytes) -> bytes:
+        """Collect the response head; return what follows it."""
+        self.head += data
+        at = self.head.find(b"\r\n\r\n")
+        if at < 0:
+            return b""
+        head, rest = self.head[:at].lower(), self.head[at + 4 :]
+        try:  # b"http/1.1 200 ok"
+            self.status = int(head[9:12])
+        except ValueError:
+            self.fail(f"not an HTTP response: {head[:120]!r}")
+            return b""
+        self.chunked = b"chunked" in _header(head, b"transfer-encoding")
+        length = _header(head, b"content-length")
+        self.remaining = int(length) if length and not self.chunked else -1
+        self.keep_alive = (
+            head.startswith(b"http/1.1")
+            and _header(head, b"connection") != b"close"
+            and (self.chunked or self.remaining >= 0)
+        )
+        if self.status >= 400:
+            self.first = False
+            self.arrived = _ignore
+        self.in_body = True
+        if self.remaining == 0:
+            self._end()
+            self.in_body = False
+        return rest
+
+    def _first_tokens(self, data: bytes) -> int:
+        """Events from the first token on in this read (0 before it), parsed exactly.
+
+        A line is counted in the read that holds its `data:`, as the later reads do.
+        """
+        text = self.pending + data
+        at = 0
+        while True:
+            end = text.find(b"\n", at)
+            if end < 0:
+                self.pending = text[at:]  # an incomplete line waits for the next read
+                return 0
+            line = text[at:end]
+            if line.startswith(b"data:") and _event(line[5:].strip())[0]:
+                self.first = False
+                self.pending = b""
+                return text.count(b"data:", at)
+            at = end + 1
+
+
+def _header(head: bytes, name: bytes) -> bytes:
+    """The value of header `name` in a lowercased response head (b"" when absent)."""
+    at = head.find(b"\r\n" + name + b":")
+    if at < 0:
+        return b""
+    end = head.find(b"\r\n", at + 2)
+    return head[at + 3 + len(name) : end if end >= 0 else None].strip()
+
+
+def _ignore(n: int) -> int:
+    return time.perf_counter_ns()
+
+
+def _event(payload: bytes) -> tuple[bool, str, int | None, bool]:
+    """(is a token, its text, usage's completion tokens, is [DONE]) of one SSE data event."""
+    if payload == b"[DONE]":
+        return False, "", None, True
+    try:
+        event = _loads(payload)
+    except ValueError:
+        raise StreamError(f"bad JSON in a stream event: {payload[:120]!r}") from None
+    if not isinstance(event, dict):
+        raise StreamError(f"a stream event is not a JSON object: {payload[:120]!r}")
+    if "error" in event:
+        raise StreamError(f"the server reported an error mid-stream: {event['error']!r}")
+    usage = event.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    text = ""
+    choices = event.get("choices") or []
+    token = False
+    if choices and isinstance(choices[0], dict):
+        choice = choices[0]
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            text = delta.get("content") or ""
+            token = bool(text or delta.get("reasoning_content") or delta.get("reasoning"))
+        else:
+            text = choice.get("text") or ""
+            token = bool(text)
+    return token, text, tokens if isinstance(tokens, int) else None, False
+
+
+def _dechunk(raw: bytes) -> bytes:
+    out, at = [], 0
+    while True:
+        eol = raw.find(b"\r\n", at)
+        if eol < 0:
+            break
+        size = int(raw[at:eol].split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out.append(raw[eol + 2 : eol + 2 + size])
+        at = eol + 2 + size + 2
+    return b"".join(out)
+
+
+def _payloads(body: bytes) -> list[bytes]:
+    return [line[5:].strip() for line in body.split(b"\n") if line.startswith(b"data:")]
+
+
+@dataclass
+class _Read:
+    """What the events of a finished stream say."""
+
+    texts: list[str]
+    usage: int | None
+    trailing: int  # events after the last token
+    done: bool
+
+
+def _read_events(payloads: list[bytes], all_texts: bool) -> _Read:
+    """Walk the events from the end; stop at the last token unless all texts are wanted."""
+    texts: list[str] = []
+    usage: int | None = None
+    trailing = 0
+    done = False
+    seen_token = False
+    for payload in reversed(payloads):
+        token, text, tokens, is_done = _event(payload)
+        done = done or is_done
+        if usage is None and tokens is not None:
+            usage = tokens
+        if token or seen_token:
+            seen_token = True
+            if not all_texts:
+                break
+            texts.append(text)
+        else:
+            trailing += 1
+    texts.reverse()
+    return _Read(texts, usage, trailing, done)
+
+
+class _Pool:
+    """Keep-alive connections of one event loop, at most `limit` at once."""
+
+    def __init__(self, engine: OpenAIEngine) -> None:
+        self.engine = engine
+        self.idle: list[_Conn] = []
+        self.slots = asyncio.Semaphore(engine._max_connections)
+        self.active: set[_Conn] = set()
+        self.watcher: asyncio.Task[None] | None = None
+
+    async def acquire(self) -> tuple[_Conn, bool]:
+        """A connection, and whether it was used before (the server may have closed it)."""
+        await self.slots.acquire()  # waiting for a free connection is not timed
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn, True
+        e = self.engine
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(_Conn, e._host, e._port, ssl=e._ssl, server_hostname=e._sni),
+                e._timeouts.connect_s,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.slots.release()
+            raise StreamError(f"cannot connect to {e._host}:{e._port}: {exc!r}") from None
+        except BaseException:
+            self.slots.release()
+            raise
+        return conn, False
+
+    def release(self, conn: _Conn, reusable: bool) -> None:
+        self.active.discard(conn)
+        if reusable and not conn.closed:
+            self.idle.append(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+        self.slots.release()
+
+    def watch(self, conn: _Conn) -> None:
+        self.active.add(conn)
+        if self.watcher is None or self.watcher.done():
+            self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """One timer for all streams: cheaper per token than a timer per read."""
+        t = self.engine._timeouts
+        tick = min(1.0, t.idle_s / 4, (t.first_token_s or 4.0) / 4)
+        while self.active:
+            await asyncio.sleep(tick)
+            now = time.perf_counter_ns()
+            for conn in list(self.active):
+                if now - conn.sent_ns > t.total_s * NS:
+                    conn.fail(f"the request took longer than the total timeout of {t.total_s:g} s")
+                elif conn.first:
+                    if t.first_token_s is not None and now - conn.sent_ns > t.first_token_s * NS:
+                        conn.fail(
+                            f"no data within the first-token timeout of {t.first_token_s:g} s"
+                        )
+                elif now - conn.last_ns > t.idle_s * NS:
+                    conn.fail(f"no data for the idle timeout of {t.idle_s:g} s")
+
+    def close(self) -> None:
+        for conn in self.idle:
+            if conn.transport is not None:
+                conn.transport.close()
+        self.idle.clear()
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class OpenAIEngine:
@@ -72,38 +399,57 @@ class OpenAIEngine:
         max_connections: int,
         verify_tls: bool,
         timeouts: Timeouts,
-        tokenizer: Any,
+        counter: Counter | None,
         info: EngineInfo,
         extra_body: Mapping[str, Any] | None = None,
+        *,
+        counted_by: str = "",
+        cross_check: bool = False,
     ) -> None:
         self._extra_body = dict(extra_body or {})
         self.info = info
-        self._url = f"{base_url}/v1/{'chat/completions' if api == 'chat' else 'completions'}"
+        path = "chat/completions" if api == "chat" else "completions"
+        self._url = f"{base_url}/v1/{path}"
+        url = urllib.parse.urlsplit(base_url)
+        self._host = url.hostname or "127.0.0.1"
+        self._port = url.port or (443 if url.scheme == "https" else 80)
+        self._path = f"{url.path.rstrip('/')}/v1/{path}"
+        self._ssl: ssl.SSLContext | None = None
+        self._sni: str | None = None
+        if url.scheme == "https":
+            self._ssl = ssl.create_default_context()
+            self._sni = self._host
+            if not verify_tls:
+                self._ssl.check_hostname = False
+                self._ssl.verify_mode = ssl.CERT_NONE
         self._model = model
         self._api = api
         self._headers = dict(headers)
         self._max_connections = max_connections
-        self._verify_tls = verify_tls
         self._timeouts = timeouts
-        self._tokenizer = tokenizer
-        self._sessions: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._counter = counter
+        self._counted_by = counted_by
+        self._cross_checks = CROSS_CHECKS if cross_check else 0
+        self._pools: dict[asyncio.AbstractEventLoop, _Pool] = {}
+        self._requests: dict[tuple[str, int], bytes] = {}
 
-    def _session(self) -> Any:
-        import aiohttp
-
+    def _pool(self) -> _Pool:
         loop = asyncio.get_running_loop()
-        session = self._sessions.get(loop)
-        if session is None or session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._verify_tls)
-            t = self._timeouts
-            limits = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s)
-            session = aiohttp.ClientSession(
-                connector=connector, timeout=limits, headers=self._headers
-            )
-            self._sessions[loop] = session
-        return session
+        pool = self._pools.get(loop)
+        if pool is None:
+            pool = self._pools[loop] = _Pool(self)
+        return pool
 
-    def _body(self, request: Request) -> bytes:
+    def _request(self, request: Request) -> bytes:
+        key = (request.prompt, request.max_tokens)
+        data = self._requests.get(key)
+        if data is None:
+            data = self._build(request)
+            if len(self._requests) < CACHED:
+                self._requests[key] = data
+        return data
+
+    def _build(self, request: Request) -> bytes:
         body: dict[str, Any] = {
             "model": self._model,
             "max_tokens": request.max_tokens,
@@ -116,119 +462,211 @@ class OpenAIEngine:
             body["messages"] = [{"role": "user", "content": request.prompt}]
         else:
             body["prompt"] = request.prompt
-        return json.dumps(body).encode()
+        data = json.dumps(body).encode()
+        head = [
+            f"POST {self._path} HTTP/1.1",
+            f"Host: {self._host}:{self._port}",
+            "Content-Type: application/json",
+            "Accept: text/event-stream",
+            f"Content-Length: {len(data)}",
+            *(f"{k}: {v}" for k, v in self._headers.items()),
+        ]
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + data
+
+    async def stream_reads(self, request: Request, arrived: Arrived, texts: bool) -> Completion:
+        pool = self._pool()
+        data = self._request(request)
+        for retry in (True, False):
+            conn, reused = await pool.acquire()
+            reusable = False
+            try:
+                done = conn.send(data, arrived)
+                pool.watch(conn)
+                await done
+                reusable = conn.keep_alive
+            except StreamError:
+                # a kept-alive connection the server closed while it sat idle: once more
+                if retry and reused and not conn.head:
+                    continue
+                raise
+            finally:
+                pool.release(conn, reusable)
+            break
+        raw = conn.blocks
+        if conn.status >= 400:
+            body = b"".join(raw)
+            body = _dechunk(body) if conn.chunked else body
+            text = body[:300].decode("utf-8", "replace")
+            raise StreamError(f"HTTP {conn.status} from {self._url}: {text}")
+        return await self._complete(raw, conn.chunked, texts)
+
+    async def _complete(self, raw: list[bytes], chunked: bool, texts: bool) -> Completion:
+        read = None
+        if not texts:  # the last events from the raw tail: usage, errors, [DONE]
+            tail, size, i = [], 0, len(raw)
+            while i > 0 and size < TAIL_BYTES:
+                i -= 1
+                tail.append(raw[i])
+                size += len(raw[i])
+            joined = b"".join(reversed(tail))
+            cut = i > 0 or len(joined) > TAIL_BYTES
+            lines = _payloads(joined[-TAIL_BYTES:])
+            with contextlib.suppress(StreamError):  # a tail cut mid-event: read it all
+                read = _read_events(lines[1:] if cut else lines, all_texts=False)
+            if read is not None and read.usage is None:
+                read = None  # counting needs the text
+        if read is None:
+            body = b"".join(raw)
+            read = _read_events(_payloads(_dechunk(body) if chunked else body), all_texts=True)
+        if not read.done:
+            raise StreamError("the stream ended before its final 'data: [DONE]'")
+        text = "".join(read.texts)
+        total, by = read.usage, "usage"
+        if self._counter is not None and (total is None or self._cross_checks > 0):
+            if not read.texts:
+                body = b"".join(raw)
+                text = "".join(
+                    _read_events(_payloads(_dechunk(body) if chunked else body), True).texts
+                )
+            loop = asyncio.get_running_loop()
+            counted = await loop.run_in_executor(None, self._counter, text)
+            if total is None:
+                total, by = counted, self._counted_by
+            else:
+                self._cross_checks -= 1
+                if abs(counted - total) > max(2, total // 20):
+                    raise StreamError(
+                        f"the server's usage says {total} output tokens but the tokenizer "
+                        f"counts {counted}: check that the tokenizer matches the served model"
+                    )
+        if total is None:
+            raise StreamError(
+                "the server sent no usage (stream_options.include_usage), has no tokenize "
+                "endpoint, and no tokenizer is set; set the engine's 'tokenizer' "
+                "(--tokperf-tokenizer) to the model's GGUF file or tokenizer.json"
+            )
+        return Completion(total, read.trailing, text if texts else "", by)
 
     async def stream(self, request: Request) -> AsyncIterator[Chunk]:
-        session = self._session()
-        loop = asyncio.get_running_loop()
-        t = self._timeouts
-        counted = 0
-        try:
-            # one deadline per request, pushed forward by each chunk: cheaper per token
-            # than a timer per read, and it covers the wait for the headers too
-            async with (
-                timeout(t.first_token_s) as deadline,
-                session.post(self._url, data=self._body(request), headers=JSON) as r,
-            ):
-                if r.status >= 400:
-                    text = (await r.read())[:300].decode("utf-8", "replace")
-                    raise StreamError(f"HTTP {r.status} from {self._url}: {text}")
-                usage: int | None = None
-                texts: list[str] = []
-                done = False
-                async for line in _sse_lines(r.content.iter_any()):
-                    if not line.startswith(b"data:"):
-                        continue  # SSE comments, event names, keep-alives
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        done = True
-                        break
-                    text, event_usage = _parse_event(payload)
-                    if event_usage is not None:
-                        usage = event_usage
-                    if text:
-                        counted += 1
-                        texts.append(text)
-                        deadline.reschedule(loop.time() + t.idle_s)
-                        yield Chunk(1, text)
-        except TimeoutError:
-            if counted:
-                raise StreamError(f"no data for the idle timeout of {t.idle_s:g} s") from None
-            raise StreamError(
-                f"no data within the first-token timeout of {t.first_token_s:g} s"
-            ) from None
-        if not done:
-            raise StreamError("the stream ended before its final 'data: [DONE]'")
-        total = self._output_tokens(usage, "".join(texts))
-        if total != counted:
-            # servers may send several tokens per event; the total is what counts
-            yield Chunk(total - counted, "")
+        """The generic protocol: the settled counts, yielded once the stream ended (for
+        timing, the driver uses `stream_reads`, which keeps each read's arrival time)."""
+        counts: list[int] = []
 
-    def _output_tokens(self, usage: int | None, text: str) -> int:
-        from_tokenizer = (
-            len(self._tokenizer.tokenize(text.encode(), add_bos=False, special=False))
-            if self._tokenizer is not None
-            else None
-        )
-        if usage is not None:
-            if from_tokenizer is not None and abs(from_tokenizer - usage) > max(2, usage // 20):
-                raise StreamError(
-                    f"the server's usage says {usage} output tokens but the tokenizer counts "
-                    f"{from_tokenizer}: check that the tokenizer matches the served model"
-                )
-            return usage
-        if from_tokenizer is not None:
-            return from_tokenizer
-        raise StreamError(
-            "the server sent no usage (stream_options.include_usage) and no tokenizer is "
-            "set; set the engine's 'tokenizer' to the model's GGUF file"
-        )
+        def arrived(n: int) -> int:
+            counts.append(n)
+            return time.perf_counter_ns()
+
+        done = await self.stream_reads(request, arrived, texts=True)
+        settled = [n for n in reconcile(counts, done.trailing, done.tokens) if n]
+        for i, n in enumerate(settled):
+            yield Chunk(n, done.text if i == len(settled) - 1 else "")
 
     async def aclose(self) -> None:
-        for session in self._sessions.values():
-            if not session.closed:
-                await session.close()
-        self._sessions.clear()
-
-
-async def _sse_lines(blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Split raw blocks into lines without copying more than the unfinished tail."""
-    tail = b""
-    async for block in blocks:
-        parts = (tail + block).split(b"\n")
-        tail = parts.pop()
-        for part in parts:
-            if part.strip():
-                yield part
-    if tail.strip():
-        yield tail
-
-
-def _parse_event(payload: bytes) -> tuple[str, int | None]:
-    """(text delta, completion tokens from usage) of one SSE data event."""
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        raise StreamError(f"bad JSON in a stream event: {payload[:120]!r}") from None
-    if not isinstance(event, dict):
-        raise StreamError(f"a stream event is not a JSON object: {payload[:120]!r}")
-    if "error" in event:
-        raise StreamError(f"the server reported an error mid-stream: {event['error']!r}")
-    usage = event.get("usage")
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    text = ""
-    choices = event.get("choices") or []
-    if choices and isinstance(choices[0], dict):
-        choice = choices[0]
-        delta = choice.get("delta")
-        text = (delta.get("content") if isinstance(delta, dict) else choice.get("text")) or ""
-    return text, tokens if isinstance(tokens, int) else None
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+        await asyncio.sleep(0)  # let the cancelled watchers finish
 
 
 def _get_json(url: str, headers: Mapping[str, str], timeout_s: float) -> Any:
     req = urllib.request.Request(url, headers=dict(headers))
     with urllib.request.urlopen(req, timeout=timeout_s) as response:
         return json.loads(response.read())
+
+
+def _post_json(
+    url: str, body: Mapping[str, Any], headers: Mapping[str, str], timeout_s: float
+) -> Any:
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, headers={**headers, "Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
+def _tokens_in(answer: Any) -> int | None:
+    if isinstance(answer, dict):
+        if isinstance(answer.get("count"), int):
+            return int(answer["count"])
+        if isinstance(answer.get("tokens"), list):
+            return len(answer["tokens"])
+    return None
+
+
+# (path, body) of the tokenize endpoints, in the order they are tried: vLLM and SGLang
+# take "prompt", llama.cpp's server "content" (each ignores the other's key), and
+# llama-cpp-python serves its own under /extras
+ENDPOINTS: tuple[tuple[str, Callable[[str, str], dict[str, Any]]], ...] = (
+    ("/tokenize", lambda model, text: {"model": model, "prompt": text, "content": text,
+                                       "add_special_tokens": False, "add_special": False}),
+    ("/extras/tokenize/count", lambda model, text: {"model": model, "input": text}),
+)  # fmt: skip
+
+
+def server_counter(
+    base_url: str, model: str, headers: Mapping[str, str], timeout_s: float
+) -> tuple[Counter, str] | None:
+    """The server's own tokenize endpoint as a counter, when it has one that works."""
+    for path, body in ENDPOINTS:
+        url = base_url + path
+        try:
+            # what the empty text counts (a BOS some endpoints always add) is taken off
+            offset = _tokens_in(_post_json(url, body(model, ""), headers, timeout_s))
+            if offset is None:
+                continue
+        except (urllib.error.URLError, OSError, ValueError):
+            continue
+
+        def count(text: str, url: str = url, body: Any = body, offset: int = offset) -> int:
+            n = _tokens_in(_post_json(url, body(model, text), headers, timeout_s))
+            if n is None:
+                raise StreamError(f"{url} answered without tokens")
+            return n - offset
+
+        return count, f"server tokenize endpoint {path}"
+    return None
+
+
+def file_counter(path: str) -> tuple[Counter, str]:
+    """A local tokenizer: a GGUF file (llama.cpp, vocabulary only) or a tokenizer.json."""
+    if not os.path.isfile(path):
+        raise EngineError(f"tokenizer {path!r} is not a file (a GGUF file or a tokenizer.json)")
+    if path.endswith(".json"):
+        try:
+            import tokenizers
+        except ModuleNotFoundError:
+            raise MissingExtraError("openai", "openai", "tokenizers") from None
+        hf = tokenizers.Tokenizer.from_file(path)
+        return (
+            lambda text: len(hf.encode(text, add_special_tokens=False).ids),
+            f"Hugging Face tokenizer {os.path.basename(path)}",
+        )
+    try:
+        import llama_cpp
+    except ModuleNotFoundError:
+        raise MissingExtraError("openai", "embedded", "llama_cpp") from None
+    vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    return (
+        lambda text: len(vocab.tokenize(text.encode(), add_bos=False, special=False)),
+        f"GGUF tokenizer {os.path.basename(path)}",
+    )
+
+
+def _connections(setting: object) -> int:
+    """The pool's size, within the open-files limit (raised to its hard limit)."""
+    want = int(str(setting)) if setting else MAX_CONNECTIONS
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, MAX_CONNECTIONS + 1024)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return max(1, min(want, hard - 256))
+    except (ImportError, ValueError, OSError):
+        return max(1, want)
 
 
 def load(settings: Mapping[str, Any], devices: int) -> OpenAIEngine:
@@ -238,10 +676,6 @@ def load(settings: Mapping[str, Any], devices: int) -> OpenAIEngine:
             f"unknown openai engine settings {', '.join(unknown)}; "
             f"allowed: {', '.join(sorted(SETTINGS))}"
         )
-    try:
-        import aiohttp
-    except ModuleNotFoundError:
-        raise MissingExtraError("openai", "openai", "aiohttp") from None
     base_url = str(settings.get("base_url") or "").rstrip("/")
     if not base_url.startswith(("http://", "https://")):
         raise EngineError(
@@ -259,9 +693,10 @@ def load(settings: Mapping[str, Any], devices: int) -> OpenAIEngine:
         if not key:
             raise EngineError(f"api_key_env names {key_env!r}, but that variable is not set")
         headers["Authorization"] = f"Bearer {key}"
+    first = settings.get("first_token_timeout_s")
     timeouts = Timeouts(
         connect_s=float(settings.get("connect_timeout_s") or Timeouts.connect_s),
-        first_token_s=float(settings.get("first_token_timeout_s") or Timeouts.first_token_s),
+        first_token_s=float(first) if first else None,
         idle_s=float(settings.get("idle_timeout_s") or Timeouts.idle_s),
         total_s=float(settings.get("total_timeout_s") or Timeouts.total_s),
     )
@@ -276,27 +711,28 @@ def load(settings: Mapping[str, Any], devices: int) -> OpenAIEngine:
             f"model {model!r} is not served at {base_url}; served: {', '.join(map(str, served))} "
             "(--tokperf-served-model)"
         )
-    tokenizer = None
+    counter: tuple[Counter, str] | None = None
     if settings.get("tokenizer"):
-        import llama_cpp
-
-        tokenizer = llama_cpp.Llama(
-            model_path=str(settings["tokenizer"]), vocab_only=True, verbose=False
-        )
+        counter = file_counter(str(settings["tokenizer"]))
+    else:
+        counter = server_counter(base_url, model, headers, timeouts.connect_s)
+    max_connections = _connections(settings.get("max_connections"))
+    counting = "usage; without usage: " + (counter[1] if counter else "none")
     info = EngineInfo(
         backend="openai",
         model=model,
         precision=str(settings.get("precision") or "served"),
         devices=devices,
-        versions={"aiohttp": aiohttp.__version__},
+        versions={"client": "pytest-tokperf asyncio HTTP/1.1"},
         settings={  # never the key itself: only the name of its variable
             "base_url": base_url,
             "api": api,
             "api_key_env": key_env,
-            "max_connections": int(settings.get("max_connections") or 1024),
+            "max_connections": max_connections,
             "verify_tls": bool(settings.get("verify_tls", True)),
             "timeouts_s": dataclasses.asdict(timeouts),
             "extra_body": dict(settings.get("extra_body") or {}),
+            "token_counting": counting,
         },
     )
     return OpenAIEngine(
@@ -304,10 +740,12 @@ def load(settings: Mapping[str, Any], devices: int) -> OpenAIEngine:
         model,
         api,
         headers,
-        int(settings.get("max_connections") or 1024),
+        max_connections,
         bool(settings.get("verify_tls", True)),
         timeouts,
-        tokenizer,
+        counter[0] if counter else None,
         info,
         settings.get("extra_body"),
+        counted_by=counter[1] if counter else "",
+        cross_check=bool(settings.get("tokenizer")),
     )

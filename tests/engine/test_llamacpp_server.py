@@ -8,6 +8,7 @@ stops it from aborting a stream when the next request arrives (its default).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 
@@ -87,8 +88,7 @@ def test_the_plugin_launches_the_server_and_attaches_its_log(pytester: pytest.Py
             assert result.engine.backend == "openai"
         """
     )
-    from pytest_tokperf.engines.llamacpp import shipped_model_path
-
+    # no --tokperf-tokenizer: this server sends no usage, so its /extras/tokenize counts
     result = pytester.runpytest(
         "--tokperf-engine",
         "openai",
@@ -96,10 +96,14 @@ def test_the_plugin_launches_the_server_and_attaches_its_log(pytester: pytest.Py
         server_command(),
         "-p",
         "no:cacheprovider",
-        "-o",
-        f"tokperf_tokenizer={shipped_model_path()}",
+        "--tokperf-json",
+        "out.json",
     )
     result.assert_outcomes(failed=1)
+    (payload,) = json.loads((pytester.path / "out.json").read_text())["tests"]
+    endpoint = "server tokenize endpoint /extras/tokenize/count"
+    assert payload["token_counting"] == {endpoint: 2} and payload["failed"] == 0
+    assert payload["engine"]["settings"]["token_counting"] == f"usage; without usage: {endpoint}"
     result.stdout.fnmatch_lines(
         [
             "tokperf: profile cpu (default), engine openai, model first served at *",
@@ -116,19 +120,10 @@ def test_the_plugin_launches_the_server_and_attaches_its_log(pytester: pytest.Py
 def test_server_scenario_over_http_reports_latency_percentiles(server: launcher.Server) -> None:
     """MLPerf Server semantics through the openai engine: seeded Poisson arrivals at a
     modest rate this 2-core machine sustains, every request timed from its issue."""
-    from pytest_tokperf.engines.llamacpp import shipped_model_path
     from pytest_tokperf.profiles import BUILTIN
     from pytest_tokperf.runner import Tokperf
 
-    remote = load_engine(
-        "openai",
-        {
-            "base_url": server.base_url,
-            "tokenizer": str(shipped_model_path()),
-            "extra_body": GREEDY,
-            **QUEUE_OK,
-        },
-    )
+    remote = load_engine("openai", {"base_url": server.base_url, "extra_body": GREEDY, **QUEUE_OK})
     loop = driver.new_loop()
     try:
         result = Tokperf(remote, BUILTIN["cpu"], loop).run(
@@ -138,6 +133,7 @@ def test_server_scenario_over_http_reports_latency_percentiles(server: launcher.
         loop.run_until_complete(remote.aclose())
         loop.close()
     assert result.scenario == "server" and result.requests == 8 and result.failed == 0
+    assert result.token_counting == {"server tokenize endpoint /extras/tokenize/count": 8}
     assert result.ttft.count == 8 and result.tpot.count > 0
     assert result.ttft.p50 is not None and result.ttft.p99 is not None
     assert 0 < result.ttft.p50 <= result.ttft.p99

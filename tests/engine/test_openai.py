@@ -56,7 +56,10 @@ def test_every_error_path_is_a_failed_record_and_the_run_ends_on_time(
     assert recs["ok"].ok and recs["ok"].output_tokens == 3 and recs["ok"].text == "one two three"
     # the server's usage is the truth when it sends several tokens per event
     assert recs["multi"].ok and recs["multi"].output_tokens == 5
-    assert recs["multi"].chunk_tokens == (1, 1, 1, 2)
+    # ... spread over the reads that carried tokens: none negative, none added after them
+    multi = recs["multi"]
+    assert all(n > 0 for n in multi.chunk_tokens) and len(multi.chunk_tokens) <= 3
+    assert multi.issue_ns < multi.chunk_ns[0] and multi.chunk_ns[-1] <= multi.end_ns
     expected = {
         "http500": "HTTP 500 from http://127.0.0.1:",
         "cut": "",  # aiohttp's own words for a closed connection, whatever they are
@@ -72,6 +75,27 @@ def test_every_error_path_is_a_failed_record_and_the_run_ends_on_time(
     assert "boom: the engine is on fire" in (recs["http500"].error or "")
     assert recs["cut"].output_tokens == 2  # what arrived before the cut is kept
     assert recs["stall"].output_tokens == 2
+
+
+def test_token_timing_is_exact_and_counts_never_negative(fake: launcher.Server) -> None:
+    recs = _run(_engine(fake), ["role", "fewer"])
+    role, fewer = recs["role"], recs["fewer"]
+    # the role-only delta came at once; the first token 0.3 s later is the first chunk
+    assert role.ok and role.output_tokens == 3 and role.text == "one two three"
+    assert role.chunk_ns[0] - role.issue_ns >= 300_000_000
+    # 4 text events, usage 3: three tokens where text arrived, none negative, and no
+    # chunk for the usage event 0.3 s later (no spurious inter-token gap)
+    assert fewer.ok and fewer.output_tokens == 3 and fewer.text == "one two three"
+    assert all(n > 0 for n in fewer.chunk_tokens)
+    assert fewer.end_ns - fewer.chunk_ns[-1] >= 300_000_000
+
+
+def test_the_first_token_clock_starts_when_the_request_is_sent(fake: launcher.Server) -> None:
+    # one connection: the second request waits 1.5 s for it, then 1.5 s for its first
+    # token; 3 s from issue, but only 1.5 s from being sent, under the 2 s timeout
+    recs = _run(_engine(fake, max_connections=1), ["slow1.5", "slow1.5 "])
+    assert all(r.ok for r in recs.values()), [r.error for r in recs.values()]
+    assert max(r.chunk_ns[0] - r.issue_ns for r in recs.values()) > 2_900_000_000
 
 
 def test_completions_api_reads_text(fake: launcher.Server) -> None:
@@ -97,7 +121,7 @@ def test_a_refused_connection_is_a_failed_record() -> None:
     engine = _engine(server)
     server.stop()
     (rec,) = _run(engine, ["ok"]).values()
-    assert rec.error is not None and "Cannot connect" in rec.error
+    assert rec.error is not None and "cannot connect to 127.0.0.1:" in rec.error
 
 
 def test_the_api_key_is_sent_but_never_recorded(
@@ -167,3 +191,69 @@ def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child)
+
+
+def test_a_tokenizer_json_counts_when_the_server_sends_no_usage(
+    fake: launcher.Server, tmp_path: Path
+) -> None:
+    tokenizers = pytest.importorskip("tokenizers", reason="needs the 'openai' extra")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"[UNK]": 0, "one": 1, "two": 2, "three": 3}
+    hf = tokenizers.Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = Whitespace()
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    engine = _engine(fake, tokenizer=str(path))
+    assert (
+        engine.info.settings["token_counting"]
+        == "usage; without usage: Hugging Face tokenizer tokenizer.json"
+    )
+    loop = driver.new_loop()
+    try:
+        plan = driver.Plan("offline", texts=False)  # a perf run: the text is read only to count
+        driven = driver.run_plan(engine, [Request("nousage", "nousage", 8)], plan, loop=loop)
+    finally:
+        loop.run_until_complete(engine.aclose())
+        loop.close()
+    (rec,) = driven.records
+    assert rec.ok and rec.output_tokens == 3 and rec.text == ""
+    assert driven.token_counting == {"Hugging Face tokenizer tokenizer.json": 1}
+
+
+def test_without_usage_or_a_way_to_count_the_request_fails_saying_how(
+    fake: launcher.Server,
+) -> None:
+    (rec,) = _run(_engine(fake), ["nousage"]).values()
+    assert rec.error is not None and "no tokenize endpoint" in rec.error
+    assert "--tokperf-tokenizer" in rec.error
+
+
+def test_the_generic_stream_yields_the_settled_counts(fake: launcher.Server) -> None:
+    engine = _engine(fake)
+    loop = driver.new_loop()
+
+    async def chunks() -> list[tuple[int, str]]:
+        return [(c.tokens, c.text) async for c in engine.stream(Request("multi", "multi", 8))]
+
+    try:
+        got = loop.run_until_complete(chunks())
+    finally:
+        loop.run_until_complete(engine.aclose())
+        loop.close()
+    assert sum(n for n, _ in got) == 5 and all(n > 0 for n, _ in got)
+    assert "".join(t for _, t in got) == "one two three"
+
+
+def test_the_standard_event_loop_works_too(fake: launcher.Server) -> None:
+    import asyncio
+
+    engine = _engine(fake)
+    loop = asyncio.new_event_loop()
+    try:
+        (rec,) = driver.run(engine, [Request("ok", "ok", 8)], loop=loop)
+    finally:
+        loop.run_until_complete(engine.aclose())
+        loop.close()
+    assert rec.ok and rec.output_tokens == 3 and rec.text == "one two three"

@@ -1,0 +1,77 @@
+"""Several client processes (--tokperf-client-procs) against the benchmarks' null server:
+each process's records arrive, totals are exact, verdicts as with one process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_tokperf import driver, procs
+from pytest_tokperf.engines import Request
+
+pytest.importorskip("aiohttp", reason="needs the 'openai' extra")
+NULL = Path(__file__).parents[2] / "benchmarks" / "null_openai_server.py"
+SUITE = """
+import pytest
+
+@pytest.mark.throughput_floor(min_tokens_per_s=1)
+def test_offline(tokperf):
+    tokperf.run(requests=40, max_tokens=64, warmup=0)
+
+@pytest.mark.throughput_floor(min_tokens_per_s=1e12)
+def test_closed_loop(tokperf):
+    tokperf.run("concurrency", concurrency=8, requests=40, max_tokens=64, warmup=0)
+"""
+
+
+def _run(pytester: pytest.Pytester, n: int) -> dict[str, dict]:  # type: ignore[type-arg]
+    out = pytester.path / f"out{n}.json"
+    result = pytester.runpytest(
+        "--tokperf-engine=openai",
+        # paced: the client stays far from saturation, so its verdicts are the engine's
+        f"--tokperf-server-cmd={sys.executable} {NULL} --port {{port}} --pace-ms 5",
+        f"--tokperf-client-procs={n}",
+        f"--tokperf-json={out}",
+        "-p",
+        "no:cacheprovider",
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    return {p["nodeid"]: p for p in json.loads(out.read_text())["tests"]}
+
+
+def test_two_client_processes_record_everything_and_judge_alike(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(SUITE)
+    one, two = _run(pytester, 1), _run(pytester, 2)
+    assert {k: p["verdict"] for k, p in one.items()} == {k: p["verdict"] for k, p in two.items()}
+    assert set(p["verdict"] for p in two.values()) == {"PASS", "FAIL"}
+    for payload in two.values():
+        shares = payload["client_procs"]
+        assert [s["index"] for s in shares] == [1, 2] and len({s["pid"] for s in shares}) == 2
+        assert [s["requests"] for s in shares] == [20, 20]
+        assert sum(s["output_tokens"] for s in shares) == payload["output_tokens"] == 40 * 64
+        assert payload["requests"] == 40 and payload["failed"] == 0
+    assert all(p["client_procs"] == [] for p in one.values())
+
+
+def test_the_poisson_schedule_is_one_seeded_schedule_dealt_out() -> None:
+    reqs = [Request(f"r{i}", "x", 8) for i in range(101)]
+    plan = driver.Plan("server", qps=20.0, seed=7, concurrency=None)
+    parts = procs.shares(reqs, plan, 3)
+    whole = sorted(o for _, p in parts for o in p.offsets_ns or ())
+    expected = [o for o, _ in zip(driver.poisson_offsets_ns(20.0, 7), range(101), strict=False)]
+    assert whole == expected
+    assert sorted(r.id for share, _ in parts for r in share) == sorted(r.id for r in reqs)
+    assert [len(share) for share, _ in parts] == [34, 34, 33]
+
+
+def test_concurrency_is_split_and_auto_follows_the_offered_load() -> None:
+    plan = driver.Plan("concurrency", concurrency=5)
+    reqs = [Request(f"r{i}", "x", 8) for i in range(10)]
+    assert [p.concurrency for _, p in procs.shares(reqs, plan, 2)] == [3, 2]
+    assert procs.auto_count(None) == 1
+    # 1.1M tokens/s at 15 us/token, half a core each: 33 processes, capped by the cores
+    assert procs.auto_count(1_100_000, cpus=64) == 33
+    assert procs.auto_count(1_100_000, cpus=16) == 15
