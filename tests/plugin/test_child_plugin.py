@@ -1,0 +1,49 @@
+"""A crash of the embedded engine's child process fails one test, not the session."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pytest_tokperf.engines.child import FAULT_ENV
+
+pytest.importorskip("llama_cpp", reason="needs the 'embedded' extra")
+
+SUITE = """
+import pytest
+
+@pytest.mark.throughput_floor(per_gpu=0.05)
+def test_a_crashes(tokperf):
+    tokperf.run(requests=3, max_tokens=16, warmup=0)
+
+@pytest.mark.throughput_floor(per_gpu=0.05)
+def test_b_passes(tokperf):
+    result = tokperf.run(requests=3, max_tokens=16, warmup=0)
+    assert result.failed == 0
+"""
+
+
+def test_a_crashed_engine_child_fails_that_test_and_the_next_passes(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(test_crash=SUITE)
+    # the documented test hook: the first engine child crashes itself after 20 tokens,
+    # in the middle of test_a's second request
+    monkeypatch.setenv(FAULT_ENV, "SIGSEGV@20")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--tokperf-json", "out.json")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*FAILED test_crash.py::test_a_crashes - offline output tokens/s*",
+            "*request * EngineError: engine child process (pid *) died with SIGSEGV "
+            "while running request*",
+        ]
+    )
+    assert "Fatal Python error: Segmentation fault" in result.stdout.str()
+    doc = json.loads((pytester.path / "out.json").read_text())
+    tests = {t["nodeid"].split("::")[1]: t for t in doc["tests"]}
+    assert tests["test_a_crashes"]["verdict"] == "FAIL"
+    assert tests["test_b_passes"]["verdict"] == "PASS"
+    errors = tests["test_a_crashes"]["errors"]
+    assert len(errors) == 2 and all("died with SIGSEGV" in e for e in errors)
