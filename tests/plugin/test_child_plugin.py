@@ -48,3 +48,20 @@ def test_a_crashed_engine_child_fails_that_test_and_the_next_passes(
     assert tests["test_b_passes"]["verdict"] == "PASS"
     errors = tests["test_a_crashes"]["errors"]
     assert len(errors) == 2 and all("died with SIGSEGV" in e for e in errors)
+
+
+def test_a_truncated_model_file_is_a_clear_error_not_a_crash(pytester: pytest.Pytester) -> None:
+    from pytest_tokperf.engines.llamacpp import shipped_model_path
+
+    data = shipped_model_path().read_bytes()
+    bad = pytester.path / "truncated.gguf"
+    bad.write_bytes(data[: len(data) // 2])
+    pytester.makepyfile(test_model=SUITE)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--tokperf-model-path", str(bad), timeout=300
+    )
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        [f"*tokperf could not load its engine: llama.cpp could not load {bad}: *"]
+    )
+    assert "Fatal Python error" not in result.stdout.str() + result.stderr.str()
