@@ -135,15 +135,17 @@ class _Child:
                 return message
         except (EOFError, OSError):
             raise self.died(doing) from None
-        self.kill()
-        raise self.died(f"{doing}: no answer within {timeout_s:g} s, so it was killed")
+        raise self.died(doing, f"did not answer within {timeout_s:g} s and was killed")
 
-    def died(self, doing: str) -> ChildDied:
+    def died(self, doing: str, killed: str | None = None) -> ChildDied:
+        """The child's death as an error (once); `killed` says why we killed it."""
         if self.death is None:
             assert self.process is not None
+            if killed is not None:
+                self.kill()
             try:
                 code = self.process.wait(5.0)
-                how = f"died with {describe_exit(code)}"
+                how = killed or f"died with {describe_exit(code)}"
             except subprocess.TimeoutExpired:
                 self.kill()
                 how = "stopped answering and was killed"
@@ -257,8 +259,10 @@ class ChildEngine:
                 ready = True  # recv below reports the death
             if not ready:
                 if cancel_sent:
-                    child.kill()
-                    raise child.died(f"stopping request {request.id!r} after a cancel")
+                    raise child.died(
+                        f"running request {request.id!r}",
+                        f"did not stop within {STOP_TIMEOUT_S:g} s of a cancel and was killed",
+                    )
                 continue
             message = child.receive(None, f"running request {request.id!r}")
             kind = message[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pytest_tokperf.driver import run
-from pytest_tokperf.engines import Chunk, EngineError, EngineInfo, Request, load_engine
+from pytest_tokperf.engines import Chunk, EngineError, EngineInfo, Request, child, load_engine
 from pytest_tokperf.engines.child import FAULT_ENV, describe_exit
 from pytest_tokperf.engines.llamacpp import (
     LlamaCppEngine,
@@ -216,3 +216,20 @@ def test_the_extra_bufts_choice_reaches_llama_cpp_and_the_engine_info() -> None:
     assert rec.ok and rec.output_tokens == 8
     assert engine.info.settings["extra_bufts"] is False
     assert engine.info.settings["extra_bufts_why"] == "engine setting extra_bufts=false"
+
+
+def test_a_hung_child_is_killed_after_a_cancel_and_nothing_waits_for_it(
+    engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(child, "STOP_TIMEOUT_S", 2.0)
+    pid = engine.child_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # native code stuck in a loop looks like this
+    start = time.monotonic()
+    (hung,) = run(engine, [Request("a", PROMPTS[0], 8)], timeout_s=1.0)
+    assert "time limit" in (hung.error or "") and time.monotonic() - start < 30
+    deadline = time.monotonic() + 30
+    while engine.child_pid == pid and time.monotonic() < deadline:
+        time.sleep(0.1)  # the engine's thread kills it STOP_TIMEOUT_S after the cancel
+    (after,) = run(engine, [Request("a", PROMPTS[0], 8)])
+    assert after.ok and after.output_tokens == 8 and engine.child_pid != pid
