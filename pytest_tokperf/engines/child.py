@@ -120,7 +120,7 @@ class _Child:
         self.conn.send(("start", self.target, self.settings))
         reply = self.receive(LOAD_TIMEOUT_S, "loading the model")
         if reply[0] == "error":
-            self.kill()
+            self.stop()
             raise EngineError(reply[2])
         self.info = reply[1]
         assert isinstance(self.info, EngineInfo)
