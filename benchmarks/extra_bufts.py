@@ -34,8 +34,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--precision", default="")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    settings = {"n_threads": 2, **({"precision": args.precision} if args.precision else {})}
+    settings = {
+        "n_threads": args.threads,
+        **({"precision": args.precision} if args.precision else {}),
+    }
     on = load_engine("llamacpp", {**settings, "extra_bufts": True})
     off = load_engine("llamacpp", {**settings, "extra_bufts": False})
     requests = workloads.load(None).requests(args.requests, args.max_tokens, args.max_tokens)
