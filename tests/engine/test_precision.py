@@ -153,7 +153,6 @@ def test_logits_match_llama_cpp_logits_all(f16_engine: LlamaCppEngine) -> None:
     continuation = [504, 3575, 282, 4649]  # any tokens: teacher forcing scores what it is given
     rows = f16_engine.logits(prompt, continuation)
     assert isinstance(f16_engine, LogitsEngine)
-    assert rows.shape == (4, f16_engine._llm.n_vocab())
     llm = llama_cpp.Llama(
         model_path=f16_engine.info.settings["model_path"],
         n_ctx=256,
@@ -161,6 +160,7 @@ def test_logits_match_llama_cpp_logits_all(f16_engine: LlamaCppEngine) -> None:
         verbose=False,
     )
     tokens = f16_engine.prompt_tokens(prompt)
+    assert rows.shape == (4, llm.n_vocab())  # the logits crossed the child's pipe whole
     llm.eval(tokens + continuation[:-1])
     expected = llm.scores[len(tokens) - 1 : len(tokens) + len(continuation) - 1]
     llm.close()
