@@ -78,7 +78,7 @@ def _run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict 
 
     pytester.makefile(".toml", tokperf=PROFILE)
     pytester.makefile(".jsonl", questions=QUESTIONS)
-    pytester.makepyfile(test_parity=SUITE)
+    pytester.makepyfile(test_parity_http=SUITE)
     result = pytester.runpytest(
         "-p", "no:cacheprovider", "--tokperf-profile", "served", "--tokperf-json", "out.json",
         "-o", f"tokperf_tokenizer={shipped_model_path()}", *args,

@@ -46,7 +46,11 @@ def test_two_client_processes_record_everything_and_judge_alike(pytester: pytest
     pytester.makepyfile(SUITE)
     one, two = _run(pytester, 1), _run(pytester, 2)
     assert {k: p["verdict"] for k, p in one.items()} == {k: p["verdict"] for k, p in two.items()}
-    assert set(p["verdict"] for p in two.values()) == {"PASS", "FAIL"}
+    verdicts = {k.split("::")[-1]: p["verdict"] for k, p in two.items()}
+    assert verdicts["test_offline"] == "PASS"
+    # an impossible floor never passes: 40 closed-loop requests may give too few
+    # independent batch windows for an interval (INCONCLUSIVE), else the interval FAILs
+    assert verdicts["test_closed_loop"] in ("FAIL", "INCONCLUSIVE")
     for payload in two.values():
         shares = payload["client_procs"]
         assert [s["index"] for s in shares] == [1, 2] and len({s["pid"] for s in shares}) == 2

@@ -67,7 +67,7 @@ def test_trtllm_parity_loads_the_reference_model(
         f'[profiles.mine]\nextends = "gb300-nvl72"\nmodel = "{fp4}"\nreference_precision = "fp8"\n'
     )
     pytester.makefile(".toml", tokperf=profile + f'reference_model = "{fp8}"\n')
-    pytester.makepyfile(test_parity=SUITE)
+    pytester.makepyfile(test_parity_trtllm=SUITE)
     args = ("-p", "no:cacheprovider", "--tokperf-json", "out.json")
     result = pytester.runpytest(*args)
     result.assert_outcomes(passed=1)
