@@ -226,7 +226,9 @@ def test_cpu_runs_record_process_cpu_and_the_inventory(
     assert test["client_busy_cores"] == pytest.approx(cpu["cpu_s"] / cpu["wall_s"])
     # the sampler's window holds the measured run (it starts before the first issue)
     assert cpu["wall_s"] >= test["duration_s"] > 0
-    assert cpu["cores"] >= 1 and cpu["cpu_s"] > 0
+    # this process's CPU (the engine's child is not in it): a 2-request run may stay
+    # under os.times()'s 10 ms resolution
+    assert cpu["cores"] >= 1 and cpu["cpu_s"] >= 0
     assert test["energy_j_per_token"] is None and test["throttled"] is None
 
 
