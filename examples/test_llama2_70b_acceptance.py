@@ -1,6 +1,6 @@
 """Acceptance suite for the reference deployment: Llama-2-70B, FP4, TensorRT-LLM.
 
-The published numbers (shared FACTS.md, Azure ND GB300 v6, MLPerf Inference v5.1
+The published numbers (Azure ND GB300 v6, MLPerf Inference v5.1
 Offline): 1,100,948 output tokens/s on one GB300 NVL72 rack of 18 nodes x 4 GPUs,
 about 15,290 per GPU, rounded by the vendor to 15,200; the slowest node did about
 14,400 per GPU. GB200 NVL72 did about 12,000 per GPU and the H100 generation about

@@ -1,6 +1,7 @@
 """Serving acceptance: MLPerf Server and Interactive latency SLOs, and a floor decided early.
 
-MLPerf Inference Llama-2-70B (shared FACTS.md): Server p99 TTFT <= 2,000 ms and p99
+MLPerf Inference Llama-2-70B (mlcommons/inference, loadgen/mlperf.conf): Server
+p99 TTFT <= 2,000 ms and p99
 TPOT <= 200 ms under Poisson arrivals; Interactive p99 TTFT <= 450 ms, p99 TPOT <= 40 ms.
 A p99 needs at least 459 requests (LoadGen early stopping), so the rack tests run the
 profile's full-size workload and gate p99, while the cpu and sim profiles run a short
