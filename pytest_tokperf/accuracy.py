@@ -1,6 +1,7 @@
 """Accuracy parity: does a test engine answer like its reference? Scores and the rule.
 
-ROUGE follows MLPerf Inference's Llama-2-70B accuracy script (shared FACTS.md):
+ROUGE follows MLPerf Inference's Llama-2-70B accuracy script (mlcommons/inference,
+`language/llama2-70b/evaluate-accuracy.py`):
 Google's `rouge_score` with the Porter stemmer, mean of per-sample F1 x 100, texts
 stripped and split into sentences with newlines first (which only changes
 ROUGE-Lsum). MLPerf splits with `nltk.sent_tokenize`, whose punkt model is a separate

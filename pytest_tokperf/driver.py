@@ -498,7 +498,7 @@ def _first_sigint(loop: asyncio.AbstractEventLoop, flights: Flights) -> None:
 
 def new_loop() -> asyncio.AbstractEventLoop:
     """uvloop when installed: it reads sockets into a reused buffer, which is most of the
-    client cost per streamed token (shared FACTS.md); else the standard loop."""
+    client cost per streamed token (benchmarks/client_overhead.py); else the standard loop."""
     try:
         import uvloop
     except ModuleNotFoundError:

@@ -522,7 +522,7 @@ def unsuitable(gpu: Gpu, need: Need, allow_busy: bool, own_pids: Sequence[int] =
         return f"{gpu.memory_gib:.0f} GiB < {need.min_memory_gib:g} GiB"
     want, got = need.compute_capability, gpu.compute_capability
     if want is not None and got is not None and want != got:
-        # names of new parts are not verified (FACTS.md): the architecture must agree too
+        # NVML's names for new parts are not verified: the architecture must agree too
         return f"compute capability {got[0]}.{got[1]}, not {want[0]}.{want[1]}"
     if gpu.mig_enabled:
         # a MIG GPU is only usable by its MIG instances' UUIDs, never as a whole

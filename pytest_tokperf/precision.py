@@ -1,9 +1,9 @@
 """Precision variants of the embedded model, built once into the user cache directory.
 
-The shipped SmolLM2-135M-Instruct file is Q4_1. The ladder is built from it (shared
-FACTS.md): `f16` by dequantizing every tensor with the `gguf` package and writing an
-F16 GGUF with the same metadata (tokenizer, chat template), and `q8_0` / `q4_0` from
-that F16 file with llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`).
+The shipped SmolLM2-135M-Instruct file is Q4_1. The ladder is built from it: `f16` by
+dequantizing every tensor with the `gguf` package and writing an F16 GGUF with the same
+metadata (tokenizer, chat template), and `q8_0` / `q4_0` from that F16 file with
+llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`).
 
 Parallel xdist workers and interrupted runs must never see half a model: every
 variant is built under a file lock, written to a temporary name and renamed into

@@ -1,6 +1,7 @@
 """Hardware profiles: which engine runs, how big a default run is, and what it must reach.
 
-The GPU profiles carry the published reference numbers (shared FACTS.md): Llama-2-70B
+The GPU profiles carry the published reference numbers (Microsoft Azure's ND GB300 v6
+result, an unverified MLPerf Inference v5.1 submission, November 2025): Llama-2-70B
 in FP4 with TensorRT-LLM did 1,100,948 output tokens/s on a GB300 NVL72 rack, about
 15,290 per GPU, which the vendor rounds to 15,200; GB200 NVL72 did about 12,000 per GPU
 and the H100 generation about 3,000. The cpu profile's floor is what the embedded
@@ -47,8 +48,8 @@ BACKEND_NAMES = (
 )  # known names; `engines.BACKENDS` is what ships
 # a profile's `slos` table: scenario -> latency_slo keyword (ttft_p99_ms, ...) -> ms
 SLO_SCENARIOS = SCENARIOS
-# MLPerf's accuracy rule (FACTS.md): each ROUGE >= 99% of the reference, tokens per
-# sample within 90%-110% of the reference's
+# MLPerf's accuracy rule (mlcommons/inference_policies, inference_rules.adoc): each
+# ROUGE >= 99% of the reference, tokens per sample within 90%-110% of the reference's
 PARITY_KEYS = ("rouge_fraction", "tokens_per_sample_low", "tokens_per_sample_high")
 
 
@@ -96,8 +97,9 @@ class Profile:
         )
 
 
-# MLPerf Inference Llama-2-70B (shared FACTS.md): Server p99 TTFT 2,000 ms and p99 TPOT
-# 200 ms; Interactive p99 TTFT 450 ms and p99 TPOT 40 ms. The GPU profiles gate on them.
+# MLPerf Inference Llama-2-70B (mlcommons/inference_policies, inference_rules.adoc):
+# Server p99 TTFT 2,000 ms and p99 TPOT 200 ms; Interactive p99 TTFT 450 ms and p99
+# TPOT 40 ms. The GPU profiles gate on them.
 MLPERF_SLOS: dict[str, dict[str, float]] = {
     "server": {"ttft_p99_ms": 2_000.0, "tpot_p99_ms": 200.0},
     "interactive": {"ttft_p99_ms": 450.0, "tpot_p99_ms": 40.0},

@@ -1,7 +1,7 @@
 """The rack verdict from the nodes' results (pure: no MPI, no I/O).
 
-A rack rate follows the published GB300 NVL72 number (18 nodes run together and
-summed, shared FACTS.md), made checkable: it is the sum of the nodes' output tokens
+A rack rate follows the published GB300 NVL72 number (Azure ND GB300 v6: 18 nodes
+run together and summed), made checkable: it is the sum of the nodes' output tokens
 inside the window in which every node was running (latest start to earliest finish),
 divided by that window. Each node contributes a `Timeline` (its tokens by arrival
 time in equal bins on the wall clock), small enough to send to rank 0 whatever the

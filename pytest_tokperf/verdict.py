@@ -62,7 +62,8 @@ SLO_KEYWORDS: tuple[str, ...] = tuple(
 _SLO_KEY = re.compile(r"^(?P<metric>[a-z0-9]+)_(?P<pct>p\d+)_ms$")
 
 STATUSES = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID")
-# LoadGen's early-stopping estimate is taken at 99% confidence (shared FACTS.md)
+# LoadGen's early-stopping estimate is taken at 99% confidence (mlcommons/inference,
+# loadgen/early_stopping.cc)
 EARLY_STOPPING_CONFIDENCE = early_stopping.CONFIDENCE
 # schedule lag tolerance: this share of the mean gap between arrivals, at least LAG_MIN_S
 LAG_SHARE = 0.1
@@ -232,7 +233,7 @@ def samples_needed(p: float, confidence: float = EARLY_STOPPING_CONFIDENCE) -> i
     """Fewest samples for which, with none over the limit, the p-th percentile is shown
     under it at `confidence`: LoadGen's early-stopping rule with zero overs.
 
-    459 for p99 at 99% (shared FACTS.md), 44 for p90.
+    459 for p99 at 99% (as LoadGen computes it), 44 for p90.
     """
     return early_stopping.needed(0, p, confidence)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from pytest_tokperf.engines import Request
 
 BUILTIN = ("default",)
-# MLPerf Inference Llama-2-70B's dataset: 24,576 OpenOrca samples (shared FACTS.md)
+# MLPerf Inference Llama-2-70B's dataset: 24,576 OpenOrca samples (mlcommons/inference,
+# language/llama2-70b/README.md)
 MLPERF_OPENORCA = "mlperf-openorca"
 MAKE_OPENORCA = (
     "python -m pytest_tokperf convert-openorca "

@@ -274,8 +274,8 @@ def choose_extra_bufts(value: Any, cpuinfo: str | None = None) -> tuple[bool, st
     """Load with llama.cpp's extra buffer types (weight repacking) or not, and why.
 
     "auto" turns them off where AMX is present: llama.cpp's AMX buffer type repacks
-    Q4 weights at load and then segfaults in decode on AMX Xeons (shared FACTS.md,
-    ggml-org/llama.cpp#20824).
+    Q4 weights at load and then segfaults in decode on AMX Xeons
+    (ggml-org/llama.cpp#20824).
     """
     chosen = extra_bufts_setting(value)
     if chosen is not None:

@@ -7,7 +7,8 @@ streaming=True)`, whose result is async iterable and whose `outputs[0]` carries
 `len(token_ids_diff)` tokens: the engine may emit several tokens per step
 (speculative decoding, stream intervals), and the count stays exact.
 
-A run is made the way trtllm-bench makes the published numbers (shared FACTS.md):
+A run is made the way trtllm-bench makes the published numbers (NVIDIA/TensorRT-LLM,
+`tensorrt_llm/bench/`):
 KV-cache block reuse off (`enable_block_reuse`, default False here; the LLM API's
 default is True) and `free_gpu_memory_fraction` 0.90; prompts tokenized once, before
 the measured run, and sent as token ids; no detokenization on the throughput path

@@ -35,7 +35,7 @@ def needed_by_sum(over: int, p: float, confidence: float = 0.99) -> int:
 
 
 def test_the_points_loadgen_users_know() -> None:
-    # shared FACTS.md and the issue: p99 t = 0..5 and p90 t = 0..2
+    # LoadGen's early_stopping.cc: p99 t = 0..5 and p90 t = 0..2
     expected = {0.99: [459, 662, 838, 1001, 1157, 1307], 0.90: [44, 64, 81]}
     for p, counts in expected.items():
         independent = [needed_by_sum(t, p) for t in range(len(counts))]

@@ -32,7 +32,8 @@ def test_unknown_profile_names_source_and_choices(monkeypatch: pytest.MonkeyPatc
 
 
 def test_gpu_profiles_carry_the_published_floors() -> None:
-    # shared FACTS.md: 15,200 per GPU on GB300 NVL72, ~12,000 on GB200, ~3,000 on H100
+    # Azure ND GB300 v6 (MLPerf Inference v5.1, unverified): 15,200 per GPU on GB300 NVL72,
+    # ~12,000 on GB200, ~3,000 on H100
     assert BUILTIN["gb300-nvl72"].floors["per_gpu"] == 15_200
     assert BUILTIN["gb200-nvl72"].floors["per_gpu"] == 12_000
     assert BUILTIN["h100-sxm"].floors["per_gpu"] == 3_000

@@ -77,7 +77,8 @@ def test_slo_dict_without_this_profile_skips() -> None:
 
 
 def test_profile_slo_defaults_follow_mlperf() -> None:
-    # shared FACTS.md: Server p99 TTFT 2 s / TPOT 200 ms; Interactive 450 / 40 ms
+    # MLPerf Inference rules, Llama-2-70B: Server p99 TTFT 2 s / TPOT 200 ms;
+    # Interactive 450 / 40 ms
     for name in ("h100-sxm", "gb200-nvl72", "gb300-nvl72"):
         assert BUILTIN[name].slos["server"] == {"ttft_p99_ms": 2000.0, "tpot_p99_ms": 200.0}
         assert BUILTIN[name].slos["interactive"] == {"ttft_p99_ms": 450.0, "tpot_p99_ms": 40.0}
@@ -86,7 +87,7 @@ def test_profile_slo_defaults_follow_mlperf() -> None:
 
 
 def test_samples_needed_is_loadgens_early_stopping_with_no_overs() -> None:
-    assert samples_needed(0.99) == 459  # shared FACTS.md
+    assert samples_needed(0.99) == 459  # LoadGen's figure for p99 at 99%
     assert samples_needed(0.90) == 44
     assert samples_needed(0.50) == 7
     # independently: n is the first count with p**n <= 1%
@@ -218,7 +219,7 @@ def test_slo_pass_needs_loadgens_early_stopping_estimate() -> None:
 
 
 def test_slo_at_p90_uses_its_own_counts() -> None:
-    # p90: 44 requests with none over, 64 with one, 81 with two (shared FACTS.md)
+    # p90: 44 requests with none over, 64 with one, 81 with two (LoadGen)
     assert _judge_ttft(_slow_firsts(44, 0), pct="p90").status == "PASS"
     assert _judge_ttft(_slow_firsts(63, 1), pct="p90").status == "INVALID"
     assert _judge_ttft(_slow_firsts(64, 1), pct="p90").status == "PASS"
