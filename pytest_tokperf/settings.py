@@ -8,6 +8,7 @@ came from and what a good one looks like.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -132,18 +133,31 @@ def setting(config: pytest.Config, name: str) -> tuple[str, str] | None:
     return None
 
 
-def positive_int(config: pytest.Config, name: str) -> int | None:
+def _number(
+    config: pytest.Config,
+    name: str,
+    cast: Callable[[str], float],
+    ok: Callable[[float], bool],
+    wanted: str,
+) -> float | None:
+    """The setting `name` parsed with `cast` and checked with `ok` (None when unset); a
+    UsageError naming its source and `wanted` otherwise."""
     found = setting(config, name)
     if found is None:
         return None
     value, source = found
     try:
-        number = int(value)
+        number = cast(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise pytest.UsageError(f"{source} must be a positive integer, got {value!r}")
+        number = None
+    if number is None or number == float("inf") or not ok(number):
+        raise pytest.UsageError(f"{source} must be {wanted}, got {value!r}")
     return number
+
+
+def positive_int(config: pytest.Config, name: str) -> int | None:
+    number = _number(config, name, int, lambda n: n >= 1, "a positive integer")
+    return None if number is None else int(number)
 
 
 FLAGS = {"1": True, "true": True, "yes": True, "on": True,
@@ -186,32 +200,12 @@ def inconclusive_policy(config: pytest.Config) -> str:
 
 def seconds(config: pytest.Config, name: str, default: float = 0.0, zero: bool = True) -> float:
     """A number of seconds, >= 0 (`zero`: 0 allowed) or > 0."""
-    found = setting(config, name)
-    if found is None:
-        return default
-    value, source = found
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not (number >= 0 if zero else number > 0) or number == float("inf"):
-        least = "a number of seconds >= 0" if zero else "a positive number of seconds"
-        raise pytest.UsageError(f"{source} must be {least}, got {value!r}")
-    return number
+    least = "a number of seconds >= 0" if zero else "a positive number of seconds"
+    number = _number(config, name, float, lambda n: n >= 0 if zero else n > 0, least)
+    return default if number is None else number
 
 
 def confidence(config: pytest.Config) -> float:
-    found = setting(config, "tokperf_confidence")
-    if found is None:
-        return 0.95
-    value, source = found
-    try:
-        level = float(value)
-    except ValueError:
-        level = 0.0
-    if not 0.5 <= level < 1:
-        raise pytest.UsageError(
-            f"{source} must be a number from 0.5 up to (not including) 1, such as 0.95; "
-            f"got {value!r}"
-        )
-    return level
+    wanted = "a number from 0.5 up to (not including) 1, such as 0.95"
+    level = _number(config, "tokperf_confidence", float, lambda n: 0.5 <= n < 1, wanted)
+    return 0.95 if level is None else level

@@ -45,10 +45,12 @@ DEFAULTS: dict[str, float] = {
     "devices": 1,
     "slow_factor": 1.0,  # speed in a slow phase (1: no phases)
     "phase_s": 0.0,  # mean phase length, simulated seconds (needed when slow_factor < 1)
+    "max_model_len": 131_072,  # a longer answer fails, as a real server rejects it
 }
-POSITIVE = ("tokens_per_s", "time_scale", "slots", "chunk_tokens", "devices", "slow_factor")
+POSITIVE = ("tokens_per_s", "time_scale", "slots", "chunk_tokens", "devices", "slow_factor",
+            "max_model_len")  # fmt: skip
 PROBABILITIES = ("stall_prob", "fail_prob")
-INTEGERS = ("slots", "output_tokens", "chunk_tokens", "seed", "devices")
+INTEGERS = ("slots", "output_tokens", "chunk_tokens", "seed", "devices", "max_model_len")
 
 
 class SimError(RuntimeError):
@@ -185,6 +187,10 @@ class SimEngine:
         return self._slots[1]
 
     async def stream(self, request: Request) -> AsyncIterator[Chunk]:
+        count = int(self.settings["output_tokens"]) or request.max_tokens
+        if count > self.settings["max_model_len"]:
+            limit = int(self.settings["max_model_len"])
+            raise SimError(f"{count} tokens asked, more than max_model_len {limit}")
         times, fails = request_timeline(self.settings, request)
         scale = self.settings["time_scale"]
         per_chunk = int(self.settings["chunk_tokens"])

@@ -191,6 +191,14 @@ def test_sim_engine_streams_fails_and_limits_slots() -> None:
     failing = load_engine("sim", {"time_scale": 1000.0, "fail_prob": 1.0}, 1)
     (bad,) = run_plan(failing, reqs(1, tokens=10), Plan("offline")).records
     assert bad.error == "SimError: simulated failure after 5 tokens" and bad.output_tokens == 5
+    # a request longer than the context fails at once, as a real server rejects it
+    short = load_engine("sim", {"time_scale": 1000.0, "max_model_len": 8}, 1)
+    ok, long = run_plan(
+        short, [*reqs(1, tokens=8), *reqs(1, tokens=10**400)], Plan("offline")
+    ).records
+    assert ok.ok and ok.output_tokens == 8
+    assert long.error is not None and "more than max_model_len 8" in long.error
+    assert long.output_tokens == 0
 
 
 def test_sim_phases_slow_every_gap_and_are_seeded() -> None:
