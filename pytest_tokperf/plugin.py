@@ -18,10 +18,12 @@ import pytest
 
 from pytest_tokperf import (
     accuracy,
+    acknowledged,
     baseline,
     driver,
     gpus,
     launcher,
+    markers,
     metrics,
     precision,
     procs,
@@ -50,24 +52,6 @@ RUNNER = pytest.StashKey[Tokperf]()
 PARITY = pytest.StashKey[accuracy.ParitySpec]()
 NO_REGRESSION = pytest.StashKey[dict[str, float | None]]()
 PROPERTY = report.PROPERTY
-FLOOR_MARKER = (
-    "throughput_floor(min_tokens_per_s=None, per_gpu=None, per_rack=None): fail the test "
-    "unless its last tokperf run reaches these output tokens/s floors (per_rack: all MPI "
-    "ranks together); each a number or a dict keyed by profile name (a profile missing "
-    "from the dict skips the test)"
-)
-PARITY_MARKER = (
-    "accuracy_parity(reference=None, rouge_ratio=0.99, tokens_per_sample=(0.9, 1.1), "
-    "max_kl=None, min_top1=None, dataset=None): fail the test unless the engine's answers "
-    "match the reference precision's by MLPerf's ROUGE rule (and the optional KL / top-1 "
-    "limits); runs tokperf.accuracy() after the body if the test did not"
-)
-SLO_MARKER = (
-    "latency_slo(ttft_p99_ms=None, tpot_p99_ms=None, ...): fail the test unless its last "
-    "tokperf run keeps these latency percentiles (metric ttft/tpot/itl/e2e, percentile "
-    "p50/p90/p95/p99/p999) under the limit in ms; each a number or a dict keyed by "
-    "profile name; no keywords: the profile's defaults for the run's scenario"
-)
 PROGRESS_AFTER_S = 3.0  # runs shorter than this print no progress line
 PROGRESS_EVERY_S = 5.0
 
@@ -195,14 +179,14 @@ class TokperfSession:
         self.html_path = Path(html[0]) if html else None
         save = settings.setting(config, "tokperf_save_baseline")
         compare = settings.setting(config, "tokperf_baseline")
-        self.gate = baseline.Gate(
+        self.gate = baseline.Baselines(
             save_dir=Path(save[0]) if save else None,
             compare_dir=Path(compare[0]) if compare else None,
-            tolerance=baseline.fraction(settings.setting(config, "tokperf_max_regression")),
+            tolerance=settings.fraction(config, "tokperf_max_regression"),
             confidence=self.confidence,
             rootdir=config.rootpath,
             inventory=self.inventory,
-            entries=baseline.acknowledged.load(config.rootpath),
+            entries=acknowledged.load(config.rootpath),
             want_latencies=self.html_path is not None or bool(config.getoption("htmlpath", None)),
         )
         self.results = results.Results(
@@ -325,12 +309,12 @@ class TokperfSession:
         for item in items:
             marker = item.get_closest_marker("throughput_floor")
             if marker is not None:
-                item.stash[BOUNDS] = verdict.parse_floor_marker(
+                item.stash[BOUNDS] = markers.parse_floor_marker(
                     marker.args, marker.kwargs, item.nodeid, self.registry
                 )
             parity = item.get_closest_marker("accuracy_parity")
             if parity is not None:
-                item.stash[PARITY] = accuracy.parse_parity_marker(
+                item.stash[PARITY] = markers.parse_parity_marker(
                     parity.args,
                     parity.kwargs,
                     item.nodeid,
@@ -339,12 +323,12 @@ class TokperfSession:
                 )
             marker = item.get_closest_marker("latency_slo")
             if marker is not None:
-                item.stash[SLO_BOUNDS] = verdict.parse_slo_marker(
+                item.stash[SLO_BOUNDS] = markers.parse_slo_marker(
                     marker.args, marker.kwargs, item.nodeid, self.registry
                 )
             marker = item.get_closest_marker("no_regression")
             if marker is not None:
-                item.stash[NO_REGRESSION] = baseline.parse_marker(
+                item.stash[NO_REGRESSION] = markers.parse_no_regression_marker(
                     marker.args, marker.kwargs, item.nodeid
                 )
 
@@ -547,10 +531,8 @@ class TokperfSession:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", FLOOR_MARKER)
-    config.addinivalue_line("markers", PARITY_MARKER)
-    config.addinivalue_line("markers", SLO_MARKER)
-    config.addinivalue_line("markers", baseline.MARKER)
+    for line in markers.HELP:
+        config.addinivalue_line("markers", line)
     if config.getoption("help"):  # --help resolves no setting: a bad one must not break it
         return
     session = TokperfSession(config)

@@ -215,3 +215,20 @@ def confidence(config: pytest.Config) -> float:
             f"got {value!r}"
         )
     return level
+
+
+def fraction(config: pytest.Config, name: str, default: float = DEFAULT_TOLERANCE) -> float:
+    """A fraction from 0 up to (not including) 1, such as an allowed regression."""
+    found = setting(config, name)
+    if found is None:
+        return default
+    value, source = found
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < 1:
+        raise pytest.UsageError(
+            f"{source} must be a fraction from 0 up to 1, such as 0.05; got {value!r}"
+        )
+    return number
