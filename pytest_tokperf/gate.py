@@ -57,7 +57,11 @@ class Gate:
     """Judges the tests of one process; needs no engine, only settings and the world."""
 
     def __init__(
-        self, config: pytest.Config, s: Settings, world: rack.Local | rack.Rack, inv: Inventory
+        self,
+        config: pytest.Config,
+        s: Settings,
+        world: rack.Local | rack.Rack,
+        inventory: Inventory,
     ) -> None:
         self.config = config
         self.settings = s
@@ -70,7 +74,7 @@ class Gate:
             tolerance=s.max_regression,
             confidence=s.confidence,
             rootdir=config.rootpath,
-            inventory=inv,
+            inventory=inventory,
             entries=acknowledged.load(config.rootpath),
             want_latencies=s.html_path is not None or bool(config.getoption("htmlpath", None)),
         )

@@ -108,17 +108,17 @@ class Harness:
 
     def open_engine(self, allocation: gpus.Allocation) -> Engine:
         """The engine under test on `allocation`, behind its launched server if any."""
-        backend, engine_settings = self.settings.backend, self.engine_settings()
+        backend, options = self.settings.backend, self.engine_settings()
         try:
             if self.settings.server_cmd is not None:
                 self.server = launcher.start(
                     self.settings.server_cmd,
-                    engine_settings.get("base_url"),
+                    options.get("base_url"),
                     pass_fds=allocation.fds,
                 )
-                engine_settings["base_url"] = self.server.base_url
-            engine = load_engine(backend, engine_settings, allocation.devices)
-            self.spawn = procs.Spawn(backend, engine_settings, allocation.devices)
+                options["base_url"] = self.server.base_url
+            engine = load_engine(backend, options, allocation.devices)
+            self.spawn = procs.Spawn(backend, options, allocation.devices)
         except (EngineError, launcher.LaunchError) as exc:
             pytest.fail(f"tokperf could not load its engine: {exc}", pytrace=False)
         return engine
