@@ -32,10 +32,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pytest
-
-from pytest_tokperf.verdict import check_keywords, finite
-
 if TYPE_CHECKING:
     import numpy as np
 
@@ -322,80 +318,3 @@ def score(
         "FAIL" if "FAIL" in statuses else "INCONCLUSIVE" if "INCONCLUSIVE" in statuses else "PASS"
     )
     return scores, tuple(checks), overall
-
-
-# --- marker arguments ----------------------------------------------------------------
-
-
-def _fraction(value: object, where: str, name: str) -> float:
-    number = finite(value)
-    if number is None or not 0 < number <= 1:
-        raise pytest.UsageError(
-            f"{where}: accuracy_parity({name}=...) must be a number in (0, 1], got {value!r}"
-        )
-    return number
-
-
-def parse_parity_marker(
-    args: Sequence[object],
-    kwargs: Mapping[str, object],
-    where: str,
-    precisions: Sequence[str] | None,
-    defaults: ParitySpec | None = None,
-) -> ParitySpec:
-    """Validate `accuracy_parity(...)` arguments; `where` names the test for errors.
-
-    Arguments left out take `defaults` (the profile's parity table), else MLPerf's.
-
-    `precisions` lists the reference precisions the active backend can load (None:
-    any name, the backend decides).
-    """
-    known = ("reference", "rouge_ratio", "tokens_per_sample", "max_kl", "min_top1", "dataset")
-    check_keywords("accuracy_parity", known, args, kwargs, where)
-    spec = defaults or ParitySpec()
-    reference = kwargs.get("reference")
-    bad_name = not isinstance(reference, str) or (
-        precisions is not None and reference not in precisions
-    )
-    if reference is not None and bad_name:
-        valid = ", ".join(precisions) if precisions is not None else "a precision name"
-        raise pytest.UsageError(
-            f"{where}: accuracy_parity(reference={reference!r}): expected one of {valid}"
-        )
-    ratio = kwargs.get("rouge_ratio", spec.rouge_ratio)
-    ratio = _fraction(ratio, where, "rouge_ratio")
-    band = kwargs.get("tokens_per_sample", spec.tokens_per_sample)
-    low, high = (
-        (finite(band[0]), finite(band[1]))
-        if isinstance(band, (tuple, list)) and len(band) == 2
-        else (None, None)
-    )
-    if low is None or high is None or not 0 <= low <= 1 <= high:
-        raise pytest.UsageError(
-            f"{where}: accuracy_parity(tokens_per_sample=...) must be (low, high) with "
-            f"low <= 1 <= high, e.g. (0.9, 1.1), got {band!r}"
-        )
-    max_kl = kwargs.get("max_kl")
-    if max_kl is not None and not (finite(max_kl) or 0) > 0:
-        raise pytest.UsageError(
-            f"{where}: accuracy_parity(max_kl=...) must be a positive number (nats), got {max_kl!r}"
-        )
-    min_top1 = kwargs.get("min_top1")
-    if min_top1 is not None:
-        min_top1 = _fraction(min_top1, where, "min_top1")
-    dataset = kwargs.get("dataset")
-    if dataset is not None and not isinstance(dataset, str):
-        dataset = str(dataset) if hasattr(dataset, "__fspath__") else dataset
-        if not isinstance(dataset, str):
-            raise pytest.UsageError(
-                f"{where}: accuracy_parity(dataset=...) must be a built-in set's name or a "
-                f"JSONL path, got {dataset!r}"
-            )
-    return ParitySpec(
-        reference=reference if isinstance(reference, str) else None,
-        rouge_ratio=ratio,
-        tokens_per_sample=(low, high),
-        max_kl=finite(max_kl),
-        min_top1=min_top1,
-        dataset=dataset,
-    )

@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from pytest_tokperf import acknowledged, metrics, regression
-
-__all__ = ["Gate", "acknowledged", "parse_marker"]
 from pytest_tokperf.gpus import Inventory
 from pytest_tokperf.metrics import RunResult
 
@@ -190,7 +188,7 @@ def tolerances(marker: Mapping[str, float | None] | None, default: float) -> dic
 
 
 @dataclass
-class Gate:
+class Baselines:
     """Baseline saving and comparison for one session (None directories: off)."""
 
     save_dir: Path | None
@@ -314,53 +312,3 @@ def combined(verdict: str, block: Mapping[str, Any]) -> str:
         return verdict
     status = {"IMPROVED": "PASS"}.get(block["status"], block["status"])
     return str(min(verdict, status, key=lambda s: _RANK.get(s, 4)))
-
-
-# --- pytest glue: options and the marker ---------------------------------------------
-
-MARKER = (
-    "no_regression(tokens_per_s=0.05, ttft_p99=0.10, ...): with --tokperf-compare-baseline, "
-    "fail the test when a metric is worse than its baseline by more than this fraction "
-    "(confidence interval of the ratio); tokens_per_s defaults to ini tokperf_max_regression, "
-    "latency percentiles (ttft/tpot/e2e _p50.._p999) are compared only when named; "
-    "None turns a metric off"
-)
-
-
-def fraction(setting: tuple[str, str] | None) -> float:
-    """A tolerance from (value, source); the default when unset."""
-    if setting is None:
-        return regression.DEFAULT_TOLERANCE
-    value, source = setting
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not 0 <= number < 1:
-        import pytest
-
-        raise pytest.UsageError(
-            f"{source} must be a fraction from 0 up to 1, such as 0.05; got {value!r}"
-        )
-    return number
-
-
-def parse_marker(
-    args: Sequence[object], kwargs: Mapping[str, object], where: str
-) -> dict[str, float | None]:
-    """Validate `no_regression(...)`: each keyword a fraction in [0, 1) or None."""
-    import pytest
-
-    from pytest_tokperf.verdict import check_keywords
-
-    check_keywords("no_regression", regression.KEYWORDS, args, kwargs, where)
-    out: dict[str, float | None] = {}
-    for k, v in kwargs.items():
-        if v is not None and (
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1
-        ):
-            raise pytest.UsageError(
-                f"{where}: no_regression({k}=...) must be a fraction from 0 up to 1, got {v!r}"
-            )
-        out[k] = None if v is None else float(v)
-    return out

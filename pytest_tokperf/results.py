@@ -1,7 +1,8 @@
 """The results of a session: every test's payload, collected where tests report
 (the xdist controller, MPI rank 0, or the only process), and every output fed from
 them: the journal (as each test is judged), the JSON document, the GitHub step
-summary, the HTML report and the terminal summary.
+summary, the HTML report and the terminal summary; and the live progress line of a
+long run, which is terminal output too.
 
 Payloads are plain JSON data in `user_properties`, so results never need to know
 whether a test ran here, in an xdist worker or on another MPI rank.
@@ -11,40 +12,43 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_tokperf import journal, rack, rackjudge, records, report, summary
+from pytest_tokperf import journal, metrics, rack, rackjudge, records, report, summary
+from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.gpus import Inventory
-from pytest_tokperf.profiles import Profile
+from pytest_tokperf.runner import Progress
+from pytest_tokperf.settings import Settings
 
 PROPERTY = report.PROPERTY
+PROGRESS_AFTER_S = 3.0  # runs shorter than this print no progress line
+PROGRESS_EVERY_S = 5.0
 
 
 class Results:
-    """Registered as a plugin by the session; the only object that writes results."""
+    """Registered as the plugin "tokperf-results"; the only object that writes results."""
 
     def __init__(
         self,
         config: pytest.Config,
-        profile: Profile,
-        profile_source: str,
+        s: Settings,
         inventory: Inventory,
         world: rack.Local | rack.Rack,
         records_writer: records.Writer | None,
-        json_path: Path | None,
-        html_path: Path | None,
     ) -> None:
         self.config = config
-        self.profile = profile
-        self.profile_source = profile_source
+        self.profile = s.profile
+        self.profile_source = s.profile_source
+        self.confidence = s.confidence
         self.inventory = inventory
         self.rack = world
         self.records = records_writer
-        self.json_path = json_path
-        self.html_path = html_path
+        self.json_path = s.json_path
+        self.html_path = s.html_path
         # xdist's documented marker of a worker process: workers report, never write
         self.is_worker = hasattr(config, "workerinput")
         self.payloads: list[dict[str, Any]] = []
@@ -149,3 +153,37 @@ class Results:
 
     def _sorted(self) -> list[dict[str, Any]]:
         return sorted(self.payloads, key=lambda p: str(p["nodeid"]))
+
+    def progress(self) -> Progress | None:
+        """The live line's callback, or None where it must stay quiet."""
+        if self.is_worker or self.config.get_verbosity() < 0:
+            return None
+        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if terminal is None:
+            return None
+        shown = [-PROGRESS_EVERY_S]  # when the last line was shown
+        confidence = self.confidence
+
+        def show(snapshot: Sequence[RequestRecord], elapsed_s: float) -> None:
+            if elapsed_s < PROGRESS_AFTER_S or elapsed_s - shown[0] < PROGRESS_EVERY_S:
+                return
+            shown[0] = elapsed_s
+            # requests in flight end "now" in a snapshot, the latest end of all
+            now = max((r.end_ns for r in snapshot), default=0)
+            done = sum(1 for r in snapshot if r.end_ns < now)
+            line = report.progress_line(
+                elapsed_s,
+                done,
+                len(snapshot),
+                metrics.output_tokens_per_s(snapshot),
+                metrics.throughput_interval(snapshot, confidence),
+            )
+            # like pytest's live logging: write past the capture to the real terminal
+            if capture is not None:
+                with capture.global_and_fixture_disabled():
+                    terminal.write_line(line)
+            else:
+                terminal.write_line(line)
+
+        return show

@@ -15,6 +15,7 @@ import pytest
 from pytest_tokperf import (
     accuracy,
     driver,
+    markers,
     metrics,
     procs,
     records,
@@ -135,7 +136,7 @@ class Tokperf:
                  "tokens_per_sample": tokens_per_sample, "min_top1": min_top1,
                  "dataset": dataset}  # fmt: skip
         try:  # the marker's rules, for the same arguments given here
-            accuracy.parse_parity_marker(
+            markers.parse_parity_marker(
                 (), {k: v for k, v in given.items() if v is not None}, "tokperf.accuracy()", None
             )
         except pytest.UsageError as exc:

@@ -1,4 +1,5 @@
-"""Every tokperf option, written once: flag, environment variable, ini key and help.
+"""Every tokperf option, written once: flag, environment variable, ini key and help;
+and `resolve`, which reads them all once into a frozen `Settings`.
 
 Precedence, written down once: marker > command line > environment > ini > profile
 default. Each parser below raises `pytest.UsageError` naming where the bad value
@@ -7,13 +8,15 @@ came from and what a good one looks like.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from pytest_tokperf import gpus, precision, profiles, rack, reference
+from pytest_tokperf import gpus, precision, profiles, rack, reference, workloads
 from pytest_tokperf.engines import BACKENDS
 from pytest_tokperf.regression import DEFAULT_TOLERANCE
 
@@ -209,3 +212,153 @@ def confidence(config: pytest.Config) -> float:
     wanted = "a number from 0.5 up to (not including) 1, such as 0.95"
     level = _number(config, "tokperf_confidence", float, lambda n: 0.5 <= n < 1, wanted)
     return 0.95 if level is None else level
+
+
+def fraction(config: pytest.Config, name: str, default: float = DEFAULT_TOLERANCE) -> float:
+    """A fraction from 0 up to (not including) 1, such as an allowed regression."""
+    wanted = "a fraction from 0 up to 1, such as 0.05"
+    number = _number(config, name, float, lambda n: 0 <= n < 1, wanted)
+    return default if number is None else number
+
+
+def _path(found: tuple[str, str] | None) -> Path | None:
+    return Path(found[0]) if found else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A session's settings, resolved once at configure time (never for `--help`)."""
+
+    registry: Mapping[str, profiles.Profile]
+    profile: profiles.Profile  # with the requests, max_tokens and precision options applied
+    profile_source: str
+    unmatched: str | None  # GPUs no profile matches: why tests that use tokperf stop
+    backend: str
+    precisions: tuple[str, ...] | None  # what the backend can load (None: it decides itself)
+    model_path: Path | None
+    dataset: Path | None  # the workload a run without one measures (None: built-in prompts)
+    dataset_missing: str | None  # the profile's dataset is missing: why its runs skip
+    server_settings: Mapping[str, str]  # base_url, model, tokenizer (openai: precision)
+    server_cmd: str | None
+    gpu_count: int | None
+    gpu_wait: float
+    allow_busy: bool
+    require_hardware: bool
+    lock_dir: Path
+    client_procs: int  # 0: auto
+    inconclusive: str
+    confidence: float
+    rack_timeout: float
+    json_path: Path | None
+    records_path: Path | None
+    html_path: Path | None
+    save_baseline: Path | None
+    compare_baseline: Path | None
+    max_regression: float
+
+
+def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
+    """Every option, each parsed once; without one, the profile is chosen for `inventory`."""
+    ini_profile = config.getini("tokperf_profile")
+    registry = profiles.load_user(config.rootpath)
+    unmatched = None
+    try:
+        profile, profile_source = profiles.select(
+            config.getoption("tokperf_profile"),
+            ini_profile,
+            str(config.inipath),
+            registry,
+            inventory,
+        )
+    except profiles.Unmatched as exc:
+        unmatched = str(exc)
+        profile, profile_source = registry["cpu"], "not used"
+    gpu_wait = seconds(config, "tokperf_gpu_wait")
+    gpu_count = positive_int(config, "tokperf_gpus")
+    allow_busy = flag(config, "tokperf_allow_busy_gpus")
+    require_hardware = flag(config, "tokperf_require_hardware")
+    lock_dir = _path(setting(config, "tokperf_lock_dir")) or gpus.DEFAULT_LOCK_DIR
+    requests = positive_int(config, "tokperf_requests")
+    max_tokens = positive_int(config, "tokperf_max_tokens")
+    profile = dataclasses.replace(
+        profile,
+        requests=requests or profile.requests,
+        max_tokens=max_tokens or profile.max_tokens,
+    )
+    engine = setting(config, "tokperf_engine")
+    backend = engine[0] if engine else profile.backend
+    if backend not in BACKENDS:
+        raise pytest.UsageError(
+            f"unknown engine {backend!r} (from {engine[1] if engine else 'profile'}); "
+            f"available: {', '.join(sorted(BACKENDS))}"
+        )
+    precisions = precision.VARIANTS if backend == "llamacpp" else None
+    precision_setting = setting(config, "tokperf_precision")
+    if precision_setting is not None:
+        value, source = precision_setting
+        if precisions is not None and value not in precisions:
+            raise pytest.UsageError(
+                f"{source}: unknown precision {value!r} for the {backend} "
+                f"engine; available: {', '.join(precisions)}"
+            )
+        profile = dataclasses.replace(profile, precision=value)
+    json_path = _path(setting(config, "tokperf_json"))
+    model_path = None
+    model = setting(config, "tokperf_model_path")
+    if model is not None:
+        model_path = Path(model[0])
+        folder = backend == "transformers" and model_path.is_dir()
+        if not (model_path.is_file() or folder):
+            raise pytest.UsageError(
+                f"model file {model[0]!r} (from {model[1]}) does not exist; "
+                "give the path of a GGUF file (transformers: a model folder or config JSON)"
+            )
+    try:
+        dataset, dataset_missing = workloads.profile_dataset(
+            profile.name,
+            profile.dataset,
+            profile.defined_in,
+            setting(config, "tokperf_dataset"),
+        )
+    except workloads.WorkloadError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    server_settings = {
+        key: value
+        for key, name in (
+            ("base_url", "tokperf_base_url"),
+            ("model", "tokperf_served_model"),
+            ("tokenizer", "tokperf_tokenizer"),
+        )
+        if (value := (setting(config, name) or ("", ""))[0])
+    }
+    if backend == "openai" and precision_setting is not None:
+        server_settings["precision"] = precision_setting[0]  # a label: served as is
+    server_cmd = setting(config, "tokperf_server_cmd")
+    return Settings(  # the keywords below are parsed in this order, the errors too
+        registry=registry,
+        profile=profile,
+        profile_source=profile_source,
+        unmatched=unmatched,
+        backend=backend,
+        precisions=precisions,
+        model_path=model_path,
+        dataset=dataset,
+        dataset_missing=dataset_missing,
+        server_settings=server_settings,
+        server_cmd=server_cmd[0] if server_cmd else None,
+        gpu_count=gpu_count,
+        gpu_wait=gpu_wait,
+        allow_busy=allow_busy,
+        require_hardware=require_hardware,
+        lock_dir=lock_dir,
+        client_procs=client_procs(config),
+        inconclusive=inconclusive_policy(config),
+        confidence=confidence(config),
+        rack_timeout=seconds(config, "tokperf_rack_timeout", rack.DEFAULT_TIMEOUT_S, zero=False),
+        json_path=json_path,
+        records_path=_path(setting(config, "tokperf_records")),
+        html_path=_path(setting(config, "tokperf_html")),
+        save_baseline=_path(setting(config, "tokperf_save_baseline")),
+        compare_baseline=_path(setting(config, "tokperf_baseline")),
+        max_regression=fraction(config, "tokperf_max_regression"),
+    )

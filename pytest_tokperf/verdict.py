@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import pytest
 
 from pytest_tokperf import early_stopping, server_metrics
 from pytest_tokperf.driver import RequestRecord
@@ -113,76 +111,6 @@ def finite(value: object) -> float | None:
     if not abs(value) < 1e308:  # inf, nan, or an int too big for a float
         return None
     return float(value)
-
-
-def _number(value: object, where: str, what: str = "a floor") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise pytest.UsageError(f"{where}: expected a number, got {value!r}")
-    number = finite(value)
-    if number is None or not number > 0:
-        raise pytest.UsageError(f"{where}: {what} must be a positive number, got {value!r}")
-    return number
-
-
-def check_keywords(
-    marker: str,
-    keywords: Sequence[str],
-    args: Sequence[object],
-    kwargs: Mapping[str, object],
-    where: str,
-) -> None:
-    """A marker takes only these keywords: anything else is a usage error naming the test."""
-    usage = f"{where}: {marker} takes keywords {', '.join(keywords)}"
-    if args:
-        raise pytest.UsageError(f"{usage}; got positional arguments {list(args)!r}")
-    unknown = sorted(set(kwargs) - set(keywords))
-    if unknown:
-        raise pytest.UsageError(f"{usage}; got unknown keywords {', '.join(unknown)}")
-
-
-def _parse_marker(
-    marker: str,
-    keywords: Sequence[str],
-    args: Sequence[object],
-    kwargs: Mapping[str, object],
-    where: str,
-    profiles: Collection[str],
-    what: str,
-) -> dict[str, Bound]:
-    check_keywords(marker, keywords, args, kwargs, where)
-    bounds: dict[str, Bound] = {}
-    for key, value in kwargs.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            bad = sorted(str(k) for k in value if k not in profiles)
-            if bad:
-                raise pytest.UsageError(
-                    f"{where}: {marker}({key}=...) names unknown profiles "
-                    f"{', '.join(bad)}; known profiles: {', '.join(sorted(profiles))}"
-                )
-            bounds[key] = {k: _number(v, f"{where}: {key}[{k!r}]", what) for k, v in value.items()}
-        else:
-            bounds[key] = _number(value, f"{where}: {key}", what)
-    return bounds
-
-
-def parse_floor_marker(
-    args: Sequence[object], kwargs: Mapping[str, object], where: str, profiles: Collection[str]
-) -> dict[str, Bound]:
-    """Validate `throughput_floor(...)` arguments; `where` names the test for errors."""
-    return _parse_marker(
-        "throughput_floor", [*FLOOR_METRICS, "per_rack"], args, kwargs, where, profiles, "a floor"
-    )
-
-
-def parse_slo_marker(
-    args: Sequence[object], kwargs: Mapping[str, object], where: str, profiles: Collection[str]
-) -> dict[str, Bound]:
-    """Validate `latency_slo(...)` arguments (`ttft_p99_ms=...` and the like)."""
-    return _parse_marker(
-        "latency_slo", SLO_KEYWORDS, args, kwargs, where, profiles, "a latency limit"
-    )
 
 
 def floors_for(

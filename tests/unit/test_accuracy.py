@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_tokperf import accuracy
+from pytest_tokperf import accuracy, markers
 from pytest_tokperf.accuracy import ParitySpec, Sample
 
 np = pytest.importorskip("numpy")
@@ -215,13 +215,13 @@ def test_score_a_clear_loss_fails_with_the_reference_value() -> None:
 )
 def test_marker_errors_name_the_test(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(pytest.UsageError, match=message) as info:
-        accuracy.parse_parity_marker((), kwargs, "t.py::test_x", ("q4_1", "f16"))
+        markers.parse_parity_marker((), kwargs, "t.py::test_x", ("q4_1", "f16"))
     assert str(info.value).startswith("t.py::test_x: ")
 
 
 def test_marker_defaults_and_positional_arguments() -> None:
-    spec = accuracy.parse_parity_marker((), {}, "t.py::test_x", None)
+    spec = markers.parse_parity_marker((), {}, "t.py::test_x", None)
     assert spec == ParitySpec()
-    assert accuracy.parse_parity_marker((), {"reference": "bf16"}, "w", None).reference == "bf16"
+    assert markers.parse_parity_marker((), {"reference": "bf16"}, "w", None).reference == "bf16"
     with pytest.raises(pytest.UsageError, match="positional arguments"):
-        accuracy.parse_parity_marker(("f16",), {}, "w", None)
+        markers.parse_parity_marker(("f16",), {}, "w", None)

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_tokperf import accuracy, profiles, verdict, workloads
+from pytest_tokperf import markers, profiles, verdict, workloads
 from pytest_tokperf.engines import load_engine
 from pytest_tokperf.metrics import RunResult
 from pytest_tokperf.runner import Tokperf
@@ -69,8 +69,8 @@ def positive_finite(x: object) -> bool:
 @pytest.mark.parametrize(
     ("marker", "parse", "keywords"),
     [
-        ("throughput_floor", verdict.parse_floor_marker, tuple(verdict.FLOOR_METRICS)),
-        ("latency_slo", verdict.parse_slo_marker, verdict.SLO_KEYWORDS[:4]),
+        ("throughput_floor", markers.parse_floor_marker, tuple(verdict.FLOOR_METRICS)),
+        ("latency_slo", markers.parse_slo_marker, verdict.SLO_KEYWORDS[:4]),
     ],
 )
 @settings(max_examples=400)  # parsing is cheap; edges are one draw in a dozen
@@ -121,7 +121,7 @@ PARITY_VALUES: dict[str, Any] = {
 def test_parity_marker(args: list[object], kwargs: dict[str, object]) -> None:
     precisions = ("f16", "q8_0")
     try:
-        spec = accuracy.parse_parity_marker(args, kwargs, WHERE, precisions)
+        spec = markers.parse_parity_marker(args, kwargs, WHERE, precisions)
     except pytest.UsageError as exc:
         assert str(exc).startswith(WHERE)
         return
@@ -211,7 +211,7 @@ def test_accuracy_arguments_are_checked_before_any_engine_runs(
     with pytest.raises(ValueError, match=r"^tokperf\.accuracy\(") as caught:
         runner.accuracy(**kwargs)
     if "reference engine" in str(caught.value) or "reference_precision" in str(caught.value):
-        spec = accuracy.parse_parity_marker(
+        spec = markers.parse_parity_marker(
             (), {k: v for k, v in kwargs.items() if k in PARITY_KEYS and v is not None}, WHERE, None
         )  # the same arguments pass the marker's checks too
         assert spec.rouge_ratio == kwargs.get("rouge_ratio") or kwargs.get("rouge_ratio") is None

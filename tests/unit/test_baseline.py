@@ -97,27 +97,28 @@ def test_combined_verdict_is_the_worse(verdict: str, status: str, expected: str)
     assert baseline.combined(verdict, {"compared": False}) == verdict
 
 
-def _gate(tmp_path: Path, expires: datetime.date) -> baseline.Gate:
+def _baselines(tmp_path: Path, expires: datetime.date) -> baseline.Baselines:
     (tmp_path / acknowledged.FILENAME).write_text(
         '[[regression]]\ntest = "t.py::test_a"\nmetric = "tokens_per_s"\naccepted = 150\n'
         f'reason = "known"\nexpires = {expires.isoformat()}\n'
     )
     from pytest_tokperf.gpus import Inventory
 
-    return baseline.Gate(None, tmp_path, 0.05, 0.95, tmp_path, Inventory(()),
-                         acknowledged.load(tmp_path), today=datetime.date(2026, 12, 1))  # fmt: skip
+    return baseline.Baselines(None, tmp_path, 0.05, 0.95, tmp_path, Inventory(()),
+                              acknowledged.load(tmp_path),
+                              today=datetime.date(2026, 12, 1))  # fmt: skip
 
 
 def test_acknowledged_until_the_date_then_failing(tmp_path: Path) -> None:
     check = Check("tokens_per_s", 148.0, 200.0, 0.74, 0.72, 0.76, 0.05, "FAIL", "m")
-    row = _gate(tmp_path, datetime.date(2026, 12, 1))._acknowledge("t.py::test_a", check)
+    row = _baselines(tmp_path, datetime.date(2026, 12, 1))._acknowledge("t.py::test_a", check)
     assert row["status"] == "ACKNOWLEDGED"  # valid through the expiry day; 148 >= 150 x 0.95
-    row = _gate(tmp_path, datetime.date(2026, 11, 30))._acknowledge("t.py::test_a", check)
+    row = _baselines(tmp_path, datetime.date(2026, 11, 30))._acknowledge("t.py::test_a", check)
     assert (
         row["status"] == "FAIL" and row["note"] == "acknowledged until 2026-11-30, expired: known"
     )
     worse = Check("tokens_per_s", 120.0, 200.0, 0.6, 0.58, 0.62, 0.05, "FAIL", "m")
-    row = _gate(tmp_path, datetime.date(2027, 1, 1))._acknowledge("t.py::test_a", worse)
+    row = _baselines(tmp_path, datetime.date(2027, 1, 1))._acknowledge("t.py::test_a", worse)
     assert row["status"] == "FAIL" and row["note"].startswith("worse than the acknowledged 150")
 
 

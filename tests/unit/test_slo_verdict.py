@@ -8,6 +8,7 @@ import pytest
 
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import EngineInfo
+from pytest_tokperf.markers import parse_slo_marker
 from pytest_tokperf.metrics import (
     MIN_BATCHES,
     NS,
@@ -25,7 +26,6 @@ from pytest_tokperf.verdict import (
     floor_status,
     floors_for,
     judge,
-    parse_slo_marker,
     per_look,
     per_request_limits,
     samples_needed,

@@ -6,9 +6,10 @@ import pytest
 
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import EngineInfo
+from pytest_tokperf.markers import parse_floor_marker
 from pytest_tokperf.metrics import NS, summarize
 from pytest_tokperf.profiles import BUILTIN
-from pytest_tokperf.verdict import floors_for, judge, parse_floor_marker
+from pytest_tokperf.verdict import floors_for, judge
 
 WHERE = "test_x.py::test_y"
 

@@ -1,0 +1,214 @@
+"""The tokperf markers: their help texts and the parsers that validate their arguments.
+
+Every parser raises `pytest.UsageError` naming the test and what a good value looks
+like, so a typo in a marker stops the session before anything runs. The rules they
+check (which keywords, which metrics) belong to the pure modules: `verdict`,
+`accuracy` and `regression`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+import pytest
+
+from pytest_tokperf import regression
+from pytest_tokperf.accuracy import ParitySpec
+from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS, Bound, finite
+
+FLOOR_MARKER = (
+    "throughput_floor(min_tokens_per_s=None, per_gpu=None, per_rack=None): fail the test "
+    "unless its last tokperf run reaches these output tokens/s floors (per_rack: all MPI "
+    "ranks together); each a number or a dict keyed by profile name (a profile missing "
+    "from the dict skips the test)"
+)
+PARITY_MARKER = (
+    "accuracy_parity(reference=None, rouge_ratio=0.99, tokens_per_sample=(0.9, 1.1), "
+    "max_kl=None, min_top1=None, dataset=None): fail the test unless the engine's answers "
+    "match the reference precision's by MLPerf's ROUGE rule (and the optional KL / top-1 "
+    "limits); runs tokperf.accuracy() after the body if the test did not"
+)
+SLO_MARKER = (
+    "latency_slo(ttft_p99_ms=None, tpot_p99_ms=None, ...): fail the test unless its last "
+    "tokperf run keeps these latency percentiles (metric ttft/tpot/itl/e2e, percentile "
+    "p50/p90/p95/p99/p999) under the limit in ms; each a number or a dict keyed by "
+    "profile name; no keywords: the profile's defaults for the run's scenario"
+)
+NO_REGRESSION_MARKER = (
+    "no_regression(tokens_per_s=0.05, ttft_p99=0.10, ...): with --tokperf-compare-baseline, "
+    "fail the test when a metric is worse than its baseline by more than this fraction "
+    "(confidence interval of the ratio); tokens_per_s defaults to ini tokperf_max_regression, "
+    "latency percentiles (ttft/tpot/e2e _p50.._p999) are compared only when named; "
+    "None turns a metric off"
+)
+HELP = (FLOOR_MARKER, PARITY_MARKER, SLO_MARKER, NO_REGRESSION_MARKER)
+
+
+def check_keywords(
+    marker: str,
+    keywords: Sequence[str],
+    args: Sequence[object],
+    kwargs: Mapping[str, object],
+    where: str,
+) -> None:
+    """A marker takes only these keywords: anything else is a usage error naming the test."""
+    usage = f"{where}: {marker} takes keywords {', '.join(keywords)}"
+    if args:
+        raise pytest.UsageError(f"{usage}; got positional arguments {list(args)!r}")
+    unknown = sorted(set(kwargs) - set(keywords))
+    if unknown:
+        raise pytest.UsageError(f"{usage}; got unknown keywords {', '.join(unknown)}")
+
+
+# --- throughput_floor and latency_slo ------------------------------------------------
+
+
+def _number(value: object, where: str, what: str = "a floor") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise pytest.UsageError(f"{where}: expected a number, got {value!r}")
+    number = finite(value)
+    if number is None or not number > 0:
+        raise pytest.UsageError(f"{where}: {what} must be a positive number, got {value!r}")
+    return number
+
+
+def _parse_bounds(
+    marker: str,
+    keywords: Sequence[str],
+    args: Sequence[object],
+    kwargs: Mapping[str, object],
+    where: str,
+    profiles: Collection[str],
+    what: str,
+) -> dict[str, Bound]:
+    check_keywords(marker, keywords, args, kwargs, where)
+    bounds: dict[str, Bound] = {}
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            bad = sorted(str(k) for k in value if k not in profiles)
+            if bad:
+                raise pytest.UsageError(
+                    f"{where}: {marker}({key}=...) names unknown profiles "
+                    f"{', '.join(bad)}; known profiles: {', '.join(sorted(profiles))}"
+                )
+            bounds[key] = {k: _number(v, f"{where}: {key}[{k!r}]", what) for k, v in value.items()}
+        else:
+            bounds[key] = _number(value, f"{where}: {key}", what)
+    return bounds
+
+
+def parse_floor_marker(
+    args: Sequence[object], kwargs: Mapping[str, object], where: str, profiles: Collection[str]
+) -> dict[str, Bound]:
+    """Validate `throughput_floor(...)` arguments; `where` names the test for errors."""
+    return _parse_bounds(
+        "throughput_floor", [*FLOOR_METRICS, "per_rack"], args, kwargs, where, profiles, "a floor"
+    )
+
+
+def parse_slo_marker(
+    args: Sequence[object], kwargs: Mapping[str, object], where: str, profiles: Collection[str]
+) -> dict[str, Bound]:
+    """Validate `latency_slo(...)` arguments (`ttft_p99_ms=...` and the like)."""
+    return _parse_bounds(
+        "latency_slo", SLO_KEYWORDS, args, kwargs, where, profiles, "a latency limit"
+    )
+
+
+# --- accuracy_parity -------------------------------------------------------------------
+
+
+def _fraction(value: object, where: str, name: str) -> float:
+    number = finite(value)
+    if number is None or not 0 < number <= 1:
+        raise pytest.UsageError(
+            f"{where}: accuracy_parity({name}=...) must be a number in (0, 1], got {value!r}"
+        )
+    return number
+
+
+def parse_parity_marker(
+    args: Sequence[object],
+    kwargs: Mapping[str, object],
+    where: str,
+    precisions: Sequence[str] | None,
+    defaults: ParitySpec | None = None,
+) -> ParitySpec:
+    """Validate `accuracy_parity(...)` arguments; `where` names the test for errors.
+
+    Arguments left out take `defaults` (the profile's parity table), else MLPerf's.
+
+    `precisions` lists the reference precisions the active backend can load (None:
+    any name, the backend decides).
+    """
+    known = ("reference", "rouge_ratio", "tokens_per_sample", "max_kl", "min_top1", "dataset")
+    check_keywords("accuracy_parity", known, args, kwargs, where)
+    spec = defaults or ParitySpec()
+    reference = kwargs.get("reference")
+    bad_name = not isinstance(reference, str) or (
+        precisions is not None and reference not in precisions
+    )
+    if reference is not None and bad_name:
+        valid = ", ".join(precisions) if precisions is not None else "a precision name"
+        raise pytest.UsageError(
+            f"{where}: accuracy_parity(reference={reference!r}): expected one of {valid}"
+        )
+    ratio = kwargs.get("rouge_ratio", spec.rouge_ratio)
+    ratio = _fraction(ratio, where, "rouge_ratio")
+    band = kwargs.get("tokens_per_sample", spec.tokens_per_sample)
+    low, high = (
+        (finite(band[0]), finite(band[1]))
+        if isinstance(band, (tuple, list)) and len(band) == 2
+        else (None, None)
+    )
+    if low is None or high is None or not 0 <= low <= 1 <= high:
+        raise pytest.UsageError(
+            f"{where}: accuracy_parity(tokens_per_sample=...) must be (low, high) with "
+            f"low <= 1 <= high, e.g. (0.9, 1.1), got {band!r}"
+        )
+    max_kl = kwargs.get("max_kl")
+    if max_kl is not None and not (finite(max_kl) or 0) > 0:
+        raise pytest.UsageError(
+            f"{where}: accuracy_parity(max_kl=...) must be a positive number (nats), got {max_kl!r}"
+        )
+    min_top1 = kwargs.get("min_top1")
+    if min_top1 is not None:
+        min_top1 = _fraction(min_top1, where, "min_top1")
+    dataset = kwargs.get("dataset")
+    if dataset is not None and not isinstance(dataset, str):
+        dataset = str(dataset) if hasattr(dataset, "__fspath__") else dataset
+        if not isinstance(dataset, str):
+            raise pytest.UsageError(
+                f"{where}: accuracy_parity(dataset=...) must be a built-in set's name or a "
+                f"JSONL path, got {dataset!r}"
+            )
+    return ParitySpec(
+        reference=reference if isinstance(reference, str) else None,
+        rouge_ratio=ratio,
+        tokens_per_sample=(low, high),
+        max_kl=finite(max_kl),
+        min_top1=min_top1,
+        dataset=dataset,
+    )
+
+
+# --- no_regression ---------------------------------------------------------------------
+
+
+def parse_no_regression_marker(
+    args: Sequence[object], kwargs: Mapping[str, object], where: str
+) -> dict[str, float | None]:
+    """Validate `no_regression(...)`: each keyword a fraction in [0, 1) or None."""
+    check_keywords("no_regression", regression.KEYWORDS, args, kwargs, where)
+    out: dict[str, float | None] = {}
+    for k, v in kwargs.items():
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1
+        ):
+            raise pytest.UsageError(
+                f"{where}: no_regression({k}=...) must be a fraction from 0 up to 1, got {v!r}"
+            )
+        out[k] = None if v is None else float(v)
+    return out
