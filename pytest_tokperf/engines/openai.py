@@ -161,6 +161,15 @@ class _Conn(asyncio.Protocol):
         self.closed = True
 
     def data_received(self, data: bytes) -> None:
+        if self.in_body and not self.first and self.chunked:
+            # mid-stream (a paced server: once per token): count, time, look for the end
+            self.blocks.append(data)
+            n = data.count(b"data:")
+            if n:
+                self.last_ns = self.arrived(n)
+            if data.endswith(END) or (len(data) < len(END) and self._ended()):
+                self._end()
+            return
         start = 0
         if not self.in_body:
             data, start = self._head(data)
