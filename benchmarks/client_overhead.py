@@ -5,8 +5,11 @@ when it can be) answers instantly; the client (this process, pinned to core 0) r
 in turn, the plugin's real path (`load_engine("openai")` + the driver's `concurrency`
 scenario, a closed loop, texts not kept as in a perf run) and the floor client
 (benchmarks/floor_client.py: an `asyncio.Protocol` that counts `data:` events and
-timestamps reads, nothing else), both on uvloop. Client CPU = user + system time of
-this process over a run, divided by the tokens received. "burst": the server writes
+timestamps reads, nothing else), both on uvloop, both keeping their keep-alive
+connections from run to run. Client CPU = user + system time of this process over a
+run (checking and counting its result not included), divided by the tokens received;
+the floor does not check the response's status, find its first token, read its usage
+or make a record per request, which the plugin must. "burst": the server writes
 each whole stream at once; "paced": one chunk per stream every --pace-ms ms, so every
 token costs the client a wake-up, as with a real server. The two clients alternate
 --repeats times; the table shows medians and the median of the paired ratios.
@@ -25,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -34,6 +38,7 @@ from pytest_tokperf import driver, launcher
 from pytest_tokperf.engines import Request, load_engine
 
 SERVER = Path(__file__).with_name("null_openai_server.py")
+T = TypeVar("T")
 
 
 def cpu_s() -> float:
@@ -41,10 +46,15 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def per_token(run: Callable[[], int]) -> float:
+def per_token(run: Callable[[], T], count: Callable[[T], tuple[int, int]]) -> tuple[float, float]:
+    """Client CPU per token of one run, and its tokens per socket read (how much the
+    server's writes coalesced: fewer reads cost less); checking and counting its result
+    is not timed."""
     start = cpu_s()
-    tokens = run()
-    return (cpu_s() - start) / tokens * 1e6
+    result = run()
+    used = cpu_s() - start
+    tokens, reads = count(result)
+    return used / tokens * 1e6, tokens / max(1, reads)
 
 
 def cpu_name() -> str:
@@ -72,21 +82,29 @@ def main() -> None:
         f"{sys.version.split()[0]}; {args.requests} requests x {args.tokens} tokens, "
         f"concurrency {args.concurrency}, {args.repeats} alternating runs each"
     )
-    print(f"{'mode':<7}{'tokperf us/token':>18}{'floor us/token':>16}{'ratio':>7}   runs")
+    print(
+        f"{'mode':<7}{'tokperf us/token':>18}{'floor us/token':>16}{'ratio':>7}"
+        f"{'tokens/read':>14}   runs (tokperf/floor)"
+    )
     for mode in args.modes.split(","):
         ours, theirs = measure(mode, args, cores)
-        ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
-        runs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(ours, theirs, strict=True))
+        ratio = statistics.median(a[0] / b[0] for a, b in zip(ours, theirs, strict=True))
+        runs = ", ".join(f"{a[0]:.2f}/{b[0]:.2f}" for a, b in zip(ours, theirs, strict=True))
+        per_read = (
+            f"{statistics.median(a[1] for a in ours):.1f}/"
+            f"{statistics.median(b[1] for b in theirs):.1f}"
+        )
         print(
-            f"{mode:<7}{statistics.median(ours):>18.2f}{statistics.median(theirs):>16.2f}"
-            f"{ratio:>7.2f}   {runs} (tokperf/floor)"
+            f"{mode:<7}{statistics.median(a[0] for a in ours):>18.2f}"
+            f"{statistics.median(b[0] for b in theirs):>16.2f}{ratio:>7.2f}{per_read:>14}   {runs}"
         )
 
 
 def measure(
     mode: str, args: argparse.Namespace, cores: list[int]
-) -> tuple[list[float], list[float]]:
-    """Per-token client CPU of tokperf and of the floor, alternating, against one server."""
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """Per-token client CPU (and tokens per read) of tokperf and of the floor,
+    alternating, against one server."""
     reqs = [Request(f"r{i}", "x", args.tokens) for i in range(args.requests)]
     expected = args.requests * args.tokens
     plan = driver.Plan("concurrency", concurrency=args.concurrency, texts=False)
@@ -100,25 +118,30 @@ def measure(
     loop = driver.new_loop()
     engine = load_engine("openai", {"base_url": server.base_url})
 
-    def tokperf() -> int:
-        records = driver.run_plan(engine, reqs, plan, loop=loop).records
+    def tokperf() -> tuple[driver.RequestRecord, ...]:
+        return driver.run_plan(engine, reqs, plan, loop=loop).records
+
+    def counted(records: tuple[driver.RequestRecord, ...]) -> tuple[int, int]:
         bad = [r.error for r in records if not r.ok]
         if bad:
             raise SystemExit(f"requests failed: {bad[:3]}")
-        return sum(r.output_tokens for r in records)
+        return sum(r.output_tokens for r in records), sum(len(r.chunk_ns) for r in records)
 
     def floor() -> int:
         run = floor_client.run(server.base_url, args.requests, args.tokens, args.concurrency)
         return loop.run_until_complete(run)
 
-    try:
-        for run in (tokperf, floor):  # warm both: connections, code paths
-            if run() != expected:
-                raise SystemExit(f"{run.__name__} did not count {expected} tokens")
+    def floor_reads() -> int:  # reads with events, as its connections timestamped them
+        return sum(len(c.times) for c in floor_client.POOLS.get((loop, server.base_url), []))
+
+    try:  # warm both: connections (kept by both between runs), code paths
+        if counted(tokperf())[0] != expected or floor() != expected:
+            raise SystemExit(f"a client did not count {expected} tokens")
         ours, theirs = [], []
         for _ in range(args.repeats):
-            ours.append(per_token(tokperf))
-            theirs.append(per_token(floor))
+            ours.append(per_token(tokperf, counted))
+            before = floor_reads()
+            theirs.append(per_token(floor, lambda n, b=before: (n, floor_reads() - b)))  # type: ignore[misc]
         return ours, theirs
     finally:
         loop.run_until_complete(engine.aclose())

@@ -1,7 +1,8 @@
 """The raw-socket floor: the least a Python client can do to time a streamed answer.
 
 A minimal `asyncio.Protocol` HTTP/1.1 client on uvloop: `concurrency` keep-alive
-connections, each sending one streaming chat request after another. Per socket read
+connections, each sending one streaming chat request after another, kept open from one
+run to the next on an event loop (as the plugin's pool keeps its). Per socket read
 it counts the SSE `data:` events and timestamps the read; nothing else (no JSON, no
 status check, no timeouts). It knows the null server's stream: each answer ends with a
 usage event and `data: [DONE]`, which are not tokens. benchmarks/client_overhead.py
@@ -29,9 +30,13 @@ class Floor(asyncio.Protocol):
         self.events = 0
         self.times: list[int] = []
         self.prev = b""
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
 
     def data_received(self, data: bytes) -> None:
         n = data.count(b"data:")
@@ -61,11 +66,15 @@ async def run(base_url: str, requests: int, tokens: int, concurrency: int) -> in
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     loop = asyncio.get_running_loop()
+    pool = [c for c in POOLS.get((loop, base_url), []) if not c.closed]
+    while len(pool) < concurrency:
+        _, conn = await loop.create_connection(Floor, url.hostname, url.port)
+        pool.append(conn)
+    POOLS[(loop, base_url)] = pool
     left = [requests]
     seen = [0]
 
-    async def worker() -> None:
-        _, conn = await loop.create_connection(Floor, url.hostname, url.port)
+    async def worker(conn: Floor) -> None:
         assert conn.transport is not None
         while left[0] > 0:
             left[0] -= 1
@@ -74,10 +83,13 @@ async def run(base_url: str, requests: int, tokens: int, concurrency: int) -> in
             conn.transport.write(request)
             await conn.done
             seen[0] += conn.events - NOT_TOKENS
-        conn.transport.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(conn) for conn in pool[:concurrency]))
     return seen[0]
+
+
+# keep-alive connections by (event loop, server), kept between runs
+POOLS: dict[tuple[asyncio.AbstractEventLoop, str], list[Floor]] = {}
 
 
 def main() -> None:

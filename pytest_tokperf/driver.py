@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pytest_tokperf.engines import Completion, Engine, ReadEngine, Request, reconcile
 
@@ -63,19 +64,38 @@ class RequestRecord:
         return self.error is None
 
 
-@dataclass
-class _Live:
-    """A request in flight; the watcher snapshots it without waiting for the end."""
+_new = object.__new__
+_setattr = object.__setattr__
 
-    request: Request
-    issue_ns: int
-    scheduled_ns: int | None
-    chunk_ns: list[int] = field(default_factory=list)
-    chunk_tokens: list[int] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    cancelled: str = TIMED_OUT  # the record's error if its task is cancelled
-    counted_by: str = ""
+
+class _Live:
+    """A request in flight; the watcher snapshots it without waiting for the end.
+
+    A plain class with slots: one is made per request, on the closed loop's hot path.
+    """
+
+    __slots__ = (
+        "chunk_ns",
+        "chunk_tokens",
+        "counted_by",
+        "final",
+        "issue_ns",
+        "request",
+        "scheduled_ns",
+        "texts",
+        "token_ids",
+    )
+
+    def __init__(self, request: Request, issue_ns: int, scheduled_ns: int | None) -> None:
+        self.request = request
+        self.issue_ns = issue_ns
+        self.scheduled_ns = scheduled_ns
+        self.chunk_ns: list[int] = []
+        self.chunk_tokens: list[int] = []
+        self.texts: list[str] = []
+        self.token_ids: list[int] = []
+        self.counted_by = ""
+        self.final: RequestRecord | None = None  # its record, once the request ended
 
     def arrived(self, tokens: int) -> int:
         """One read delivered `tokens` (a `ReadEngine` calls this from the read itself)."""
@@ -86,7 +106,20 @@ class _Live:
 
     def settle(self, done: Completion) -> None:
         """The per-read counts settled to the stream's total; reads left with none drop out."""
-        counts = reconcile(self.chunk_tokens, done.trailing, done.tokens)
+        counts, trailing, total = self.chunk_tokens, done.trailing, done.tokens
+        if (
+            counts
+            and counts[-1] > trailing
+            and (total is None or sum(counts) - trailing == total)
+            and 0 not in counts
+        ):
+            # the common case, `reconcile`'s answer at a glance: what followed the last
+            # token came in the last read, the events counted are the total, none is 0
+            counts[-1] -= trailing
+            self.texts = [done.text]
+            self.counted_by = done.counted_by
+            return
+        counts = reconcile(counts, trailing, total)
         if 0 in counts:
             pairs = [(at, n) for at, n in zip(self.chunk_ns, counts, strict=True) if n > 0]
             self.chunk_ns = [at for at, _ in pairs]
@@ -98,20 +131,31 @@ class _Live:
         self.counted_by = done.counted_by
 
     def record(self, end_ns: int, error: str | None = None) -> RequestRecord:
-        return RequestRecord(
-            id=self.request.id,
-            issue_ns=self.issue_ns,
-            end_ns=end_ns,
-            chunk_ns=tuple(self.chunk_ns),
-            chunk_tokens=tuple(self.chunk_tokens),
-            text="".join(self.texts),
-            error=error,
-            token_ids=tuple(self.token_ids),
-            scheduled_ns=self.scheduled_ns,
+        # made as unpickling makes one, its fields set at once: a frozen dataclass's
+        # __init__ sets each through object.__setattr__, three times the cost, and this
+        # runs once per request (tests/unit/test_driver.py checks it equals the real one)
+        record = _new(RequestRecord)
+        _setattr(
+            record,
+            "__dict__",
+            {
+                "id": self.request.id,
+                "issue_ns": self.issue_ns,
+                "end_ns": end_ns,
+                "chunk_ns": tuple(self.chunk_ns),
+                "chunk_tokens": tuple(self.chunk_tokens),
+                "text": "".join(self.texts),
+                "error": error,
+                "token_ids": tuple(self.token_ids),
+                "scheduled_ns": self.scheduled_ns,
+            },
         )
+        return record
 
 
-async def _stream(engine: Engine, live: _Live, texts: bool = True) -> RequestRecord:
+async def _stream(
+    engine: Engine, live: _Live, flights: Flights, texts: bool = True
+) -> RequestRecord:
     """Stream one request; timestamps are taken as each chunk (or read) reaches the client."""
     clock = _clock
     error: str | None = None
@@ -126,35 +170,67 @@ async def _stream(engine: Engine, live: _Live, texts: bool = True) -> RequestRec
                 live.texts.append(chunk.text)
                 live.token_ids.extend(chunk.token_ids)
     except asyncio.CancelledError:
-        error = live.cancelled
+        error = flights.cut()
     except Exception as exc:  # any engine failure becomes the record's error
         error = f"{type(exc).__name__}: {exc}"
-    return live.record(clock(), error)
+    record = live.final = live.record(clock(), error)
+    flights.finished.append(record)
+    return record
 
 
 @dataclass
 class Flights:
-    """A run's requests in flight, so it can be stopped from outside (Ctrl-C)."""
+    """A run's requests: issued, in flight and finished, so it can be watched (progress,
+    early stopping, the looks of several client processes) and stopped from outside."""
 
     halt: asyncio.Event = field(default_factory=asyncio.Event)  # set: issue no more
-    stopped: str | None = None  # why it was stopped from outside
-    flying: list[tuple[_Live, asyncio.Task[RequestRecord]]] = field(default_factory=list)
+    stopped: str | None = None  # why it was stopped from outside (Ctrl-C): requests cut
+    ended: tuple[str, int] | None = None  # why issuing ended early, and when
+    flying: list[asyncio.Task[Any]] = field(default_factory=list)  # what streams requests
+    lives: list[_Live] = field(default_factory=list)  # every request issued, in issue order
+    finished: list[RequestRecord] = field(default_factory=list)  # records, as they ended
+    _seen: int = 0  # looks: finished records already handed out
+    _open: int = 0  # looks: lives before this one have all finished
 
-    def launch(
-        self, engine: Engine, live: _Live, texts: bool = True
-    ) -> asyncio.Task[RequestRecord]:
-        task = asyncio.create_task(_stream(engine, live, texts))
-        self.flying.append((live, task))
-        return task
+    def begin(self) -> None:
+        """The measured run starts: what the warm-up issued is forgotten."""
+        self.flying, self.lives, self.finished = [], [], []
+        self._seen = self._open = 0
+
+    def cut(self) -> str:
+        """The error of a request cut short: by the time limit, or by `stop`."""
+        return (
+            TIMED_OUT if self.stopped is None else f"{self.stopped} before this request completed"
+        )
 
     def stop(self, reason: str) -> None:
         """Issue no more; every request in flight ends now, as a record failed with `reason`."""
         self.stopped = reason
         self.halt.set()
-        for live, task in self.flying:
-            if not task.done():
-                live.cancelled = f"{reason} before this request completed"
-                task.cancel()
+        for task in self.flying:
+            task.cancel()  # a no-op for finished tasks
+
+    def end_issuing(self, reason: str, at_ns: int) -> None:
+        """Issue no more from `at_ns` on (the end of the run's window); requests in
+        flight finish. The first reason given is the one kept."""
+        if self.ended is None:
+            self.ended = (reason, at_ns)
+        self.halt.set()
+
+    def snapshot(self, now: int) -> list[RequestRecord]:
+        """Every record so far in issue order, requests in flight cut at `now`."""
+        return [lv.final if lv.final is not None else lv.record(now) for lv in self.lives]
+
+    def look(self, now: int) -> tuple[list[RequestRecord], list[RequestRecord]]:
+        """What changed since the last look: the records finished since, and every
+        request in flight cut at `now` (a client process sends these to the parent)."""
+        new = self.finished[self._seen :]
+        self._seen += len(new)
+        lives = self.lives
+        while self._open < len(lives) and lives[self._open].final is not None:
+            self._open += 1
+        flying = [lv.record(now) for lv in lives[self._open :] if lv.final is None]
+        return new, flying
 
 
 async def run_offline(
@@ -173,29 +249,28 @@ async def run_offline(
     flights = flights or Flights()
     t0 = _clock()
     lives = [_Live(r, t0, None) for r in requests]
-    tasks = [flights.launch(engine, live, texts) for live in lives]
+    flights.lives.extend(lives)
+    tasks = [asyncio.create_task(_stream(engine, live, flights, texts)) for live in lives]
+    flights.flying.extend(tasks)
     if tasks:
         await asyncio.wait(tasks, timeout=timeout_s)
     for task in tasks:
         task.cancel()  # a no-op for finished tasks; `_stream` turns it into a record
-    records = await _records(lives, tasks)
+    records = await _records(lives, tasks, flights)
     if counted is not None:
         _tally(lives, counted)
     return records
 
 
 async def _records(
-    lives: Sequence[_Live], tasks: Sequence[asyncio.Task[RequestRecord]]
+    lives: Sequence[_Live], tasks: Sequence[asyncio.Task[Any]], flights: Flights
 ) -> list[RequestRecord]:
     """Every request's record, in issue order, once all are done. A request cancelled
     before its task first ran (Ctrl-C just after it was issued) is a record too."""
     if tasks:
         await asyncio.wait(tasks)
     end = time.perf_counter_ns()
-    return [
-        live.record(end, live.cancelled) if task.cancelled() else task.result()
-        for live, task in zip(lives, tasks, strict=True)
-    ]
+    return [lv.final if lv.final is not None else lv.record(end, flights.cut()) for lv in lives]
 
 
 def _tally(lives: Iterable[_Live], counted: dict[str, int]) -> None:
@@ -277,10 +352,11 @@ async def drive(
     `stop(snapshot, elapsed_s)` is asked on every look once `min_requests` and
     `min_duration_s` are met; True ends issuing (requests in flight finish). A snapshot
     holds every record so far, in-flight requests cut at the present. `flights.stop`
-    ends the run from outside.
+    ends the run from outside; `flights.end_issuing` ends issuing from outside.
     """
     clock = time.perf_counter_ns
     flights = flights or Flights()
+    flights.begin()
     counted: dict[str, int] = {}
     if plan.start_ns is not None:
         await asyncio.sleep(max(0.0, (plan.start_ns - clock()) / NS))
@@ -293,111 +369,96 @@ async def drive(
         cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
         stopped = flights.stopped or "all requests issued"
         return Driven(tuple(records), cpu, stopped, token_counting=counted)
+    if plan.scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {plan.scenario!r}; available: {', '.join(SCENARIOS)}")
 
     t0 = clock() if plan.start_ns is None else plan.start_ns
     cpu0 = time.thread_time_ns()
     deadline = t0 + round(plan.timeout_s * NS)
     end_issuing = deadline if plan.max_duration_s is None else t0 + round(plan.max_duration_s * NS)
-    lives: list[_Live] = []
-    tasks: list[asyncio.Task[RequestRecord]] = []
-    running: set[asyncio.Task[RequestRecord]] = set()  # in flight now: O(1) per request
-    done: dict[int, RequestRecord] = {}
+    lives = flights.lives
     halt = flights.halt
-    freed = asyncio.Event()  # a request finished, or the run halted
-    reason = ["all requests issued"]
-    stopped_at: list[int | None] = [None]
+    texts = plan.texts
+    source = iter(requests)
 
-    def finish(index: int, task: asyncio.Task[RequestRecord]) -> None:
-        running.discard(task)
-        freed.set()
-        if not task.cancelled():
-            done[index] = task.result()
-
-    def launch(request: Request, scheduled: int | None) -> asyncio.Task[RequestRecord]:
-        live = _Live(request, clock(), scheduled)
-        task = flights.launch(engine, live, plan.texts)
-        index = len(tasks)
-        task.add_done_callback(lambda t: finish(index, t))
-        lives.append(live)
-        tasks.append(task)
-        running.add(task)
-        return task
-
-    def stop_issuing() -> None:
-        halt.set()
-        freed.set()
-
-    def snapshot(now: int) -> list[RequestRecord]:
-        return [done[i] if i in done else lv.record(now) for i, lv in enumerate(lives)]
+    def out_of_time() -> None:
+        flights.end_issuing(f"max_duration_s={plan.max_duration_s} reached", end_issuing)
 
     async def watch() -> None:
         while not halt.is_set():
             await asyncio.sleep(plan.look_every_s)
             now = clock()
             if now >= end_issuing:
-                reason[0] = f"max_duration_s={plan.max_duration_s} reached"
-                stopped_at[0] = end_issuing
-                stop_issuing()
+                out_of_time()
                 return
-            elapsed = (now - t0) / NS
             if progress is None and stop is None:
                 continue
-            snap = snapshot(now)
+            elapsed = (now - t0) / NS
+            snap = flights.snapshot(now)
             if progress is not None:
                 progress(snap, elapsed)
-            ready = len(done) >= plan.min_requests and elapsed >= plan.min_duration_s
+            ready = len(flights.finished) >= plan.min_requests and elapsed >= plan.min_duration_s
             if stop is not None and ready and stop(snap, elapsed):
-                reason[0] = f"early stop after {elapsed:.1f} s: the verdict was decisive"
-                stopped_at[0] = now  # the window the decision saw
-                stop_issuing()
+                # the window the decision saw
+                flights.end_issuing(
+                    f"early stop after {elapsed:.1f} s: the verdict was decisive", now
+                )
 
     async def wait_halt(seconds: float) -> None:
         """Sleep `seconds`, or less when the run is told to stop."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(halt.wait(), timeout=max(0.0, seconds))
 
+    async def closed_loop() -> None:
+        """One of the `concurrency` workers: a request, its stream, the next one. N
+        long-lived workers cost less per request than a task per request."""
+        while not halt.is_set():
+            request = next(source, None)
+            if request is None:
+                return
+            now = clock()
+            if now >= end_issuing:
+                out_of_time()
+                return
+            live = _Live(request, now, None)
+            lives.append(live)
+            await _stream(engine, live, flights, texts)
+
     watcher = asyncio.create_task(watch())
-    source = iter(requests)
     if plan.scenario in ("server", "interactive"):
         assert plan.qps is not None
         schedule = plan.offsets_ns or poisson_offsets_ns(plan.qps, plan.seed)
         for request, offset in zip(source, schedule, strict=False):
             scheduled = t0 + offset
             if scheduled >= end_issuing:
-                reason[0] = f"max_duration_s={plan.max_duration_s} reached"
-                stopped_at[0] = end_issuing
+                out_of_time()
                 break
             await wait_halt((scheduled - clock()) / NS)
             if halt.is_set():
                 break
-            launch(request, scheduled)
-    elif plan.scenario == "concurrency":
+            live = _Live(request, clock(), scheduled)
+            lives.append(live)
+            flights.flying.append(asyncio.create_task(_stream(engine, live, flights, texts)))
+    else:  # concurrency: a closed loop
         assert plan.concurrency is not None
-        for request in source:
-            while len(running) >= plan.concurrency and not halt.is_set():
-                freed.clear()
-                await freed.wait()
-            if halt.is_set():
-                break
-            if clock() >= end_issuing:
-                reason[0] = f"max_duration_s={plan.max_duration_s} reached"
-                stopped_at[0] = end_issuing
-                break
-            launch(request, None)
-    else:
-        raise ValueError(f"unknown scenario {plan.scenario!r}; available: {', '.join(SCENARIOS)}")
+        workers = [asyncio.create_task(closed_loop()) for _ in range(plan.concurrency)]
+        flights.flying.extend(workers)
+        await asyncio.wait(workers, timeout=max(0.0, (deadline - clock()) / NS))
     halt.set()
-    await watcher
+    watcher.cancel()
+    await asyncio.wait([watcher])  # no sleeping watcher left behind on a reused loop
+    tasks = flights.flying
     if tasks:
         await asyncio.wait(tasks, timeout=max(0.0, (deadline - clock()) / NS))
     for task in tasks:
         task.cancel()  # a no-op for finished tasks; `_stream` turns it into a record
-    records = await _records(lives, tasks)
+    records = await _records(lives, tasks, flights)
     wall = clock() - t0
     cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
-    window_end = stopped_at[0] if plan.max_duration_s is not None else None
+    reason, at = flights.ended or ("all requests issued", None)
+    window_end = at if plan.max_duration_s is not None else None
     _tally(lives, counted)
-    return Driven(tuple(records), cpu, flights.stopped or reason[0], window_end, counted)
+    return Driven(tuple(records), cpu, flights.stopped or reason, window_end, counted)
 
 
 def run(
@@ -433,15 +494,17 @@ def run_plan(
     stop: Snapshot | None = None,
     progress: Callable[[Sequence[RequestRecord], float], None] | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
+    flights: Flights | None = None,
 ) -> Driven:
     """Run warm-up requests (discarded, all at once), then the measured scenario.
 
     `loop` is the process's long-lived event loop (see `run`); without one, a fresh
-    loop runs just this call.
+    loop runs just this call. `flights`: the run's requests, for whoever watches or
+    ends it from outside (a client process answering its parent's looks).
     """
     if plan.scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {plan.scenario!r}; available: {', '.join(SCENARIOS)}")
-    flights = Flights()
+    flights = flights or Flights()
 
     async def main() -> Driven:
         with _on_sigint(flights):

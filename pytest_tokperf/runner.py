@@ -323,7 +323,9 @@ class Tokperf:
                     count = sum(1 for _ in window)
                 share = list(itertools.islice(measured, count)) if endless else list(measured)
                 endless = endless and scenario not in SERVER
-                driven = procs.run(self.spawn, share, plan, n, endless=endless)
+                driven = procs.run(
+                    self.spawn, share, plan, n, endless=endless, stop=stop, progress=self.progress
+                )
             else:
                 try:
                     driven = driver.run_plan(

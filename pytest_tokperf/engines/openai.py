@@ -19,6 +19,7 @@ event loop. The per-read counts are then settled to that total (`reconcile`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -77,9 +78,11 @@ SETTINGS = {
 MAX_CONNECTIONS = 65_536
 CROSS_CHECKS = 8  # requests whose usage is checked against a user-named tokenizer
 END = b"\r\n0\r\n\r\n"  # the last chunk of a chunked body
+DONE = (False, "", None, True)  # what `_event` says of "data: [DONE]"
 TAIL_BYTES = 1024  # enough raw bytes to hold the last events of a stream (usage, [DONE])
 CACHED = 4096  # request bytes kept for prompts seen before (workloads cycle their prompts)
 NS = 1_000_000_000
+UNFINISHED = "the stream ended before its final 'data: [DONE]'"
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,9 @@ Counter = Callable[[str], int]
 class _Conn(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection, one request at a time.
 
-    `data_received` is the per-token hot path: keep it to a few C calls.
+    `data_received` is the per-token hot path: keep it to a few C calls, and never copy
+    a read (a burst delivers a whole answer in one): the read that holds the end of the
+    response head is kept whole, its body starting at `skip`.
     """
 
     def __init__(self) -> None:
@@ -117,6 +122,7 @@ class _Conn(asyncio.Protocol):
         self.remaining = -1  # Content-Length still to come; -1: chunked or until close
         self.keep_alive = True
         self.blocks: list[bytes] = []
+        self.skip = 0  # where the body starts in blocks[0] (after the response head)
         self.first = True  # no token seen yet: classify events exactly
         self.pending = b""  # the first phase's incomplete line
         self.sent_ns = 0
@@ -135,16 +141,17 @@ class _Conn(asyncio.Protocol):
 
     def send(self, data: bytes, arrived: Arrived) -> asyncio.Future[None]:
         assert self.transport is not None
-        self.done = asyncio.get_running_loop().create_future()
+        self.done = done = asyncio.get_running_loop().create_future()
         self.arrived = arrived
         self.in_body = False
         self.head = b""
         self.blocks = []
+        self.skip = 0
         self.first = True
         self.pending = b""
         self.sent_ns = self.last_ns = time.perf_counter_ns()
         self.transport.write(data)
-        return self.done
+        return done
 
     def fail(self, message: str) -> None:
         if self.done is not None and not self.done.done():
@@ -154,54 +161,76 @@ class _Conn(asyncio.Protocol):
         self.closed = True
 
     def data_received(self, data: bytes) -> None:
+        if self.in_body and not self.first and self.chunked:
+            # mid-stream (a paced server: once per token): count, time, look for the end
+            self.blocks.append(data)
+            n = data.count(b"data:")
+            if n:
+                self.last_ns = self.arrived(n)
+            if data.endswith(END) or (len(data) < len(END) and self._ended()):
+                self._end()
+            return
+        start = 0
         if not self.in_body:
-            data = self._head(data)
+            data, start = self._head(data)
             if not self.in_body:
                 return
+            self.skip = start
         self.blocks.append(data)
-        n = data.count(b"data:")
+        n = data.count(b"data:", start)
         if self.first and (n or self.pending):
             try:
-                n = self._first_tokens(data)
+                n = self._first_tokens(data, start, n)
             except StreamError as exc:
                 self.fail(str(exc))
                 return
         if n:
             self.last_ns = self.arrived(n)
         if self.chunked:
-            if data.endswith(END) or (
-                len(data) < len(END) and b"".join(self.blocks[-2:]).endswith(END)
-            ):
+            if data.endswith(END) or (len(data) - start < len(END) and self._ended()):
                 self._end()
         elif self.remaining >= 0:
-            self.remaining -= len(data)
+            self.remaining -= len(data) - start
             if self.remaining <= 0:
                 self._end()
+
+    def _ended(self) -> bool:
+        """Whether the chunked body ends with its last chunk, looking back over the reads
+        (after a read too short to tell alone: rare)."""
+        tail = b""
+        for i in range(len(self.blocks) - 1, -1, -1):
+            tail = self.blocks[i][self.skip if i == 0 else 0 :] + tail
+            if len(tail) >= len(END):
+                return tail.endswith(END)
+        return tail == END[2:]  # the whole body is the last chunk: an empty answer
 
     def _end(self) -> None:
         self.in_body = False
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
 
-    def _head(self, data: bytes) -> bytes:
-        """Collect the response head; return what follows it."""
-        self.head += data
-        at = self.head.find(b"\r\n\r\n")
+    def _head(self, data: bytes) -> tuple[bytes, int]:
+        """Collect the response head; once it is complete, the read that holds what
+        follows it and where that starts (the read itself when the head began in it)."""
+        if self.head:
+            data = self.head + data
+        at = data.find(b"\r\n\r\n")
         if at < 0:
-            return b""
-        head, rest = self.head[:at].lower(), self.head[at + 4 :]
+            self.head = data
+            return data, 0
+        head = self.head = data[:at].lower()
         try:  # b"http/1.1 200 ok"
             self.status = int(head[9:12])
         except ValueError:
             self.fail(f"not an HTTP response: {head[:120]!r}")
-            return b""
-        self.chunked = b"chunked" in _header(head, b"transfer-encoding")
-        length = _header(head, b"content-length")
-        self.remaining = int(length) if length and not self.chunked else -1
+            return data, 0
+        self.chunked = chunked = b"chunked" in _header(head, b"\r\ntransfer-encoding:")
+        length = b"" if chunked else _header(head, b"\r\ncontent-length:")
+        self.remaining = int(length) if length else -1
         self.keep_alive = (
             head.startswith(b"http/1.1")
-            and _header(head, b"connection") != b"close"
-            and (self.chunked or self.remaining >= 0)
+            and (b"\r\nconnection:" not in head or _header(head, b"\r\nconnection:") != b"close")
+            and (chunked or self.remaining >= 0)
         )
         if self.status >= 400:
             self.first = False
@@ -210,35 +239,58 @@ class _Conn(asyncio.Protocol):
         if self.remaining == 0:
             self._end()
             self.in_body = False
-        return rest
+        return data, at + 4
 
-    def _first_tokens(self, data: bytes) -> int:
-        """Events from the first token on in this read (0 before it), parsed exactly.
+    def _first_tokens(self, data: bytes, start: int, counted: int) -> int:
+        """Events from the first token on in this read (0 before it), parsed exactly;
+        `counted`: the events from `start` on.
 
         A line is counted in the read that holds its `data:`, as the later reads do.
         """
-        text = self.pending + data
-        at = 0
+        if self.pending:  # a line split over reads: rare, so a copy is fine
+            data, start = self.pending + data[start:], 0
+            counted = data.count(b"data:")
+        at = start
         while True:
-            end = text.find(b"\n", at)
+            end = data.find(b"\n", at)
             if end < 0:
-                self.pending = text[at:]  # an incomplete line waits for the next read
+                self.pending = data[at:]  # an incomplete line waits for the next read
                 return 0
-            line = text[at:end]
-            if line.startswith(b"data:") and _event(line[5:].strip())[0]:
+            if data.startswith(b"data:", at) and _event(data[at + 5 : end].strip())[0]:
                 self.first = False
                 self.pending = b""
-                return text.count(b"data:", at)
+                return counted - data.count(b"data:", start, at)  # the few lines before
             at = end + 1
+
+    def body(self) -> bytes:
+        """The whole body as received (still chunk-encoded when it is chunked)."""
+        if not self.blocks:
+            return b""
+        return b"".join([self.blocks[0][self.skip :], *self.blocks[1:]])
+
+    def tail(self, size: int) -> tuple[bytes, bool]:
+        """The body's last `size` bytes, and whether more of the body comes before them."""
+        parts: list[bytes] = []
+        need, i, lo = size, len(self.blocks), 0
+        while i > 0 and need > 0:
+            i -= 1
+            block = self.blocks[i]
+            base = self.skip if i == 0 else 0
+            lo = max(base, len(block) - need)
+            parts.append(block[lo:])
+            need -= len(block) - lo
+        parts.reverse()
+        return b"".join(parts), i > 0 or lo > self.skip
 
 
 def _header(head: bytes, name: bytes) -> bytes:
-    """The value of header `name` in a lowercased response head (b"" when absent)."""
-    at = head.find(b"\r\n" + name + b":")
+    """The value of a header in a lowercased response head (b"" when absent); `name` as
+    searched for: b"\r\ncontent-length:"."""
+    at = head.find(name)
     if at < 0:
         return b""
     end = head.find(b"\r\n", at + 2)
-    return head[at + 3 + len(name) : end if end >= 0 else None].strip()
+    return head[at + len(name) : end if end >= 0 else None].strip()
 
 
 def _ignore(n: int) -> int:
@@ -248,7 +300,7 @@ def _ignore(n: int) -> int:
 def _event(payload: bytes) -> tuple[bool, str, int | None, bool]:
     """(is a token, its text, usage's completion tokens, is [DONE]) of one SSE data event."""
     if payload == b"[DONE]":
-        return False, "", None, True
+        return DONE
     try:
         event = _loads(payload)
     except ValueError:
@@ -257,21 +309,24 @@ def _event(payload: bytes) -> tuple[bool, str, int | None, bool]:
         raise StreamError(f"a stream event is not a JSON object: {payload[:120]!r}")
     if "error" in event:
         raise StreamError(f"the server reported an error mid-stream: {event['error']!r}")
+    tokens = None
     usage = event.get("usage")
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    text = ""
-    choices = event.get("choices") or []
-    token = False
-    if choices and isinstance(choices[0], dict):
-        choice = choices[0]
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            text = delta.get("content") or ""
-            token = bool(text or delta.get("reasoning_content") or delta.get("reasoning"))
-        else:
-            text = choice.get("text") or ""
-            token = bool(text)
-    return token, text, tokens if isinstance(tokens, int) else None, False
+    if isinstance(usage, dict):
+        tokens = usage.get("completion_tokens")
+        if not isinstance(tokens, int):
+            tokens = None
+    choices = event.get("choices")
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        return False, "", tokens, False
+    choice = choices[0]
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        text = delta.get("content") or ""
+        token = bool(text or delta.get("reasoning_content") or delta.get("reasoning"))
+    else:
+        text = choice.get("text") or ""
+        token = bool(text)
+    return token, text, tokens, False
 
 
 def _dechunk(raw: bytes) -> bytes:
@@ -325,19 +380,101 @@ def _read_events(payloads: list[bytes], all_texts: bool) -> _Read:
     return _Read(texts, usage, trailing, done)
 
 
+def _tail_events(data: bytes, lo: int, cut: bool) -> tuple[int | None, int, bool] | None:
+    """(usage's completion tokens, events after the last token, [DONE] seen) of a
+    stream, read backwards from the end of `data` (its body's tail from `lo` on; `cut`:
+    more of the body comes before) down to its last token. None when that is not in
+    reach, or an event there cannot be parsed (one split by a chunk boundary, an error):
+    then the whole body is read.
+
+    Only the events from the last token on are parsed (two or three per stream).
+    """
+    usage: int | None = None
+    trailing = 0
+    done = False
+    end = len(data)
+    first = False  # the body's first line: nothing before it
+    while True:
+        at = data.rfind(b"\ndata:", lo, end) + 1  # a line's start; 0: none found
+        if at == 0:
+            if cut or not data.startswith(b"data:", lo):
+                # the tail may begin mid-line; or a whole body without a token
+                return None if cut else (usage, trailing, done)
+            at, first = lo, True
+        else:
+            end = at - 1
+        eol = data.find(b"\n", at)
+        payload = data[at + 5 : eol if eol >= 0 else None].strip()
+        if payload == b"[DONE]":
+            done = True
+        else:
+            token, _, tokens, _ = _event(payload)
+            if token:
+                return usage, trailing, done
+            if usage is None:
+                usage = tokens
+        trailing += 1
+        if first:
+            return usage, trailing, done
+
+
+def _from_tail(conn: _Conn) -> Completion | None:
+    """A perf run's settlement from the raw tail alone (usage, the events after the last
+    token), without reading the body; None when the tail cannot say (no usage in it)."""
+    last = conn.blocks[-1]
+    if len(last) - (conn.skip if len(conn.blocks) == 1 else 0) > TAIL_BYTES:
+        data, lo, cut = last, len(last) - TAIL_BYTES, True  # the last read holds the tail
+    else:
+        data, cut = conn.tail(TAIL_BYTES)
+        lo = 0
+    try:
+        found = _tail_events(data, lo, cut)
+    except StreamError:
+        return None  # an event split by a chunk boundary, an error event: read it all
+    if found is None or found[0] is None:
+        return None  # counting needs the text
+    usage, trailing, done = found
+    if not done:
+        raise StreamError(UNFINISHED)
+    return Completion(usage, trailing, "", "usage")
+
+
 class _Pool:
-    """Keep-alive connections of one event loop, at most `limit` at once."""
+    """Keep-alive connections of one event loop, at most `limit` at once.
+
+    Its own slot count rather than an `asyncio.Semaphore`: taking a kept-alive
+    connection is then a plain call, no coroutine, once per request on the hot path.
+    """
 
     def __init__(self, engine: OpenAIEngine) -> None:
         self.engine = engine
         self.idle: list[_Conn] = []
-        self.slots = asyncio.Semaphore(engine._max_connections)
+        self.free = engine._max_connections  # slots neither in use nor handed to a waiter
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self.active: set[_Conn] = set()
         self.watcher: asyncio.Task[None] | None = None
 
+    def take(self) -> _Conn | None:
+        """A kept-alive idle connection with its slot, when one is free (no waiting)."""
+        if self.free > 0:
+            idle = self.idle
+            while idle:
+                conn = idle.pop()
+                if (
+                    not conn.closed
+                    and conn.transport is not None
+                    and not conn.transport.is_closing()
+                ):
+                    self.free -= 1
+                    return conn
+        return None
+
     async def acquire(self) -> tuple[_Conn, bool]:
         """A connection, and whether it was used before (the server may have closed it)."""
-        await self.slots.acquire()  # waiting for a free connection is not timed
+        if self.free > 0:
+            self.free -= 1
+        else:
+            await self._wait()  # waiting for a free connection is not timed
         while self.idle:
             conn = self.idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
@@ -350,12 +487,35 @@ class _Pool:
                 e._timeouts.connect_s,
             )
         except (OSError, asyncio.TimeoutError) as exc:
-            self.slots.release()
+            self._give()
             raise StreamError(f"cannot connect to {e._host}:{e._port}: {exc!r}") from None
         except BaseException:
-            self.slots.release()
+            self._give()
             raise
         return conn, False
+
+    async def _wait(self) -> None:
+        """Until a released slot is handed to this request (first come, first served)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                with contextlib.suppress(ValueError):
+                    self.waiting.remove(waiter)
+            else:  # handed a slot just as the request was cancelled: pass it on
+                self._give()
+            raise
+
+    def _give(self) -> None:
+        """A slot is free again: to the first waiter, else back to the count."""
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
 
     def release(self, conn: _Conn, reusable: bool) -> None:
         self.active.discard(conn)
@@ -363,7 +523,7 @@ class _Pool:
             self.idle.append(conn)
         elif conn.transport is not None:
             conn.transport.close()
-        self.slots.release()
+        self._give()
 
     def watch(self, conn: _Conn) -> None:
         self.active.add(conn)
@@ -485,7 +645,11 @@ class OpenAIEngine:
         pool = self._pool()
         data = self._request(request)
         for retry in (True, False):
-            conn, reused = await pool.acquire()
+            taken = pool.take()  # a kept-alive connection, at once: the common case
+            if taken is None:
+                conn, reused = await pool.acquire()
+            else:
+                conn, reused = taken, True
             reusable = False
             try:
                 done = conn.send(data, arrived)
@@ -500,42 +664,26 @@ class OpenAIEngine:
             finally:
                 pool.release(conn, reusable)
             break
-        raw = conn.blocks
         if conn.status >= 400:
-            body = b"".join(raw)
+            body = conn.body()
             body = _dechunk(body) if conn.chunked else body
             text = body[:300].decode("utf-8", "replace")
             raise StreamError(f"HTTP {conn.status} from {self._url}: {text}")
-        return await self._complete(raw, conn.chunked, texts)
+        if not texts and not self._cross_checks:
+            settled = _from_tail(conn)
+            if settled is not None:
+                return settled
+        return await self._complete(conn, texts)
 
-    async def _complete(self, raw: list[bytes], chunked: bool, texts: bool) -> Completion:
-        read = None
-        if not texts:  # the last events from the raw tail: usage, errors, [DONE]
-            tail, size, i = [], 0, len(raw)
-            while i > 0 and size < TAIL_BYTES:
-                i -= 1
-                tail.append(raw[i])
-                size += len(raw[i])
-            joined = b"".join(reversed(tail))
-            cut = i > 0 or len(joined) > TAIL_BYTES
-            lines = _payloads(joined[-TAIL_BYTES:])
-            with contextlib.suppress(StreamError):  # a tail cut mid-event: read it all
-                read = _read_events(lines[1:] if cut else lines, all_texts=False)
-            if read is not None and read.usage is None:
-                read = None  # counting needs the text
-        if read is None:
-            body = b"".join(raw)
-            read = _read_events(_payloads(_dechunk(body) if chunked else body), all_texts=True)
+    async def _complete(self, conn: _Conn, texts: bool) -> Completion:
+        """Read every event of the body: its text, usage, what follows the last token."""
+        body = conn.body()
+        read = _read_events(_payloads(_dechunk(body) if conn.chunked else body), all_texts=True)
         if not read.done:
-            raise StreamError("the stream ended before its final 'data: [DONE]'")
+            raise StreamError(UNFINISHED)
         text = "".join(read.texts)
         total, by = read.usage, "usage"
         if self._counter is not None and (total is None or self._cross_checks > 0):
-            if not read.texts:
-                body = b"".join(raw)
-                text = "".join(
-                    _read_events(_payloads(_dechunk(body) if chunked else body), True).texts
-                )
             loop = asyncio.get_running_loop()
             counted = await loop.run_in_executor(None, self._counter, text)
             if total is None:

@@ -257,3 +257,25 @@ def test_the_standard_event_loop_works_too(fake: launcher.Server) -> None:
         loop.run_until_complete(engine.aclose())
         loop.close()
     assert rec.ok and rec.output_tokens == 3 and rec.text == "one two three"
+
+
+def test_a_perf_run_settles_from_the_tail_as_a_full_read_does(fake: launcher.Server) -> None:
+    # texts=False (a perf run) reads usage and what follows the last token from the raw
+    # tail; texts=True reads every event: the same tokens and errors either way (how
+    # the writes fall into reads is the machine's, so reads are not compared)
+    prompts = ["ok", "multi", "role", "fewer", "badjson", "nodone", "error_event", "http500"]
+    engine = _engine(fake)
+    loop = driver.new_loop()
+    try:
+        reqs = [Request(p, p, 8) for p in prompts]
+        full = {r.id: r for r in driver.run(engine, reqs, loop=loop, timeout_s=60)}
+        perf = {r.id: r for r in driver.run(engine, reqs, loop=loop, timeout_s=60, texts=False)}
+    finally:
+        loop.run_until_complete(engine.aclose())
+        loop.close()
+    for p in prompts:
+        assert perf[p].error == full[p].error, p
+        assert perf[p].output_tokens == full[p].output_tokens, p
+        assert all(n > 0 for n in perf[p].chunk_tokens), p
+        assert perf[p].text == "" and (full[p].text != "" or not full[p].ok)
+    assert perf["multi"].output_tokens == 5 and perf["fewer"].output_tokens == 3

@@ -7,12 +7,14 @@ the middle of a stream, hang); the real engine's path is in tests/engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import pickle
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-from pytest_tokperf.driver import Plan, run, run_plan
+from pytest_tokperf.driver import Plan, RequestRecord, _Live, run, run_plan
 from pytest_tokperf.engines import Chunk, EngineInfo, Request
 
 
@@ -74,3 +76,20 @@ def test_unknown_scenario() -> None:
         run(Scripted(), [Request("r", "ok", 1)], scenario="server")
     with pytest.raises(ValueError, match="unknown scenario 'batch'; available: offline, server"):
         run_plan(Scripted(), [Request("r", "ok", 1)], Plan("batch"))
+
+
+def test_a_record_made_by_the_driver_is_a_real_record() -> None:
+    # the driver fills a record's fields at once (cheaper than the frozen __init__):
+    # it must equal, hash, pickle, replace and refuse assignment like one made normally
+    live = _Live(Request("r1", "p", 4), 5, 3)
+    live.arrived(2)
+    live.texts = ["ab"]
+    live.token_ids = [7, 8]
+    made = live.record(9, "boom")
+    normal = RequestRecord("r1", 5, 9, tuple(live.chunk_ns), (2,), "ab", "boom", (7, 8), 3)
+    assert made == normal and hash(made) == hash(normal) and repr(made) == repr(normal)
+    assert pickle.loads(pickle.dumps(made)) == normal
+    assert dataclasses.replace(made, error=None) == dataclasses.replace(normal, error=None)
+    assert {f.name for f in dataclasses.fields(RequestRecord)} == set(vars(made))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.error = None  # type: ignore[misc]

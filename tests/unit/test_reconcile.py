@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_tokperf.engines import reconcile
+from pytest_tokperf.driver import _Live
+from pytest_tokperf.engines import Completion, Request, reconcile
 
 
 def test_usage_below_the_events_takes_off_the_end_never_negative() -> None:
@@ -40,3 +41,25 @@ def test_counts_stay_non_negative_sum_to_the_total_and_keep_the_first(
         first = next(i for i, n in enumerate(counts) if n)  # the first read with a token
         if total > 0:
             assert out[first] >= 1 and all(n == 0 for n in out[:first])
+
+
+@given(
+    st.lists(st.integers(0, 50), max_size=30),
+    st.integers(0, 10),
+    st.one_of(st.none(), st.integers(0, 2000)),
+)
+def test_the_drivers_shortcut_settles_as_reconcile_does(
+    counts: list[int], trailing: int, total: int | None
+) -> None:
+    # the driver settles the common case (trailing events in the last read, the count
+    # matching) without calling reconcile: it must give reconcile's answer, zeros dropped
+    live = _Live(Request("r", "p", 8), 0, None)
+    live.chunk_ns = [10 * (i + 1) for i in range(len(counts))]
+    live.chunk_tokens = list(counts)
+    live.settle(Completion(total, trailing))
+    settled = reconcile(counts, trailing, total)
+    kept = [(10 * (i + 1), n) for i, n in enumerate(settled) if n > 0]
+    if total and not kept:  # no read was counted: the tokens came at the end
+        assert live.chunk_tokens == [total]
+        return
+    assert list(zip(live.chunk_ns, live.chunk_tokens, strict=True)) == kept
