@@ -9,10 +9,12 @@ timestamps reads, nothing else), both on uvloop, both keeping their keep-alive
 connections from run to run. Client CPU = user + system time of this process over a
 run (checking and counting its result not included), divided by the tokens received;
 the floor does not check the response's status, find its first token, read its usage
-or make a record per request, which the plugin must. "burst": the server writes
-each whole stream at once; "paced": one chunk per stream every --pace-ms ms, so every
-token costs the client a wake-up, as with a real server. The two clients alternate
---repeats times; the table shows medians and the median of the paired ratios.
+or make a record per request, which the plugin must. The server writes each token's
+chunk on its own: "burst", back to back as fast as it can; "paced", one chunk per
+stream every --pace-ms ms, so every token costs the client a wake-up, as with a real
+server. "one-write": each whole answer in one write, so a client reads it in one or
+two reads and what it costs is nearly all per request, not per token. The two clients
+alternate --repeats times; the table shows medians and the median of the paired ratios.
 
 Run: python benchmarks/client_overhead.py [--requests 640 --tokens 256 --concurrency 64]
 """
@@ -74,7 +76,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--pace-ms", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--modes", default="burst,paced")
+    parser.add_argument("--modes", default="burst,paced,one-write")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     print(
@@ -110,6 +112,8 @@ def measure(
     plan = driver.Plan("concurrency", concurrency=args.concurrency, texts=False)
     pace = args.pace_ms if mode == "paced" else 0.0
     cmd = f"{sys.executable} {SERVER} --port {{port}} --pace-ms {pace}"
+    if mode == "one-write":
+        cmd += " --whole"
     if len(cores) > 1 and os.path.exists("/usr/bin/taskset"):
         cmd = f"taskset -c {cores[-1]} {cmd}"
     server = launcher.start(cmd, ready_timeout_s=60)

@@ -33,6 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     cmd = f"{sys.executable} {SERVER} --port {{port}} --pace-ms {args.pace_ms}"
+    if args.pace_ms <= 0:
+        cmd += " --whole"
     if len(cores) > 1:
         cmd = f"taskset -c {cores[-1]} {cmd}"
         os.sched_setaffinity(0, set(cores[:-1]))  # client processes inherit this

@@ -1,8 +1,14 @@
-"""A null OpenAI-compatible server: it streams `max_tokens` one-token chunks at once
-("burst") or one chunk per stream every --pace-ms milliseconds ("paced"), and a final
-usage event, so a client's own cost per streamed token can be measured.
+"""A null OpenAI-compatible server, so a client's own cost per streamed token can be
+measured: it streams `max_tokens` one-token chunks, then a usage event and [DONE].
 
-Run: python benchmarks/null_openai_server.py --port 8000 [--pace-ms 5]
+How it writes the chunks of each stream:
+- default ("burst"): one write per chunk, back to back, as fast as it can;
+- `--pace-ms P` ("paced"): one write per chunk every P milliseconds, as a real
+  server's decode steps do, so every token costs the client a wake-up;
+- `--whole` ("one-write"): all chunks in one write, so a client reads a whole answer
+  in one or two reads and what is left of its cost is per request.
+
+Run: python benchmarks/null_openai_server.py --port 8000 [--pace-ms 5 | --whole]
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ CHUNK = (
 )
 
 
-def make_app(pace_s: float) -> web.Application:
+def make_app(pace_s: float, whole: bool = False) -> web.Application:
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"data": [{"id": "null"}]})
 
@@ -28,12 +34,13 @@ def make_app(pace_s: float) -> web.Application:
         n = int(body.get("max_tokens", 16))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        if pace_s > 0:
+        if whole:
+            await response.write(CHUNK * n)
+        else:
             for _ in range(n):
                 await response.write(CHUNK)
-                await asyncio.sleep(pace_s)
-        else:
-            await response.write(CHUNK * n)
+                if pace_s > 0:
+                    await asyncio.sleep(pace_s)
         usage = {"choices": [], "usage": {"completion_tokens": n, "prompt_tokens": 1}}
         await response.write(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
         return response
@@ -47,8 +54,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pace-ms", type=float, default=0.0)
+    parser.add_argument("--whole", action="store_true", help="each answer in one write")
     args = parser.parse_args()
-    web.run_app(make_app(args.pace_ms / 1000), host="127.0.0.1", port=args.port, print=None)
+    web.run_app(
+        make_app(args.pace_ms / 1000, args.whole),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+    )
 
 
 if __name__ == "__main__":

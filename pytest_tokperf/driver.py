@@ -97,13 +97,6 @@ class _Live:
         self.counted_by = ""
         self.final: RequestRecord | None = None  # its record, once the request ended
 
-    def arrived(self, tokens: int) -> int:
-        """One read delivered `tokens` (a `ReadEngine` calls this from the read itself)."""
-        now = _clock()
-        self.chunk_ns.append(now)
-        self.chunk_tokens.append(tokens)
-        return now
-
     def settle(self, done: Completion) -> None:
         """The per-read counts settled to the stream's total; reads left with none drop out."""
         counts, trailing, total = self.chunk_tokens, done.trailing, done.tokens
@@ -162,7 +155,8 @@ async def _stream(
     try:
         if hasattr(engine, "stream_reads"):  # a ReadEngine (isinstance costs ~50 us)
             reads: ReadEngine = engine  # type: ignore[assignment]
-            live.settle(await reads.stream_reads(live.request, live.arrived, texts))
+            done = await reads.stream_reads(live.request, live.chunk_ns, live.chunk_tokens, texts)
+            live.settle(done)
         else:
             async for chunk in engine.stream(live.request):
                 live.chunk_ns.append(clock())

@@ -7,7 +7,7 @@ chunks, so an engine never needs to know about clocks, scenarios or metrics.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -80,20 +80,21 @@ class Completion:
     counted_by: str = "chunks"
 
 
-Arrived = Callable[[int], int]  # tokens that one socket read delivered -> its arrival ns
-
-
 @runtime_checkable
 class ReadEngine(Protocol):
     """An engine that reports each socket read as it happens, not one chunk per token.
 
-    `arrived(n)` is called from the read itself (so its timestamp is the read's), with
-    the events the read delivered; the returned `Completion` settles the counts. This
-    is the cheap path the driver prefers: no async-generator step and no object per
-    token or event. `texts=False`: the caller does not need the text (a perf run).
+    Each read that delivers events appends, from the read itself, its arrival time
+    (`perf_counter_ns`) to `times` and its event count to `counts` (the caller may
+    look at both while the stream runs); the returned `Completion` settles the counts.
+    This is the cheap path the driver prefers: no async-generator step, no call and no
+    object per token or event. `texts=False`: the caller does not need the text (a
+    perf run).
     """
 
-    async def stream_reads(self, request: Request, arrived: Arrived, texts: bool) -> Completion: ...
+    async def stream_reads(
+        self, request: Request, times: list[int], counts: list[int], texts: bool
+    ) -> Completion: ...
 
 
 def reconcile(counts: Sequence[int], trailing: int, total: int | None) -> list[int]:

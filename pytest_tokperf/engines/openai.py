@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_tokperf.engines import (
-    Arrived,
     Chunk,
     Completion,
     EngineError,
@@ -82,6 +81,7 @@ DONE = (False, "", None, True)  # what `_event` says of "data: [DONE]"
 TAIL_BYTES = 1024  # enough raw bytes to hold the last events of a stream (usage, [DONE])
 CACHED = 4096  # request bytes kept for prompts seen before (workloads cycle their prompts)
 NS = 1_000_000_000
+_clock = time.perf_counter_ns
 UNFINISHED = "the stream ended before its final 'data: [DONE]'"
 
 
@@ -107,14 +107,18 @@ class _Conn(asyncio.Protocol):
 
     `data_received` is the per-token hot path: keep it to a few C calls, and never copy
     a read (a burst delivers a whole answer in one): the read that holds the end of the
-    response head is kept whole, its body starting at `skip`.
+    response head is kept whole, its body starting at `skip`. Each read with events
+    appends its arrival time and count to the caller's lists (`times`, `counts`).
     """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.done: asyncio.Future[None] | None = None
-        self.arrived: Arrived = _ignore
+        self.times: list[int] = []
+        self.add_time = self.times.append
+        self.add_count = self.times.append
+        self.streaming = False  # mid-body of a chunked stream, its first token seen
         self.in_body = False
         self.head = b""
         self.status = 0
@@ -126,7 +130,6 @@ class _Conn(asyncio.Protocol):
         self.first = True  # no token seen yet: classify events exactly
         self.pending = b""  # the first phase's incomplete line
         self.sent_ns = 0
-        self.last_ns = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -139,17 +142,19 @@ class _Conn(asyncio.Protocol):
             else:
                 self.done.set_exception(StreamError("the server closed the connection mid-stream"))
 
-    def send(self, data: bytes, arrived: Arrived) -> asyncio.Future[None]:
+    def send(self, data: bytes, times: list[int], counts: list[int]) -> asyncio.Future[None]:
         assert self.transport is not None
         self.done = done = asyncio.get_running_loop().create_future()
-        self.arrived = arrived
-        self.in_body = False
+        self.times = times
+        self.add_time = times.append
+        self.add_count = counts.append
+        self.streaming = self.in_body = False
         self.head = b""
         self.blocks = []
         self.skip = 0
         self.first = True
         self.pending = b""
-        self.sent_ns = self.last_ns = time.perf_counter_ns()
+        self.sent_ns = _clock()
         self.transport.write(data)
         return done
 
@@ -159,14 +164,16 @@ class _Conn(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self.closed = True
+        self.streaming = False
 
     def data_received(self, data: bytes) -> None:
-        if self.in_body and not self.first and self.chunked:
+        if self.streaming:
             # mid-stream (a paced server: once per token): count, time, look for the end
             self.blocks.append(data)
             n = data.count(b"data:")
             if n:
-                self.last_ns = self.arrived(n)
+                self.add_time(_clock())
+                self.add_count(n)
             if data.endswith(END) or (len(data) < len(END) and self._ended()):
                 self._end()
             return
@@ -185,10 +192,13 @@ class _Conn(asyncio.Protocol):
                 self.fail(str(exc))
                 return
         if n:
-            self.last_ns = self.arrived(n)
+            self.add_time(_clock())
+            self.add_count(n)
         if self.chunked:
             if data.endswith(END) or (len(data) - start < len(END) and self._ended()):
                 self._end()
+            else:
+                self.streaming = self.in_body and not self.first
         elif self.remaining >= 0:
             self.remaining -= len(data) - start
             if self.remaining <= 0:
@@ -205,7 +215,7 @@ class _Conn(asyncio.Protocol):
         return tail == END[2:]  # the whole body is the last chunk: an empty answer
 
     def _end(self) -> None:
-        self.in_body = False
+        self.streaming = self.in_body = False
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
 
@@ -232,9 +242,10 @@ class _Conn(asyncio.Protocol):
             and (b"\r\nconnection:" not in head or _header(head, b"\r\nconnection:") != b"close")
             and (chunked or self.remaining >= 0)
         )
-        if self.status >= 400:
+        if self.status >= 400:  # its body is an error, not tokens: its reads are not kept
             self.first = False
-            self.arrived = _ignore
+            self.times = []
+            self.add_time = self.add_count = self.times.append
         self.in_body = True
         if self.remaining == 0:
             self._end()
@@ -291,10 +302,6 @@ def _header(head: bytes, name: bytes) -> bytes:
         return b""
     end = head.find(b"\r\n", at + 2)
     return head[at + len(name) : end if end >= 0 else None].strip()
-
-
-def _ignore(n: int) -> int:
-    return time.perf_counter_ns()
 
 
 def _event(payload: bytes) -> tuple[bool, str, int | None, bool]:
@@ -545,7 +552,7 @@ class _Pool:
                         conn.fail(
                             f"no data within the first-token timeout of {t.first_token_s:g} s"
                         )
-                elif now - conn.last_ns > t.idle_s * NS:
+                elif now - (conn.times[-1] if conn.times else conn.sent_ns) > t.idle_s * NS:
                     conn.fail(f"no data for the idle timeout of {t.idle_s:g} s")
 
     def close(self) -> None:
@@ -641,7 +648,9 @@ class OpenAIEngine:
         ]
         return ("\r\n".join(head) + "\r\n\r\n").encode() + data
 
-    async def stream_reads(self, request: Request, arrived: Arrived, texts: bool) -> Completion:
+    async def stream_reads(
+        self, request: Request, times: list[int], counts: list[int], texts: bool
+    ) -> Completion:
         pool = self._pool()
         data = self._request(request)
         for retry in (True, False):
@@ -652,7 +661,7 @@ class OpenAIEngine:
                 conn, reused = taken, True
             reusable = False
             try:
-                done = conn.send(data, arrived)
+                done = conn.send(data, times, counts)
                 pool.watch(conn)
                 await done
                 reusable = conn.keep_alive
@@ -707,12 +716,7 @@ class OpenAIEngine:
         """The generic protocol: the settled counts, yielded once the stream ended (for
         timing, the driver uses `stream_reads`, which keeps each read's arrival time)."""
         counts: list[int] = []
-
-        def arrived(n: int) -> int:
-            counts.append(n)
-            return time.perf_counter_ns()
-
-        done = await self.stream_reads(request, arrived, texts=True)
+        done = await self.stream_reads(request, [], counts, texts=True)
         settled = [n for n in reconcile(counts, done.trailing, done.tokens) if n]
         for i, n in enumerate(settled):
             yield Chunk(n, done.text if i == len(settled) - 1 else "")

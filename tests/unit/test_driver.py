@@ -82,7 +82,8 @@ def test_a_record_made_by_the_driver_is_a_real_record() -> None:
     # the driver fills a record's fields at once (cheaper than the frozen __init__):
     # it must equal, hash, pickle, replace and refuse assignment like one made normally
     live = _Live(Request("r1", "p", 4), 5, 3)
-    live.arrived(2)
+    live.chunk_ns.append(6)
+    live.chunk_tokens.append(2)
     live.texts = ["ab"]
     live.token_ids = [7, 8]
     made = live.record(9, "boom")

@@ -47,12 +47,8 @@ def receive(reads: list[bytes]) -> tuple[openai._Conn, list[int]]:
     conn = openai._Conn()
     conn.transport = Transport()  # type: ignore[assignment]
 
-    def arrived(n: int) -> int:
-        counts.append(n)
-        return 0
-
     async def run() -> None:
-        conn.send(b"", arrived)
+        conn.send(b"", [], counts)
         for data in reads:
             conn.data_received(data)
 
