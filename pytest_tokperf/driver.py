@@ -100,15 +100,20 @@ class _Live:
     def settle(self, done: Completion) -> None:
         """The per-read counts settled to the stream's total; reads left with none drop out."""
         counts, trailing, total = self.chunk_tokens, done.trailing, done.tokens
+        last = counts[-1] if counts else 0
         if (
-            counts
-            and counts[-1] > trailing
+            (last > trailing or (last == trailing and len(counts) > 1))
             and (total is None or sum(counts) - trailing == total)
             and 0 not in counts
         ):
             # the common case, `reconcile`'s answer at a glance: what followed the last
-            # token came in the last read, the events counted are the total, none is 0
-            counts[-1] -= trailing
+            # token came in the last read (alone, when a server writes each event on
+            # its own: then that read drops out), the events counted are the total
+            if last > trailing:
+                counts[-1] -= trailing
+            else:
+                counts.pop()
+                self.chunk_ns.pop()
             self.texts = [done.text]
             self.counted_by = done.counted_by
             return

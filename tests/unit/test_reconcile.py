@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pytest_tokperf.driver import _Live
@@ -48,6 +48,8 @@ def test_counts_stay_non_negative_sum_to_the_total_and_keep_the_first(
     st.integers(0, 10),
     st.one_of(st.none(), st.integers(0, 2000)),
 )
+@example([1, 1, 2], 2, 2)  # usage and [DONE] alone in the last read: it drops out
+@example([2], 2, 0)  # one read, no token in it
 def test_the_drivers_shortcut_settles_as_reconcile_does(
     counts: list[int], trailing: int, total: int | None
 ) -> None:
