@@ -22,6 +22,7 @@ Run: python benchmarks/client_overhead.py [--requests 640 --tokens 256 --concurr
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import resource
@@ -71,35 +72,65 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=640)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--paced-requests", type=int, default=640, help="paced runs take longer")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--pace-ms", type=float, default=5.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--target", type=float, default=1.1, help="the ratio the issue asks for")
     parser.add_argument("--modes", default="burst,paced,one-write")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     print(
         f"{time.strftime('%Y-%m-%d')}, {cpu_name()}, {len(cores)} cores, python "
-        f"{sys.version.split()[0]}; {args.requests} requests x {args.tokens} tokens, "
-        f"concurrency {args.concurrency}, {args.repeats} alternating runs each"
+        f"{sys.version.split()[0]}; {args.requests} requests ({args.paced_requests} paced) x "
+        f"{args.tokens} tokens, concurrency {args.concurrency}, {args.repeats} alternating runs "
+        f"each; load average {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"{'mode':<7}{'tokperf us/token':>18}{'floor us/token':>16}{'ratio':>7}"
-        f"{'tokens/read':>14}   runs (tokperf/floor)"
+        f"{'mode':<10}{'tokperf us/token':>17}{'floor us/token':>15}{'ratio':>7}{'95% CI':>13}"
+        f"  {'<= ' + format(args.target, 'g'):<9}{'tokens/read':>12}   runs (tokperf/floor)"
     )
     for mode in args.modes.split(","):
         ours, theirs = measure(mode, args, cores)
-        ratio = statistics.median(a[0] / b[0] for a, b in zip(ours, theirs, strict=True))
+        ratios = [a[0] / b[0] for a, b in zip(ours, theirs, strict=True)]
+        ratio = statistics.median(ratios)
+        interval = median_interval(ratios)
+        if interval is None:
+            bounds, met = "n/a", "can't tell"
+        else:
+            bounds = f"{interval[0]:.2f}-{interval[1]:.2f}"
+            met = (
+                "yes"
+                if interval[1] <= args.target
+                else "no"
+                if interval[0] > args.target
+                else "can't tell"
+            )
         runs = ", ".join(f"{a[0]:.2f}/{b[0]:.2f}" for a, b in zip(ours, theirs, strict=True))
         per_read = (
             f"{statistics.median(a[1] for a in ours):.1f}/"
             f"{statistics.median(b[1] for b in theirs):.1f}"
         )
         print(
-            f"{mode:<7}{statistics.median(a[0] for a in ours):>18.2f}"
-            f"{statistics.median(b[0] for b in theirs):>16.2f}{ratio:>7.2f}{per_read:>14}   {runs}"
+            f"{mode:<10}{statistics.median(a[0] for a in ours):>17.2f}"
+            f"{statistics.median(b[0] for b in theirs):>15.2f}{ratio:>7.2f}{bounds:>13}  {met:<9}"
+            f"{per_read:>12}   {runs}"
         )
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median (order statistics of a binomial(n, 1/2)
+    count); None when there are too few values for `level`. The paired ratios are
+    independent draws of the noisy machine, so their median's interval says whether the
+    target is met, missed or cannot be told apart from the noise."""
+    xs, n = sorted(values), len(values)
+    k, below = 0, 0.0  # the largest k with P(count < k) <= (1 - level) / 2
+    while below + math.comb(n, k) / 2**n <= (1 - level) / 2:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    return None if k == 0 else (xs[k - 1], xs[n - k])
 
 
 def measure(
@@ -107,8 +138,9 @@ def measure(
 ) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """Per-token client CPU (and tokens per read) of tokperf and of the floor,
     alternating, against one server."""
-    reqs = [Request(f"r{i}", "x", args.tokens) for i in range(args.requests)]
-    expected = args.requests * args.tokens
+    count = args.paced_requests if mode == "paced" else args.requests
+    reqs = [Request(f"r{i}", "x", args.tokens) for i in range(count)]
+    expected = count * args.tokens
     plan = driver.Plan("concurrency", concurrency=args.concurrency, texts=False)
     pace = args.pace_ms if mode == "paced" else 0.0
     cmd = f"{sys.executable} {SERVER} --port {{port}} --pace-ms {pace}"
@@ -132,7 +164,7 @@ def measure(
         return sum(r.output_tokens for r in records), sum(len(r.chunk_ns) for r in records)
 
     def floor() -> int:
-        run = floor_client.run(server.base_url, args.requests, args.tokens, args.concurrency)
+        run = floor_client.run(server.base_url, count, args.tokens, args.concurrency)
         return loop.run_until_complete(run)
 
     def floor_reads() -> int:  # reads with events, as its connections timestamped them

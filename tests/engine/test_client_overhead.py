@@ -1,0 +1,42 @@
+"""benchmarks/client_overhead.py: it runs end to end, and its interval for the median
+ratio covers as often as it says."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import client_overhead  # noqa: E402
+
+
+def test_the_median_interval_covers_the_true_median_at_least_95_percent() -> None:
+    # independent of the binomial arithmetic: draws from a skewed distribution whose
+    # median is known (exponential: ln 2), counted
+    rng = random.Random(7)
+    for n in (6, 9, 11, 15):
+        trials, covered = 4000, 0
+        for _ in range(trials):
+            low, high = client_overhead.median_interval([rng.expovariate(1.0) for _ in range(n)])
+            covered += low <= 0.6931471805599453 <= high
+        assert 0.95 <= covered / trials <= 0.995, (n, covered / trials)
+    assert client_overhead.median_interval([1.0] * 5) is None  # too few for 95%
+
+
+def test_the_benchmark_runs_and_counts_every_token() -> None:
+    # tiny settings; it exits non-zero when either client counts a token wrong
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "client_overhead.py"), "--requests", "64",
+         "--paced-requests", "64", "--tokens", "8", "--concurrency", "8", "--repeats", "6"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"burst", "paced", "one-write"}
+    for row in rows.values():
+        tokperf, floor, ratio = float(row[1]), float(row[2]), float(row[3])
+        assert tokperf > 0 and floor > 0 and ratio > 0
