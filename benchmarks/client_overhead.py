@@ -14,9 +14,11 @@ chunk on its own: "burst", back to back as fast as it can; "paced", one chunk pe
 stream every --pace-ms ms, so every token costs the client a wake-up, as with a real
 server. "one-write": each whole answer in one write, so a client reads it in one or
 two reads and what it costs is nearly all per request, not per token. The two clients
-alternate --repeats times; the table shows medians and the median of the paired ratios.
+alternate --repeats times; the table shows medians, the median of the paired ratios
+with a distribution-free 95% interval, and whether that interval is all at or below
+--target ("yes"), all above ("no"), or neither ("can't tell").
 
-Run: python benchmarks/client_overhead.py [--requests 640 --tokens 256 --concurrency 64]
+Run: python benchmarks/client_overhead.py [--requests 2000 --paced-requests 640 --repeats 11]
 """
 
 from __future__ import annotations
