@@ -53,8 +53,10 @@ def cpu_s() -> float:
 
 def per_token(run: Callable[[], T], count: Callable[[T], tuple[int, int]]) -> tuple[float, float]:
     """Client CPU per token of one run, and its tokens per socket read (how much the
-    server's writes coalesced: fewer reads cost less); checking and counting its result
-    is not timed."""
+    server's writes coalesced: fewer reads cost less; the plugin's reads are those left
+    with tokens once settled, the floor's every read with an event, so a paced answer's
+    last read, usage and [DONE] alone, counts for the floor only); checking and counting
+    its result is not timed."""
     start = cpu_s()
     result = run()
     used = cpu_s() - start

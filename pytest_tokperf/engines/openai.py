@@ -115,9 +115,9 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.done: asyncio.Future[None] | None = None
-        self.times: list[int] = []
+        self.times: list[int] = []  # the caller's lists, given by `send`
         self.add_time = self.times.append
-        self.add_count = self.times.append
+        self.add_count: Callable[[int], None] = _dropped
         self.streaming = False  # mid-body of a chunked stream, its first token seen
         self.in_body = False
         self.head = b""
@@ -244,8 +244,9 @@ class _Conn(asyncio.Protocol):
         )
         if self.status >= 400:  # its body is an error, not tokens: its reads are not kept
             self.first = False
-            self.times = []
-            self.add_time = self.add_count = self.times.append
+            self.times = []  # still what the idle timeout looks at: times only
+            self.add_time = self.times.append
+            self.add_count = _dropped
         self.in_body = True
         if self.remaining == 0:
             self._end()
@@ -292,6 +293,10 @@ class _Conn(asyncio.Protocol):
             need -= len(block) - lo
         parts.reverse()
         return b"".join(parts), i > 0 or lo > self.skip
+
+
+def _dropped(n: int) -> None:
+    """Where the event counts of a read nobody records go."""
 
 
 def _header(head: bytes, name: bytes) -> bytes:

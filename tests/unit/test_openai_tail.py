@@ -117,3 +117,30 @@ def test_an_unfinished_stream_is_an_error_from_the_tail_too() -> None:
     conn, _ = receive([HEAD + chunked(token() * 3 + USAGE)])  # no [DONE]
     with pytest.raises(openai.StreamError, match=r"before its final 'data: \[DONE\]'"):
         openai._from_tail(conn)
+
+
+def test_an_error_status_records_no_reads_and_keeps_only_times_for_the_idle_timeout() -> None:
+    # an SSE-style error body from a proxy, still open: nothing is counted for the
+    # request, and what the idle timeout looks at is a read's time, never a count
+    loop = asyncio.new_event_loop()
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            pass
+
+    conn = openai._Conn()
+    conn.transport = Transport()  # type: ignore[assignment]
+    times: list[int] = []
+    counts: list[int] = []
+    head = b"HTTP/1.1 503 busy\r\ntransfer-encoding: chunked\r\n\r\n"
+    error = b'data: {"error":"overloaded"}\n\n'
+
+    async def run() -> None:
+        conn.send(b"", times, counts)
+        conn.data_received(head + b"%x\r\n%s\r\n" % (len(error), error))
+        conn.data_received(b"%x\r\n%s\r\n" % (len(error), error))
+
+    loop.run_until_complete(run())
+    loop.close()
+    assert conn.status == 503 and times == [] and counts == []
+    assert conn.times and all(t >= conn.sent_ns for t in conn.times)
