@@ -114,6 +114,7 @@ class _Conn(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.failed = False  # ended by `fail`, not by the server closing: not retried
         self.done: asyncio.Future[None] | None = None
         self.times: list[int] = []  # the caller's lists, given by `send`
         self.add_time = self.times.append
@@ -148,7 +149,7 @@ class _Conn(asyncio.Protocol):
         self.times = times
         self.add_time = times.append
         self.add_count = counts.append
-        self.streaming = self.in_body = False
+        self.streaming = self.in_body = self.failed = False
         self.head = b""
         self.blocks = []
         self.skip = 0
@@ -159,6 +160,8 @@ class _Conn(asyncio.Protocol):
         return done
 
     def fail(self, message: str) -> None:
+        """End the request with `message` (a timeout, a malformed response): never retried."""
+        self.failed = True
         if self.done is not None and not self.done.done():
             self.done.set_exception(StreamError(message))
         if self.transport is not None:
@@ -672,7 +675,7 @@ class OpenAIEngine:
                 reusable = conn.keep_alive
             except StreamError:
                 # a kept-alive connection the server closed while it sat idle: once more
-                if retry and reused and not conn.head:
+                if retry and reused and not conn.head and not conn.failed:
                     continue
                 raise
             finally:

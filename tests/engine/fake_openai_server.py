@@ -12,7 +12,7 @@ import json
 
 from aiohttp import web
 
-SEEN: dict[str, str] = {}
+SEEN: dict[str, str | int] = {}
 STREAMED = [0]  # output tokens sent in usage events, for the /metrics page
 PAGE: dict[str, object] = {}  # --metrics: a recorded page, its counters moved by STREAMED
 
@@ -41,9 +41,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
     completions = "messages" not in body
+    SEEN[f"sent {prompt}"] = int(SEEN.get(f"sent {prompt}", 0)) + 1  # how often asked
     if prompt == "http500":
         return web.Response(status=500, text="boom: the engine is on fire")
-    if prompt == "slowfirst":
+    if prompt.startswith("slowfirst"):
         await asyncio.sleep(30)
     if prompt.startswith("slow1.5"):
         await asyncio.sleep(1.5)

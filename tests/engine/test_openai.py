@@ -279,3 +279,14 @@ def test_a_perf_run_settles_from_the_tail_as_a_full_read_does(fake: launcher.Ser
         assert all(n > 0 for n in perf[p].chunk_tokens), p
         assert perf[p].text == "" and (full[p].text != "" or not full[p].ok)
     assert perf["multi"].output_tokens == 5 and perf["fewer"].output_tokens == 3
+
+
+def test_a_timed_out_request_is_not_sent_again(fake: launcher.Server) -> None:
+    # a request on a kept-alive connection that times out before any answer is failed,
+    # not retried (a retry is only for a connection the server closed while it was idle):
+    # the server sees it once (a retry would also have doubled the timeout)
+    recs = _run(_engine(fake, max_connections=1), ["ok", "slowfirst once"])
+    assert recs["ok"].ok
+    assert "first-token timeout of 2 s" in (recs["slowfirst once"].error or "")
+    with urllib.request.urlopen(fake.base_url + "/seen") as response:
+        assert json.loads(response.read())["sent slowfirst once"] == 1
