@@ -4,9 +4,13 @@ ratio covers as often as it says."""
 from __future__ import annotations
 
 import random
+import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -40,3 +44,15 @@ def test_the_benchmark_runs_and_counts_every_token() -> None:
     for row in rows.values():
         tokperf, floor, ratio = float(row[1]), float(row[2]), float(row[3])
         assert tokperf > 0 and floor > 0 and ratio > 0
+        # the printed ratio, interval and verdict, recomputed from the printed runs: the
+        # median of the 6 paired ratios, and for 6 pairs the interval is their range
+        line = " ".join(row)
+        pairs = [(float(a), float(b)) for a, b in re.findall(r"(\d+\.\d+)/(\d+\.\d+)", line)[1:]]
+        assert len(pairs) == 6  # (the first a/b is the tokens/read column)
+        ratios = sorted(a / b for a, b in pairs)
+        low, high = (float(x) for x in row[4].split("-"))
+        assert ratio == pytest.approx(statistics.median(ratios), rel=0.03, abs=0.01)
+        assert low == pytest.approx(ratios[0], rel=0.03, abs=0.01)
+        assert high == pytest.approx(ratios[-1], rel=0.03, abs=0.01)
+        said = "yes" if high <= 1.1 else "no" if low > 1.1 else "can't"
+        assert row[5] == said
