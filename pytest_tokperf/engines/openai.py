@@ -108,7 +108,10 @@ class _Conn(asyncio.Protocol):
     `data_received` is the per-token hot path: keep it to a few C calls, and never copy
     a read (a burst delivers a whole answer in one): the read that holds the end of the
     response head is kept whole, its body starting at `skip`. Each read with events
-    appends its arrival time and count to the caller's lists (`times`, `counts`).
+    appends its arrival time and count to the caller's lists (`times`, `counts`), as
+    `self.times.append(...)`: CPython runs a list's `append` inline, where a kept bound
+    method costs a generic lookup and a call (measured with perf: about 10% of the gap
+    to the floor client).
     """
 
     def __init__(self) -> None:
@@ -117,8 +120,7 @@ class _Conn(asyncio.Protocol):
         self.failed = False  # ended by `fail`, not by the server closing: not retried
         self.done: asyncio.Future[None] | None = None
         self.times: list[int] = []  # the caller's lists, given by `send`
-        self.add_time = self.times.append
-        self.add_count: Callable[[int], None] = _dropped
+        self.counts: list[int] = []
         self.streaming = False  # mid-body of a chunked stream, its first token seen
         self.in_body = False
         self.head = b""
@@ -147,8 +149,7 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         self.done = done = asyncio.get_running_loop().create_future()
         self.times = times
-        self.add_time = times.append
-        self.add_count = counts.append
+        self.counts = counts
         self.streaming = self.in_body = self.failed = False
         self.head = b""
         self.blocks = []
@@ -175,8 +176,8 @@ class _Conn(asyncio.Protocol):
             self.blocks.append(data)
             n = data.count(b"data:")
             if n:
-                self.add_time(_clock())
-                self.add_count(n)
+                self.times.append(_clock())
+                self.counts.append(n)
             if data.endswith(END) or (len(data) < len(END) and self._ended()):
                 self._end()
             return
@@ -195,8 +196,8 @@ class _Conn(asyncio.Protocol):
                 self.fail(str(exc))
                 return
         if n:
-            self.add_time(_clock())
-            self.add_count(n)
+            self.times.append(_clock())
+            self.counts.append(n)
         if self.chunked:
             if data.endswith(END) or (len(data) - start < len(END) and self._ended()):
                 self._end()
@@ -248,8 +249,7 @@ class _Conn(asyncio.Protocol):
         if self.status >= 400:  # its body is an error, not tokens: its reads are not kept
             self.first = False
             self.times = []  # still what the idle timeout looks at: times only
-            self.add_time = self.times.append
-            self.add_count = _dropped
+            self.counts = []
         self.in_body = True
         if self.remaining == 0:
             self._end()
@@ -296,10 +296,6 @@ class _Conn(asyncio.Protocol):
             need -= len(block) - lo
         parts.reverse()
         return b"".join(parts), i > 0 or lo > self.skip
-
-
-def _dropped(n: int) -> None:
-    """Where the event counts of a read nobody records go."""
 
 
 def _header(head: bytes, name: bytes) -> bytes:
