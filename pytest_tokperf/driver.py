@@ -23,7 +23,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_tokperf.engines import Completion, Engine, ReadEngine, Request, reconcile
+from pytest_tokperf.engines import (
+    Completion,
+    Engine,
+    ReadEngine,
+    Request,
+    reconcile,
+    sleep_off_loop,
+)
 
 NS = 1_000_000_000
 _clock = time.perf_counter_ns
@@ -252,13 +259,27 @@ async def run_offline(
     tasks = [asyncio.create_task(_stream(engine, live, flights, texts)) for live in lives]
     flights.flying.extend(tasks)
     if tasks:
-        await asyncio.wait(tasks, timeout=timeout_s)
-    for task in tasks:
-        task.cancel()  # a no-op for finished tasks; `_stream` turns it into a record
+        cutter = asyncio.create_task(_cut_at(t0 + round(timeout_s * NS), tasks))
+        await asyncio.wait(tasks)
+        cutter.cancel()
+        await asyncio.wait([cutter])
     records = await _records(lives, tasks, flights)
     if counted is not None:
         _tally(lives, counted)
     return records
+
+
+async def _cut_at(
+    deadline_ns: int, tasks: list[asyncio.Task[Any]], halt: asyncio.Event | None = None
+) -> None:
+    """The run's time limit: at `deadline_ns`, issue no more (`halt`) and cancel `tasks`
+    (each request in flight becomes a record failed with `TIMED_OUT`). Woken off the
+    loop (`sleep_off_loop`): no loop timer is pending while tokens stream."""
+    await sleep_off_loop((deadline_ns - _clock()) / NS)
+    if halt is not None:
+        halt.set()
+    for task in tasks:
+        task.cancel()  # a no-op for finished tasks; `_stream` turns it into a record
 
 
 async def _records(
@@ -385,7 +406,7 @@ async def drive(
 
     async def watch() -> None:
         while not halt.is_set():
-            await asyncio.sleep(plan.look_every_s)
+            await sleep_off_loop(plan.look_every_s)
             now = clock()
             if now >= end_issuing:
                 out_of_time()
@@ -424,6 +445,7 @@ async def drive(
             await _stream(engine, live, flights, texts)
 
     watcher = asyncio.create_task(watch())
+    cutter = asyncio.create_task(_cut_at(deadline, flights.flying, halt))
     if plan.scenario in ("server", "interactive"):
         assert plan.qps is not None
         schedule = plan.offsets_ns or poisson_offsets_ns(plan.qps, plan.seed)
@@ -442,15 +464,14 @@ async def drive(
         assert plan.concurrency is not None
         workers = [asyncio.create_task(closed_loop()) for _ in range(plan.concurrency)]
         flights.flying.extend(workers)
-        await asyncio.wait(workers, timeout=max(0.0, (deadline - clock()) / NS))
+        await asyncio.wait(workers)  # until they run out of requests, or `cutter` ends them
     halt.set()
     watcher.cancel()
-    await asyncio.wait([watcher])  # no sleeping watcher left behind on a reused loop
     tasks = flights.flying
     if tasks:
-        await asyncio.wait(tasks, timeout=max(0.0, (deadline - clock()) / NS))
-    for task in tasks:
-        task.cancel()  # a no-op for finished tasks; `_stream` turns it into a record
+        await asyncio.wait(tasks)  # the requests in flight finish, or `cutter` ends them
+    cutter.cancel()
+    await asyncio.wait([watcher, cutter])  # none left behind on a reused loop
     records = await _records(lives, tasks, flights)
     wall = clock() - t0
     cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None

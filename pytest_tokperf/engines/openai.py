@@ -41,6 +41,7 @@ from pytest_tokperf.engines import (
     MissingExtraError,
     Request,
     reconcile,
+    sleep_off_loop,
 )
 
 
@@ -542,11 +543,12 @@ class _Pool:
             self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
-        """One timer for all streams: cheaper per token than a timer per read."""
+        """One watcher for all streams, woken off the loop (`sleep_off_loop`): cheaper
+        per token than a timer per read, or any loop timer."""
         t = self.engine._timeouts
         tick = min(1.0, t.idle_s / 4, (t.first_token_s or 4.0) / 4)
         while self.active:
-            await asyncio.sleep(tick)
+            await sleep_off_loop(tick)
             now = time.perf_counter_ns()
             for conn in list(self.active):
                 if now - conn.sent_ns > t.total_s * NS:

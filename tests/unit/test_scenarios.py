@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import statistics
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -146,6 +147,20 @@ def test_failed_and_hanging_server_requests_are_records() -> None:
     assert ok.ok
     assert bad.error == "RuntimeError: engine fell over" and bad.output_tokens == 1
     assert stuck.error is not None and "time limit" in stuck.error
+
+
+def test_a_closed_loop_run_stops_at_its_time_limit() -> None:
+    # the limit is a timerfd-woken task, not a loop timer: it must still cut the stuck
+    # request, and the worker that held it must issue nothing after the limit
+    requests = [Request("ok", "ok", 3), Request("stuck", "hang", 3), Request("next", "ok", 3)]
+    start = time.monotonic()
+    driven = run_plan(Counting(), requests, Plan("concurrency", concurrency=1, timeout_s=0.5))
+    took = time.monotonic() - start
+    assert [r.id for r in driven.records] == ["ok", "stuck"]
+    ok, stuck = driven.records
+    assert ok.ok
+    assert stuck.error is not None and "time limit" in stuck.error
+    assert 0.5 <= took < 5
 
 
 def test_sim_settings_are_checked() -> None:
