@@ -14,11 +14,12 @@ chunk on its own: "burst", back to back as fast as it can; "paced", one chunk pe
 stream every --pace-ms ms, so every token costs the client a wake-up, as with a real
 server. "one-write": each whole answer in one write, so a client reads it in one or
 two reads and what it costs is nearly all per request, not per token. The two clients
-alternate --repeats times; the table shows medians, the median of the paired ratios
-with a distribution-free 95% interval, and whether that interval is all at or below
---target ("yes"), all above ("no"), or neither ("can't tell").
+run --repeats pairs, each pair in the other order from the last (a drift on the host
+favours neither); the table shows medians, the median of the paired ratios with a
+distribution-free 95% interval, and whether that interval is all at or below --target
+("yes"), all above ("no"), or neither ("can't tell").
 
-Run: python benchmarks/client_overhead.py [--requests 2000 --paced-requests 640 --repeats 11]
+Run: python benchmarks/client_overhead.py [--requests 2000 --paced-requests 640 --repeats 21]
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--pace-ms", type=float, default=5.0)
-    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--target", type=float, default=1.1, help="the ratio the issue asks for")
     parser.add_argument("--modes", default="burst,paced,one-write")
     args = parser.parse_args()
@@ -178,10 +179,13 @@ def measure(
         if counted(tokperf())[0] != expected or floor() != expected:
             raise SystemExit(f"a client did not count {expected} tokens")
         ours, theirs = [], []
-        for _ in range(args.repeats):
-            ours.append(per_token(tokperf, counted))
+        for i in range(args.repeats):  # each pair's order alternates: a drift favours neither
+            if i % 2:
+                ours.append(per_token(tokperf, counted))
             before = floor_reads()
             theirs.append(per_token(floor, lambda n, b=before: (n, floor_reads() - b)))  # type: ignore[misc]
+            if not i % 2:
+                ours.append(per_token(tokperf, counted))
         return ours, theirs
     finally:
         loop.run_until_complete(engine.aclose())

@@ -3,8 +3,12 @@ measured: it streams `max_tokens` one-token chunks, then a usage event and [DONE
 
 How it writes the chunks of each stream:
 - default ("burst"): one write per chunk, back to back, as fast as it can;
-- `--pace-ms P` ("paced"): one write per chunk every P milliseconds, as a real
-  server's decode steps do, so every token costs the client a wake-up;
+- `--pace-ms P` ("paced"): one write per chunk per decode step, a step every P
+  milliseconds for all streams at once, as a batching server's decode steps are (each
+  running sequence gets its next token in the same step), so every step costs the
+  client a wake-up and every token a read. The steps are one grid for all streams:
+  with a timer per stream, the streams' phases fall differently in every run, and so
+  does how many tokens one wake-up of the client serves;
 - `--whole` ("one-write"): all chunks in one write, so a client reads a whole answer
   in one or two reads and what is left of its cost is per request.
 
@@ -37,10 +41,11 @@ def make_app(pace_s: float, whole: bool = False) -> web.Application:
         if whole:
             await response.write(CHUNK * n)
         else:
+            clock = asyncio.get_running_loop().time
             for _ in range(n):
                 await response.write(CHUNK)
-                if pace_s > 0:
-                    await asyncio.sleep(pace_s)
+                if pace_s > 0:  # until the next step of the one grid
+                    await asyncio.sleep(pace_s - clock() % pace_s)
         usage = {"choices": [], "usage": {"completion_tokens": n, "prompt_tokens": 1}}
         await response.write(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
         return response
