@@ -259,9 +259,11 @@ async def run_offline(
     tasks = [asyncio.create_task(_stream(engine, live, flights, texts)) for live in lives]
     flights.flying.extend(tasks)
     if tasks:
-        cutter = asyncio.create_task(_cut_at(t0 + round(timeout_s * NS), tasks))
-        await asyncio.wait(tasks)
-        cutter.cancel()
+        cutter = asyncio.create_task(_cut_at(timeout_s, tasks))
+        try:
+            await asyncio.wait(tasks)
+        finally:  # none left to cut a later run on a reused loop, also after an error
+            cutter.cancel()
         await asyncio.wait([cutter])
     records = await _records(lives, tasks, flights)
     if counted is not None:
@@ -270,12 +272,12 @@ async def run_offline(
 
 
 async def _cut_at(
-    deadline_ns: int, tasks: list[asyncio.Task[Any]], halt: asyncio.Event | None = None
+    seconds: float, tasks: list[asyncio.Task[Any]], halt: asyncio.Event | None = None
 ) -> None:
-    """The run's time limit: at `deadline_ns`, issue no more (`halt`) and cancel `tasks`
+    """The run's time limit: in `seconds`, issue no more (`halt`) and cancel `tasks`
     (each request in flight becomes a record failed with `TIMED_OUT`). Woken off the
     loop (`sleep_off_loop`): no loop timer is pending while tokens stream."""
-    await sleep_off_loop((deadline_ns - _clock()) / NS)
+    await sleep_off_loop(seconds)
     if halt is not None:
         halt.set()
     for task in tasks:
@@ -445,33 +447,36 @@ async def drive(
             await _stream(engine, live, flights, texts)
 
     watcher = asyncio.create_task(watch())
-    cutter = asyncio.create_task(_cut_at(deadline, flights.flying, halt))
-    if plan.scenario in ("server", "interactive"):
-        assert plan.qps is not None
-        schedule = plan.offsets_ns or poisson_offsets_ns(plan.qps, plan.seed)
-        for request, offset in zip(source, schedule, strict=False):
-            scheduled = t0 + offset
-            if scheduled >= end_issuing:
-                out_of_time()
-                break
-            await wait_halt((scheduled - clock()) / NS)
-            if halt.is_set():
-                break
-            live = _Live(request, clock(), scheduled)
-            lives.append(live)
-            flights.flying.append(asyncio.create_task(_stream(engine, live, flights, texts)))
-    else:  # concurrency: a closed loop
-        assert plan.concurrency is not None
-        workers = [asyncio.create_task(closed_loop()) for _ in range(plan.concurrency)]
-        flights.flying.extend(workers)
-        await asyncio.wait(workers)  # until they run out of requests, or `cutter` ends them
-    halt.set()
-    watcher.cancel()
-    tasks = flights.flying
-    if tasks:
-        await asyncio.wait(tasks)  # the requests in flight finish, or `cutter` ends them
-    cutter.cancel()
-    await asyncio.wait([watcher, cutter])  # none left behind on a reused loop
+    cutter = asyncio.create_task(_cut_at((deadline - clock()) / NS, flights.flying, halt))
+    try:
+        if plan.scenario in ("server", "interactive"):
+            assert plan.qps is not None
+            schedule = plan.offsets_ns or poisson_offsets_ns(plan.qps, plan.seed)
+            for request, offset in zip(source, schedule, strict=False):
+                scheduled = t0 + offset
+                if scheduled >= end_issuing:
+                    out_of_time()
+                    break
+                await wait_halt((scheduled - clock()) / NS)
+                if halt.is_set():
+                    break
+                live = _Live(request, clock(), scheduled)
+                lives.append(live)
+                flights.flying.append(asyncio.create_task(_stream(engine, live, flights, texts)))
+        else:  # concurrency: a closed loop
+            assert plan.concurrency is not None
+            workers = [asyncio.create_task(closed_loop()) for _ in range(plan.concurrency)]
+            flights.flying.extend(workers)
+            await asyncio.wait(workers)  # until they run out of requests, or `cutter` ends them
+        halt.set()
+        watcher.cancel()
+        tasks = flights.flying
+        if tasks:
+            await asyncio.wait(tasks)  # the requests in flight finish, or `cutter` ends them
+    finally:  # none left to cut a later run on a reused loop, also after an error
+        watcher.cancel()
+        cutter.cancel()
+    await asyncio.wait([watcher, cutter])
     records = await _records(lives, tasks, flights)
     wall = clock() - t0
     cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None

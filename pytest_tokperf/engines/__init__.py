@@ -7,7 +7,9 @@ chunks, so an engine never needs to know about clocks, scenarios or metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
+import math
 import os
 import sys
 import time
@@ -111,10 +113,11 @@ async def sleep_off_loop(seconds: float) -> None:
     CPU per streamed token against a server streaming at full speed (perf, on
     benchmarks/client_overhead.py). A thread could wake the loop too, but a process's
     first thread turns on glibc's locking and cancellation wrappers around every read
-    from then on, which cost more than the timer (same measure).
+    from then on, which cost more than the timer (same measure). Where no timerfd can
+    be made (not Linux, an infinite or odd `seconds`), it is `asyncio.sleep`.
     """
     loop = asyncio.get_running_loop()
-    fd = _timerfd(seconds)
+    fd = _timerfd(seconds) if math.isfinite(seconds) else None
     if fd is not None:
         woken: asyncio.Future[None] = loop.create_future()
         try:
@@ -137,21 +140,38 @@ def _set_done(future: asyncio.Future[None]) -> None:
 
 
 def _timerfd(seconds: float) -> int | None:
-    """A non-blocking Linux timerfd that becomes readable in `seconds`; None elsewhere."""
-    if not sys.platform.startswith("linux"):
+    """A non-blocking Linux timerfd that becomes readable in `seconds` (finite); None
+    where there is none."""
+    libc = _libc()
+    if libc is None:
         return None
-    import ctypes  # os.timerfd_create is Python 3.13+
+    import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
+    ns = max(1, round(seconds * 1e9))  # 0 would disarm it
+    # struct itimerspec: (interval, value), each (time_t seconds, long nanoseconds)
+    spec = (ctypes.c_long * 4)(0, 0, ns // 1_000_000_000, ns % 1_000_000_000)
     fd: int = libc.timerfd_create(time.CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
     if fd < 0:
         return None
-    ns = max(1, round(seconds * 1e9))  # 0 would disarm it
-    spec = (ctypes.c_long * 4)(0, 0, ns // 1_000_000_000, ns % 1_000_000_000)  # itimerspec
     if libc.timerfd_settime(fd, 0, spec, None) != 0:
         os.close(fd)
         return None
     return fd
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, where it has timerfds (Linux); os.timerfd_create is Python 3.13+."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.timerfd_create, libc.timerfd_settime  # noqa: B018  # both there, or None
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def reconcile(counts: Sequence[int], trailing: int, total: int | None) -> list[int]:

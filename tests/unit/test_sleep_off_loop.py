@@ -19,7 +19,8 @@ from pytest_tokperf.driver import new_loop
 from pytest_tokperf.engines import sleep_off_loop
 
 LINUX = sys.platform.startswith("linux")
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": new_loop}
+LOOPS = {"asyncio": asyncio.new_event_loop, "driver-loop": new_loop}  # uvloop when installed
+linux_only = pytest.mark.skipif(not LINUX, reason="a timerfd is Linux's; elsewhere asyncio.sleep")
 
 
 def _fds() -> set[str]:
@@ -36,10 +37,10 @@ def test_it_sleeps_as_long_as_asked(make, seconds) -> None:
         took = time.perf_counter() - start
     finally:
         loop.close()
-    assert seconds <= took < seconds + 0.25
+    assert seconds <= took < seconds + 1.0  # generous: a loaded 2-core machine
 
 
-@pytest.mark.skipif(not LINUX, reason="a timerfd is Linux's; elsewhere it is asyncio.sleep")
+@linux_only
 def test_no_loop_timer_is_pending_while_it_sleeps_and_its_fd_is_closed_after() -> None:
     loop = asyncio.new_event_loop()  # the standard loop: its timers are in `_scheduled`
     seen: dict[str, object] = {}
@@ -62,13 +63,15 @@ def test_no_loop_timer_is_pending_while_it_sleeps_and_its_fd_is_closed_after() -
     assert seen["after"] == set()
 
 
+@linux_only
 @pytest.mark.parametrize("make", LOOPS.values(), ids=list(LOOPS))
-def test_a_cancelled_sleep_ends_at_once_and_leaves_no_fd(make) -> None:
+@pytest.mark.parametrize("seconds", [3600, float("inf")])
+def test_a_cancelled_sleep_ends_at_once_and_leaves_no_fd(make, seconds) -> None:
     loop = make()
 
     async def main() -> tuple[float, set[str]]:
         before = _fds()
-        sleeper = asyncio.create_task(sleep_off_loop(3600))
+        sleeper = asyncio.create_task(sleep_off_loop(seconds))
         await asyncio.sleep(0.01)
         start = time.perf_counter()
         sleeper.cancel()
@@ -80,5 +83,5 @@ def test_a_cancelled_sleep_ends_at_once_and_leaves_no_fd(make) -> None:
         took, left = loop.run_until_complete(main())
     finally:
         loop.close()
-    assert took < 0.25
+    assert took < 1.0
     assert left == set()
