@@ -169,9 +169,14 @@ def _guard(args: list[str]) -> int:
     def stop(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         os.killpg(0, signal.SIGTERM)  # the server and every worker it started
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            for child in children:
-                child.wait(GUARD_GRACE_S)
+        # not `Popen.wait`: this handler interrupts the `wait` below, whose lock it
+        # holds, so a second `wait` could never reap and sat out the whole grace period
+        deadline = time.monotonic() + GUARD_GRACE_S
+        with contextlib.suppress(ChildProcessError):  # reaped already: it has exited
+            while children and os.waitpid(children[0].pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
         os.killpg(0, signal.SIGKILL)  # whatever is left, this guard last
         os._exit(128 + signum)
 

@@ -185,8 +185,11 @@ def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
     server = launcher.start(f'{sys.executable} -c "{script}" {{port}}', ready_timeout_s=60)
     child = int(pid_file.read_text())
     assert _alive(child)
+    start = time.monotonic()
     server.stop()
     assert server.process.poll() is not None
+    # the server exits at SIGTERM: it is not waited for until the grace period's SIGKILL
+    assert time.monotonic() - start < launcher.GUARD_GRACE_S / 2
     deadline = time.monotonic() + 10
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
