@@ -12,6 +12,8 @@ How it writes the chunks of each stream:
 - `--whole` ("one-write"): all chunks in one write, so a client reads a whole answer
   in one or two reads and what is left of its cost is per request.
 
+`--metrics FILE` serves FILE as its Prometheus /metrics page (benchmarks/scrape_stall.py).
+
 Run: python benchmarks/null_openai_server.py --port 8000 [--pace-ms 5 | --whole]
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from pathlib import Path
 
 from aiohttp import web
 
@@ -29,7 +32,7 @@ CHUNK = (
 )
 
 
-def make_app(pace_s: float, whole: bool = False) -> web.Application:
+def make_app(pace_s: float, whole: bool = False, metrics: str | None = None) -> web.Application:
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"data": [{"id": "null"}]})
 
@@ -50,8 +53,14 @@ def make_app(pace_s: float, whole: bool = False) -> web.Application:
         await response.write(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
         return response
 
+    async def page(request: web.Request) -> web.Response:
+        assert metrics is not None
+        return web.Response(text=Path(metrics).read_text(), content_type="text/plain")
+
     app = web.Application()
     app.add_routes([web.get("/v1/models", models), web.post("/v1/chat/completions", chat)])
+    if metrics:
+        app.add_routes([web.get("/metrics", page)])
     return app
 
 
@@ -60,9 +69,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pace-ms", type=float, default=0.0)
     parser.add_argument("--whole", action="store_true", help="each answer in one write")
+    parser.add_argument("--metrics", help="serve this file as /metrics")
     args = parser.parse_args()
     web.run_app(
-        make_app(args.pace_ms / 1000, args.whole),
+        make_app(args.pace_ms / 1000, args.whole, args.metrics),
         host="127.0.0.1",
         port=args.port,
         print=None,

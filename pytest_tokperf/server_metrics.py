@@ -1,6 +1,8 @@
 """The server's own counters beside the client's: its Prometheus `/metrics`, scraped at
-the start of a measured run, every few seconds during it (in a thread, never on the
-event loop), and at its end.
+the start of a measured run, every few seconds during it, and at its end. The scrapes
+during the run come from a child process: on the event loop, or in a thread, parsing a
+page would hold the interpreter while tokens arrive (delaying their timestamps), and a
+process's first thread makes glibc lock on every socket read from then on.
 
 Known servers and the series read (sample names as exposed, summed over labels):
 vLLM (`vllm/v1/metrics/loggers.py`), SGLang (docs "Production Metrics"), llama.cpp's
@@ -12,7 +14,12 @@ INVALID (`disagreement`); a queue still full at the end of an Offline run is not
 
 from __future__ import annotations
 
-import threading
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 EVERY_S = 5.0
+SCRAPE_TIMEOUT_S = 5.0
 TOLERANCE = 0.01  # server and client token counts may differ by this share
 SETTLE_S = (0.5, 1.0, 2.0)  # counters some servers update after the stream ended
 
@@ -96,13 +104,45 @@ def _pick(values: Mapping[str, float], names: Sequence[str]) -> float | None:
     return None
 
 
-def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float]:
+def scrape(url: str, timeout_s: float = SCRAPE_TIMEOUT_S) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         return parse(response.read().decode("utf-8", "replace"))
 
 
+def _scrape_once(url: str) -> tuple[dict[str, float] | None, str]:
+    """The page's values, or None and why not."""
+    try:
+        return scrape(url), ""
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return None, f"cannot read {url}: {exc}"
+
+
+def _child(url: str, every_s: str) -> None:
+    """The scraper's process: a JSON line `[time.monotonic(), values or why not]` to
+    stdout every `every_s`, until its stdin closes (the run's end, or the parent's death).
+    Its scrapes run only when a core is otherwise idle (SCHED_IDLE): on the client's own
+    core a read that arrives preempts one at once (at nice 19, Linux's EEVDF scheduler
+    let a scrape run on for milliseconds). On cores kept busy, scrapes come late or
+    not at all; the run's first and last scrapes are the parent's own."""
+    import prometheus_client.parser  # noqa: F401  # the import's CPU before the policy
+
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:  # pragma: no cover - not Linux
+        os.nice(19)
+    while not select.select([sys.stdin], [], [], float(every_s))[0]:
+        values, error = _scrape_once(url)
+        print(json.dumps([time.monotonic(), error if values is None else values]), flush=True)
+
+
+# run as `python -c CHILD PATH URL EVERY_S`: this file alone, not the package (whose
+# imports would cost the run's machine a second of CPU), and not from its directory
+# (whose modules, such as html.py, would hide the standard library's)
+CHILD = "import runpy, sys; del sys.path[0]; runpy.run_path(sys.argv[1])['_child'](*sys.argv[2:])"
+
+
 class Watch:
-    """Scrapes `url` at enter, every `every_s` in a thread, and at exit.
+    """Scrapes `url` at enter, every `every_s` from a child process, and at exit.
 
     A server without `/metrics` (or without a known series) leaves `summary` saying so;
     a run never fails for want of server counters.
@@ -113,34 +153,55 @@ class Watch:
         self.every_s = every_s
         self.samples: list[tuple[float, dict[str, float]]] = []
         self.error: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._out: Any = None  # the child's output: a file, so it never blocks on a pipe
 
     def _scrape(self) -> dict[str, float] | None:
         assert self.url is not None
-        try:
-            values = scrape(self.url)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            self.error = f"cannot read {self.url}: {exc}"
+        values, error = _scrape_once(self.url)
+        if values is None:
+            self.error = error
             return None
         self.samples.append((time.monotonic(), values))
         return values
 
     def __enter__(self) -> Watch:
         if self.url is not None and self._scrape() is not None:
-            self._thread = threading.Thread(target=self._loop, name="tokperf-metrics", daemon=True)
-            self._thread.start()
+            self._out = tempfile.TemporaryFile()
+            self._child = subprocess.Popen(
+                [sys.executable, "-c", CHILD, __file__, self.url, repr(self.every_s)],
+                stdin=subprocess.PIPE,
+                stdout=self._out,
+                stderr=subprocess.STDOUT,
+            )
         return self
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self._scrape()
-
     def __exit__(self, *exc: object) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._scrape()
+        child = self._child
+        if child is None:
+            return
+        assert child.stdin is not None
+        child.stdin.close()  # the child's signal to stop, after a scrape in flight
+        try:
+            child.wait(timeout=SCRAPE_TIMEOUT_S + 10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        self._out.seek(0)
+        for line in self._out.read().decode("utf-8", "replace").splitlines():
+            try:
+                at, values = json.loads(line)
+            except ValueError:  # not a scrape: the child's own failure (its traceback)
+                self.error = f"the /metrics scraper failed: {line}"
+                continue
+            if isinstance(values, dict):
+                self.samples.append((at, values))
+            else:
+                self.error = values
+        self._out.close()
+        if child.returncode != 0 and self.error is None:
+            self.error = f"the /metrics scraper exited with status {child.returncode}"
+        self._scrape()
 
     def summary(self, client_tokens: int, scenario: str) -> dict[str, Any] | None:
         """The run's server counters beside the client's, JSON data; None without a URL."""

@@ -5,7 +5,12 @@ generated-token counter by what it streamed."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +88,80 @@ def test_a_server_without_a_token_counter_is_not_judged_on_tokens() -> None:
     s = result.server
     assert s is not None and s["server"] == "tensorrt-llm" and s["generated_tokens"] is None
     assert outcome.status == "PASS"
+
+
+@pytest.fixture
+def vllm_page():  # type: ignore[no-untyped-def]
+    cmd = f"{sys.executable} {FAKE} --port {{port}} --metrics {PAGES / 'vllm.prom'}"
+    server = launcher.start(cmd, ready_timeout_s=60)
+    yield server
+    server.stop()
+
+
+def test_the_scrapes_during_a_run_come_from_a_child_process_not_a_thread(
+    vllm_page: launcher.Server,
+) -> None:
+    """A thread would hold the interpreter while it parses, as tokens arrive, and make
+    glibc lock on every read of the process from then on."""
+    threads = threading.active_count()
+    watch = server_metrics.Watch(f"{vllm_page.base_url}/metrics", every_s=0.1)
+    with watch:
+        deadline = time.monotonic() + 60  # SCHED_IDLE on a loaded CI machine: slow
+        while os.pread(watch._out.fileno(), 1 << 20, 0).count(b"\n") < 3:
+            assert time.monotonic() < deadline, "the child wrote no three scrapes in 60 s"
+            time.sleep(0.1)
+        assert threading.active_count() == threads
+        assert watch._child is not None and watch._child.poll() is None
+        if hasattr(os, "SCHED_IDLE"):  # it yields to every read of the client
+            assert os.sched_getscheduler(watch._child.pid) == os.SCHED_IDLE
+    assert watch._child.returncode == 0 and watch.error is None
+    times = [at for at, _ in watch.samples]
+    assert len(times) >= 5 and times == sorted(times)  # enter, the child's, exit
+    assert times[-1] - times[0] >= 0.3  # three scrapes 0.1 s apart, at least
+    assert all(server_metrics.identify(values) == "vllm" for _, values in watch.samples)
+
+
+def test_a_server_that_stops_answering_mid_run_is_recorded_not_fatal(
+    vllm_page: launcher.Server,
+) -> None:
+    watch = server_metrics.Watch(f"{vllm_page.base_url}/metrics", every_s=0.1)
+    with watch:
+        vllm_page.stop()
+        time.sleep(0.5)
+    assert len(watch.samples) == 1 and watch.error is not None
+    assert watch.error.startswith(f"cannot read {vllm_page.base_url}/metrics")
+    summary = watch.summary(client_tokens=10, scenario="offline")
+    assert summary is not None and summary["error"] == watch.error
+
+
+def test_a_scraper_that_cannot_start_is_reported(
+    vllm_page: launcher.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_metrics, "CHILD", "import sys; sys.exit('no scraper here')")
+    watch = server_metrics.Watch(f"{vllm_page.base_url}/metrics", every_s=0.1)
+    with watch:
+        time.sleep(0.3)
+    assert watch.error == "the /metrics scraper failed: no scraper here"
+    assert len(watch.samples) == 2  # enter and exit, from this process
+
+
+def test_the_stall_benchmark_runs_and_its_page_parses() -> None:
+    bench = Path(__file__).parents[2] / "benchmarks" / "scrape_stall.py"
+    spec = importlib.util.spec_from_file_location("scrape_stall", bench)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.page(20)
+    values = server_metrics.parse(text)
+    assert len(text) >= 20 * 1024 and server_metrics.identify(values) == "vllm"
+    assert values["vllm:latency_0_seconds_count"] == 510  # one family, summed labels
+    out = subprocess.run(
+        [sys.executable, str(bench), "--seconds", "1", "--every-s", "0.2", "--page-kb", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = {line[:24].strip(): line[24:].split() for line in out.splitlines()[2:]}
+    assert set(rows) == {"no scrape", "child process (Watch)", "thread"}
+    assert rows["no scrape"][0] == "0" and int(rows["thread"][0]) >= 3

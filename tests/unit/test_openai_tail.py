@@ -102,6 +102,7 @@ def test_the_tail_says_what_reading_every_event_says(
     data = HEAD + chunked(*writes)
     reads = [data[i : i + split] for i in range(0, len(data), split)]
     conn, _ = receive(reads)
+    assert conn.body() == data[len(HEAD) :]  # every byte kept, in order
     settled = openai._from_tail(conn)
     usage, trailing, done = full_read(conn)
     assert done
