@@ -115,6 +115,10 @@ def _scrape_once(url: str) -> tuple[dict[str, float] | None, str]:
         return scrape(url), ""
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return None, f"cannot read {url}: {exc}"
+    except ImportError:
+        return None, (
+            f"reading {url} needs prometheus-client: pip install 'pytest-tokperf[openai]'"
+        )
 
 
 def _child(url: str, every_s: str) -> None:
@@ -191,7 +195,7 @@ class Watch:
         for line in self._out.read().decode("utf-8", "replace").splitlines():
             try:
                 at, values = json.loads(line)
-            except ValueError:  # not a scrape: the child's own failure (its traceback)
+            except (ValueError, TypeError):  # not a scrape: the child's failure (traceback)
                 self.error = f"the /metrics scraper failed: {line}"
                 continue
             if isinstance(values, dict):

@@ -165,3 +165,16 @@ def test_the_stall_benchmark_runs_and_its_page_parses() -> None:
     rows = {line[:24].strip(): line[24:].split() for line in out.splitlines()[2:]}
     assert set(rows) == {"no scrape", "child process (Watch)", "thread"}
     assert rows["no scrape"][0] == "0" and int(rows["thread"][0]) >= 3
+
+
+def test_without_prometheus_client_the_run_says_what_to_install(
+    vllm_page: launcher.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client.parser", None)  # not installed
+    watch = server_metrics.Watch(f"{vllm_page.base_url}/metrics", every_s=0.1)
+    with watch:
+        pass
+    assert watch._child is None and watch.samples == []
+    assert watch.error is not None and "pip install 'pytest-tokperf[openai]'" in watch.error
+    summary = watch.summary(client_tokens=10, scenario="offline")
+    assert summary is not None and summary["error"] == watch.error
