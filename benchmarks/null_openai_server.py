@@ -53,9 +53,10 @@ def make_app(pace_s: float, whole: bool = False, metrics: str | None = None) -> 
         await response.write(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
         return response
 
+    text = Path(metrics).read_text() if metrics else ""  # read once, not per scrape
+
     async def page(request: web.Request) -> web.Response:
-        assert metrics is not None
-        return web.Response(text=Path(metrics).read_text(), content_type="text/plain")
+        return web.Response(text=text, content_type="text/plain")
 
     app = web.Application()
     app.add_routes([web.get("/v1/models", models), web.post("/v1/chat/completions", chat)])

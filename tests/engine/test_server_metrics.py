@@ -45,9 +45,14 @@ def test_recorded_pages_parse(
     assert server_metrics._pick(values, names.queue) == queue
 
 
-def _run(page: str, *flags: str, scenario: str = "offline"):  # type: ignore[no-untyped-def]
+def _serve(page: str, *flags: str) -> launcher.Server:
+    """The loopback server, serving this recorded page as its /metrics."""
     cmd = f"{sys.executable} {FAKE} --port {{port}} --metrics {PAGES / page} {' '.join(flags)}"
-    server = launcher.start(cmd, ready_timeout_s=60)
+    return launcher.start(cmd, ready_timeout_s=60)
+
+
+def _run(page: str, *flags: str, scenario: str = "offline"):  # type: ignore[no-untyped-def]
+    server = _serve(page, *flags)
     loop = driver.new_loop()
     try:
         engine = load_engine("openai", {"base_url": server.base_url})
@@ -92,8 +97,7 @@ def test_a_server_without_a_token_counter_is_not_judged_on_tokens() -> None:
 
 @pytest.fixture
 def vllm_page():  # type: ignore[no-untyped-def]
-    cmd = f"{sys.executable} {FAKE} --port {{port}} --metrics {PAGES / 'vllm.prom'}"
-    server = launcher.start(cmd, ready_timeout_s=60)
+    server = _serve("vllm.prom")
     yield server
     server.stop()
 
