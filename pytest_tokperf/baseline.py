@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_tokperf import acknowledged, metrics, regression
+from pytest_tokperf import acknowledged, metrics, regression, verdict
 from pytest_tokperf.gpus import Inventory
 from pytest_tokperf.metrics import RunResult
 
@@ -206,33 +206,30 @@ class Baselines:
     def active(self) -> bool:
         return self.save_dir is not None or self.compare_dir is not None or self.want_latencies
 
-    def apply(
-        self,
-        payload: dict[str, Any],
-        result: RunResult,
-        uuids: Sequence[str],
-        marker: Mapping[str, float | None] | None,
+    def extras(
+        self, payload: Mapping[str, Any], result: RunResult, uuids: Sequence[str]
     ) -> dict[str, Any]:
-        """The payload with its extras and, when comparing, its `regression` block and
-        combined verdict; saves the baseline when asked (not from an INVALID run)."""
+        """The measurement's extra keys a baseline needs (none when baselines are off)."""
         if not self.active:
-            return payload
-        hw = hardware(payload["device_kind"], self.inventory, uuids)
-        payload.update(extras(result, hw, latencies=True))
-        if self.compare_dir is not None:
-            payload["regression"] = self.compare(payload, tolerances(marker, self.tolerance))
-            payload["verdict"] = combined(payload["verdict"], payload["regression"])
-        if self.save_dir is not None and payload["verdict"] != "INVALID":
-            if self._commit is None:
-                self._commit = git_commit(self.rootdir) or ""
-            prov = provenance(payload, self.inventory, self._commit or None)
-            stored = {k: v for k, v in payload.items() if k != "regression"}
-            payload["baseline_saved"] = str(save(self.save_dir, stored, prov))
-        return payload
+            return {}
+        return extras(result, hardware(payload["device_kind"], self.inventory, uuids), True)
 
-    def compare(self, payload: Mapping[str, Any], tol: Mapping[str, float]) -> dict[str, Any]:
+    def save(self, payload: Mapping[str, Any]) -> str:
+        """Store a judged payload as its test's baseline; the caller saves only payloads
+        whose verdict has no FAIL or INVALID check. Returns the file's path."""
+        assert self.save_dir is not None
+        if self._commit is None:
+            self._commit = git_commit(self.rootdir) or ""
+        prov = provenance(payload, self.inventory, self._commit or None)
+        stored = {k: v for k, v in payload.items() if k != "regression"}
+        return str(save(self.save_dir, stored, prov))
+
+    def compare(
+        self, payload: Mapping[str, Any], marker: Mapping[str, float | None] | None
+    ) -> dict[str, Any]:
         """The `regression` block of the payload: compared or why not."""
         assert self.compare_dir is not None
+        tol = tolerances(marker, self.tolerance)
         want = key(payload)
         found = candidates(self.compare_dir, want["test"])
         same = [d for d in found if d["key"] == want]
@@ -302,13 +299,32 @@ def quantiles(values: Sequence[float], points: int) -> list[float]:
     return [ordered[round(i * (len(ordered) - 1) / (points - 1))] for i in range(points)]
 
 
-# the payload's combined verdict: the floor/SLO verdict and the regression status
-_RANK = {"FAIL": 0, "INVALID": 1, "INCONCLUSIVE": 2, "ACKNOWLEDGED": 3, "PASS": 4, "MEASURED": 5}
+MISSING_POLICIES = ("fail", "inconclusive", "pass")
+_MISSING = {"fail": "FAIL", "inconclusive": "INCONCLUSIVE", "pass": "NOT MEASURED"}
 
 
-def combined(verdict: str, block: Mapping[str, Any]) -> str:
-    """The worse of the two; a compared test is gated even without a floor or SLO."""
-    if not block.get("compared"):
-        return verdict
-    status = {"IMPROVED": "PASS"}.get(block["status"], block["status"])
-    return str(min(verdict, status, key=lambda s: _RANK.get(s, 4)))
+def checks(block: Mapping[str, Any], missing: str) -> list[verdict.Check]:
+    """The regression block as checks of the one judgment: one per compared metric, or
+    one `baseline` check saying none was found (its status set by `missing`, from
+    --tokperf-baseline-missing: nothing compared is never a pass)."""
+    if not block["compared"]:
+        return [verdict.check("baseline", _MISSING[missing], "baseline", block["reason"])]
+    out = []
+    for row in block["checks"]:
+        status = {"IMPROVED": "PASS"}.get(row["status"], row["status"])
+        up = regression.higher_is_better(row["metric"])
+        worse = 1 - row["tolerance"] if up else 1 + row["tolerance"]  # the limit of the ratio
+        out.append(
+            verdict.check(
+                row["metric"],
+                status,
+                "regression",
+                row.get("note", ""),
+                observed=row["ratio"],
+                limit=worse,
+                ci_low=row["low"],
+                ci_high=row["high"],
+                confidence=block["confidence"],
+            )
+        )
+    return out

@@ -67,6 +67,9 @@ def tolerance_factor(n: int, probability: float, confidence: float) -> float:
     return (low + high) / 2 / math.sqrt(n)
 
 
+USABLE = ("PASS", "MEASURED")
+
+
 @dataclass(frozen=True)
 class Proposal:
     test: str
@@ -93,7 +96,9 @@ def propose(
     by_test: dict[str, list[Mapping[str, Any]]] = {}
     for doc in runs:
         for p in doc["tests"]:
-            if p.get("kind") is None and p["verdict"] != "SKIPPED" and p["tokens_per_s"] > 0:
+            # floors from runs that passed or only measured: a failed or invalid run's
+            # rate is not the engine's
+            if p.get("kind") is None and p["verdict"] in USABLE and p["tokens_per_s"] > 0:
                 by_test.setdefault(p["nodeid"], []).append(p)
     out = []
     for test, payloads in sorted(by_test.items()):

@@ -1,18 +1,24 @@
-"""The gate: a test's markers and its last tokperf result (and its baseline) become a
-payload and a pass, fail or skip.
+"""The gate: every check of a test (its runs, its markers, its baseline, its rack)
+judged once, into one payload and a pass, fail or skip.
 
-Markers are validated into the item's stash before anything runs; after the test body
-the gate judges the runner's last result (`verdict`), compares it with its baseline
-(`baseline.Baselines`), settles it with the other MPI ranks (`rack`) and records the
-payload in `user_properties`, where `results` collects it. Registered as the plugin
-"tokperf-gate".
+Markers are read with `iter_markers` whenever they are needed (validated at
+collection, applied at setup for skips and early stopping, read again when the test
+is judged), so markers a conftest hook or a fixture adds count. After the test body
+the gate collects the checks (`verdict`: failed requests of every run, floors, SLOs,
+validity; `baseline`: the comparison or the missing baseline; parity), decides them
+with `verdict.decide`, builds the payload from that one verdict, saves the baseline
+only from a clean verdict, settles the rack with the other MPI ranks (`rack`) and
+records the payload in `user_properties`, where `results` collects it. Registered as
+the plugin "tokperf-gate".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Generator, Iterator
+from typing import Any
 
 import pytest
 
@@ -30,27 +36,14 @@ from pytest_tokperf import (
     verdict,
 )
 from pytest_tokperf.gpus import Inventory
+from pytest_tokperf.markers import Spec
 from pytest_tokperf.runner import Tokperf
 from pytest_tokperf.settings import Settings
 
-BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
-FLOORS = pytest.StashKey[dict[str, float]]()
-SLO_BOUNDS = pytest.StashKey[dict[str, verdict.Bound]]()
-SLOS = pytest.StashKey[dict[str, float]]()
-RACK_FLOOR = pytest.StashKey[float]()
 RUNNER = pytest.StashKey[Tokperf]()
-PARITY = pytest.StashKey[accuracy.ParitySpec]()
-NO_REGRESSION = pytest.StashKey[dict[str, float | None]]()
 PROPERTY = report.PROPERTY
 
-MARKERS = ("throughput_floor", "accuracy_parity", "latency_slo")
 FIXTURES = ("tokperf", "tokperf_engine", "tokperf_gpus", "tokperf_reference_engine")
-
-
-def _uses_tokperf(item: pytest.Item) -> bool:
-    if any(item.get_closest_marker(name) for name in MARKERS):
-        return True
-    return any(name in FIXTURES for name in getattr(item, "fixturenames", ()))
 
 
 class Gate:
@@ -79,85 +72,82 @@ class Gate:
             want_latencies=s.html_path is not None or bool(config.getoption("htmlpath", None)),
         )
 
+    # --- the markers ------------------------------------------------------------------
+
+    def spec(self, item: pytest.Item, *, running: bool = True) -> Spec:
+        """All of the test's tokperf markers now, combined; a bad one added at run time
+        fails the test (at collection it is a usage error)."""
+        s = self.settings
+        marks = {
+            name: [(node.nodeid, mark) for node, mark in item.iter_markers_with_node(name)]
+            for name in markers.NAMES
+        }
+        try:
+            return markers.read(
+                marks, s.profile, s.registry, s.precisions, reference.defaults(s.profile)
+            )
+        except pytest.UsageError as exc:
+            if running:
+                pytest.fail(str(exc), pytrace=False)
+            raise
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         s = self.settings
         # (an xdist worker's usage error would be an internal error: its tests fail instead)
-        tokperf_used = any(_uses_tokperf(item) for item in items)
-        if s.unmatched is not None and tokperf_used and not self.is_worker:
+        used = any(
+            any(item.get_closest_marker(name) for name in markers.NAMES[:3])
+            or any(name in FIXTURES for name in getattr(item, "fixturenames", ()))
+            for item in items
+        )
+        if s.unmatched is not None and used and not self.is_worker:
             raise pytest.UsageError(s.unmatched)
-        # validate every marker before anything runs: a typo is a usage error, not a skip
-        for item in items:
-            marker = item.get_closest_marker("throughput_floor")
-            if marker is not None:
-                item.stash[BOUNDS] = markers.parse_floor_marker(
-                    marker.args, marker.kwargs, item.nodeid, s.registry
-                )
-            parity = item.get_closest_marker("accuracy_parity")
-            if parity is not None:
-                item.stash[PARITY] = markers.parse_parity_marker(
-                    parity.args,
-                    parity.kwargs,
-                    item.nodeid,
-                    s.precisions,
-                    reference.defaults(s.profile),
-                )
-            marker = item.get_closest_marker("latency_slo")
-            if marker is not None:
-                item.stash[SLO_BOUNDS] = markers.parse_slo_marker(
-                    marker.args, marker.kwargs, item.nodeid, s.registry
-                )
-            marker = item.get_closest_marker("no_regression")
-            if marker is not None:
-                item.stash[NO_REGRESSION] = markers.parse_no_regression_marker(
-                    marker.args, marker.kwargs, item.nodeid
-                )
+        for item in items:  # every marker validated before anything runs: a typo stops here
+            self.spec(item, running=False)
 
-    def floors(self, item: pytest.Item) -> dict[str, float] | None:
-        """A test marked throughput_floor or latency_slo: its floors under this profile
-        (its SLOs go to the stash), or a skip without a bound for this profile.
-
-        None: the test has neither marker.
-        """
-        bounds = item.stash.get(BOUNDS, None)
-        slo_bounds = item.stash.get(SLO_BOUNDS, None)
-        if bounds is None and slo_bounds is None:
-            return None
-        profile = self.settings.profile
-        floors = (
-            None if bounds is None else verdict.floors_for(bounds, profile.name, profile.floors)
-        )
-        # a bare latency_slo() resolves to {} here and to the scenario's defaults after the run
-        slos = (
-            None
-            if slo_bounds is None
-            else verdict.floors_for(slo_bounds, profile.name, {}, marker="latency_slo")
-        )
-        for reason in (floors, slos):
-            if isinstance(reason, str):
-                self._skipped_row(item, reason)
-                pytest.skip(reason)
-        if floors == {}:
+    def _applies(self, item: pytest.Item, spec: Spec) -> None:
+        """Skip (or fail) a gated test that cannot be judged here, saying why."""
+        s = self.settings
+        if spec.skip is not None:
+            self._skipped_row(item, spec.skip)
+            pytest.skip(spec.skip)
+        if spec.bare_floor and not spec.floors and spec.rack_floor is None:
             pytest.fail(
-                f"throughput_floor() sets no floor, and profile {profile.name!r} has no default "
-                "floor: give min_tokens_per_s=... or per_gpu=... in the marker, or floors in "
-                "your profile",
+                f"throughput_floor() sets no floor, and profile {s.profile.name!r} has no "
+                "default floor: give min_tokens_per_s=... or per_gpu=... in the marker, or "
+                "floors in your profile",
                 pytrace=False,
             )
-        if isinstance(floors, dict) and "per_rack" in floors:
-            item.stash[RACK_FLOOR] = floors.pop("per_rack")
-            if self.world.size == 1:
+        if spec.rack_floor is not None and self.world.size == 1:
+            if not spec.bare_floor or s.profile.nodes < 2:  # the marker's own per_rack
                 reason = (
                     "throughput_floor(per_rack=...) needs every node of the rack: launch one "
-                    "pytest per node under MPI (srun/mpiexec, extra [rack])"
+                    "pytest per node under MPI (srun/mpiexec, extra [rack]); this run has 1 node"
                 )
-                self._skipped_row(item, reason)
-                pytest.skip(reason)
-        if isinstance(floors, dict):
-            item.stash[FLOORS] = floors
-        if isinstance(slos, dict):
-            item.stash[SLOS] = slos
-        return floors if isinstance(floors, dict) else {}
+            else:
+                reason = (
+                    f"profile {s.profile.name}'s default floor includes its rack floor "
+                    f"({report.num(spec.rack_floor)} output tokens/s) for {s.profile.nodes} "
+                    "nodes; this run has 1: launch one pytest per node under MPI "
+                    "(srun/mpiexec, extra [rack]), or give per_gpu=... in the marker to "
+                    "gate one node"
+                )
+            self._skipped_row(item, reason)
+            if s.require_hardware:
+                pytest.fail(f"{reason} (--tokperf-require-hardware)", pytrace=False)
+            pytest.skip(reason)
+
+    def floors(self, item: pytest.Item) -> dict[str, float] | None:
+        """At setup: a gated test's floors under this profile (for early stopping), or a
+        skip when it cannot be judged here. None: no floor or SLO marker yet."""
+        spec = self.spec(item)
+        if not spec.gated and spec.skip is None:
+            return None
+        self._applies(item, spec)
+        return dict(spec.floors or {})
+
+    def parity(self, item: pytest.Item) -> accuracy.ParitySpec | None:
+        return self.spec(item).parity
 
     def no_dataset(self, item: pytest.Item) -> None:
         """A run of the profile's default workload without its dataset: skip, or fail with
@@ -173,13 +163,11 @@ class Gate:
         data = report.skipped(item.nodeid, self.settings.profile, reason)
         item.user_properties.append((PROPERTY, json.dumps(data)))
 
+    # --- the test body, then its judgment ------------------------------------------------
+
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
-        s = self.settings
         runner = item.stash.get(RUNNER, None)
-        floors = item.stash.get(FLOORS, None)
-        slos = item.stash.get(SLOS, None)
-        gated = floors is not None or slos is not None
         interrupted = None
         cut = False  # Ctrl-C came in a run (its requests in flight were cut)
         try:
@@ -192,7 +180,7 @@ class Gate:
             interrupted = str(exc) if cut else f"{driver.INTERRUPTED} in the test's own code"
             item.session.shouldstop = f"tokperf: {interrupted}"  # pytest exits with status 2
         except BaseException as exc:
-            if gated:  # other ranks may be waiting for this one
+            if self.spec(item).gated:  # other ranks may be waiting for this one
                 skipped = isinstance(exc, pytest.skip.Exception)
                 status = f"skipped: {exc}" if skipped else f"failed: {type(exc).__name__}: {exc}"
                 common = self.world.abandon(status, bool(runner and runner.last))
@@ -202,33 +190,77 @@ class Gate:
                         pytest.skip(why)
                     pytest.fail(why, pytrace=False)
             raise
-        if interrupted is not None and (runner is None or runner.last is None):
-            pytest.fail(f"{interrupted}: nothing was measured; the session stops", pytrace=False)
+        runner = item.stash.get(RUNNER, None)
+        spec = self.spec(item)  # again: markers added during setup or the body count
+        if spec.gated or spec.skip is not None:
+            self._applies(item, spec)
         if runner is None:
-            return
-        if interrupted is None and PARITY in item.stash:
-            self._judge_parity(item, runner)
-        elif runner.last_parity is not None:  # tokperf.accuracy() without the marker
-            data = report.parity_payload(item.nodeid, runner.last_parity, s.profile)
-            data["verdict"] = "MEASURED"  # reported, not gated
-            item.user_properties.append((PROPERTY, json.dumps(data)))
-        if gated and runner.last is None:
-            runner.run()  # the marked test never ran a workload: run the profile's default
-        result = runner.last
-        if result is None:
-            return
-        if slos == {}:  # a bare latency_slo(): the profile's limits for this scenario
-            slos = dict(s.profile.slos.get(result.scenario, {}))
-            if not slos:
+            if spec.gated or spec.parity is not None:
                 pytest.fail(
-                    f"latency_slo() without limits: profile {s.profile.name!r} has no "
-                    f"default SLOs for the {result.scenario} scenario; give limits such as "
-                    "ttft_p99_ms=...",
+                    f"{item.nodeid} is marked {', '.join(spec.places)} but does not use the "
+                    "tokperf fixture, so nothing was measured: a marker added after setup "
+                    "needs the test to ask for `tokperf`",
                     pytrace=False,
                 )
-        outcome = verdict.judge(
-            result, floors or {}, slos, confidence=s.confidence, looks=runner.looks[-1]
+            return
+        if interrupted is not None and runner.last is None and not runner.parity_results:
+            pytest.fail(f"{interrupted}: nothing was measured; the session stops", pytrace=False)
+        if interrupted is None and spec.parity is not None and runner.last_parity is None:
+            runner.parity_spec = spec.parity
+            try:
+                runner.accuracy()
+            except (ValueError, accuracy.ParityError) as exc:
+                pytest.fail(f"accuracy parity could not be scored: {exc}", pytrace=False)
+        if interrupted is None and spec.gated and runner.last is None:
+            runner.run()  # the marked test never ran a workload: run the profile's default
+        if runner.last is None and not runner.parity_results:
+            return
+        data, message = self._judge(item, runner, spec, interrupted, cut)
+        status = data["verdict"]
+        if status in ("FAIL", "INVALID"):
+            pytest.fail(message, pytrace=False)
+        if status == "INCONCLUSIVE":
+            if self.settings.inconclusive == "fail":
+                pytest.fail(message, pytrace=False)
+            if self.settings.inconclusive == "skip":
+                pytest.skip(message)
+
+    def _judge(
+        self,
+        item: pytest.Item,
+        runner: Tokperf,
+        spec: Spec,
+        interrupted: str | None,
+        cut: bool,
+    ) -> tuple[dict[str, Any], str]:
+        """The one judgment of a test: (its deciding payload, the message if it failed).
+
+        Every payload row is recorded here, built after `verdict.decide` from its checks.
+        """
+        s = self.settings
+        parity = [] if spec.parity is None else runner.parity_results
+        checks = [
+            c for i, p in enumerate(parity) for c in verdict.parity_checks(p, i)
+        ]  # fmt: skip
+        result = runner.last
+        if result is None:  # accuracy parity alone
+            assert runner.last_parity is not None
+            outcome = verdict.verdict_of(checks)
+            data = report.judged(
+                report.parity_measurement(item.nodeid, runner.last_parity, s.profile), outcome
+            )
+            if spec.parity is None:  # tokperf.accuracy() without the marker: reported
+                assert data["verdict"] == "MEASURED"
+            item.user_properties.append((PROPERTY, json.dumps(data)))
+            return data, report.parity_message(data)
+        slos = self._slos(spec, result.scenario)
+        n = len(runner.results)
+        checks += [verdict.failure_check(r, i, n) for i, r in enumerate(runner.results[:-1])]
+        last = verdict.judge(
+            result, spec.floors or {}, slos, confidence=s.confidence, looks=runner.looks[-1]
         )
+        first, *rest = last.checks  # the last run's failed requests, numbered in the test
+        checks += [dataclasses.replace(first, run=n - 1, runs=n), *rest]
         if interrupted is not None:  # a cut run is no measurement, whatever it shows
             done = result.requests - result.failed
             when = f"{result.duration_s:.1f} s" if cut else "its last run"
@@ -236,65 +268,72 @@ class Gate:
                 f"{interrupted} after {when}, {done:,} of "
                 f"{result.requests:,} requests finished; the session stops"
             )
-            invalid = (why, *outcome.invalid)
-            outcome = dataclasses.replace(outcome, status="INVALID", invalid=invalid)
-            gated = True
+            checks.insert(0, verdict.check("interrupted", "INVALID", "interrupted", why))
         good = result.goodput(verdict.per_request_limits(slos)) if slos else None
-        data = report.payload(
-            item.nodeid, result, outcome, floors or {}, s.profile, slos, good, gpus=runner.gpus
+        data = report.measurement(
+            item.nodeid, result, spec.floors or {}, s.profile, slos, good,
+            gpus=runner.gpus, runs=runner.results,
+        )  # fmt: skip
+        data.update(self.baselines.extras(data, result, runner.gpus))
+        block = None
+        if self.baselines.compare_dir is not None:
+            block = self.baselines.compare(data, spec.no_regression)
+            checks += baseline.checks(block, s.baseline_missing)
+        outcome = verdict.verdict_of(checks, s.confidence, runner.looks[-1])
+        parity_block = (
+            None
+            if runner.last_parity is None
+            else report.parity_measurement(item.nodeid, runner.last_parity, s.profile)
         )
-        if not gated:
-            data["verdict"] = "MEASURED"  # no floor and no SLO: reported, not gated
-        # baselines: save, or compare (a compared test is gated by its regression checks)
-        data = self.baselines.apply(data, result, runner.gpus, item.stash.get(NO_REGRESSION, None))
-        gated = gated or bool(data.get("regression", {}).get("compared"))
-        if not gated:
+        data = report.judged(data, outcome, regression=block, parity=parity_block)
+        data["rack_floor"], data["rack_nodes"] = spec.rack_floor, spec.rack_nodes
+        clean = not any(c.status in ("FAIL", "INVALID") for c in outcome.checks)
+        if self.baselines.save_dir is not None and clean:
+            data["baseline_saved"] = self.baselines.save(data)
+        if not (spec.gated or block is not None):
             item.user_properties.append((PROPERTY, json.dumps(data)))
-            return
-        # the rack's floor: the marker's per_rack, else for a bare throughput_floor() the
-        # profile's rack_floor (nodes > 1); kept in the node's payload for `merge`
-        rack_floor = item.stash.get(RACK_FLOOR, None)
-        bare = item.stash.get(BOUNDS, None) == {}
-        default_rack = rack_floor is None and bare and s.profile.nodes > 1
-        data["rack_floor"] = s.profile.rack_floor if default_rack else rack_floor
-        data["rack_nodes"] = s.profile.nodes if default_rack else None
+            return data, self._message(data)
         data, rows = self.world.settle(
             item.nodeid,
             data,
             rackjudge.timeline(result.records, runner.anchors[-1], result.window_end_ns),
-            floor=data["rack_floor"],
+            floor=spec.rack_floor,
             confidence=s.confidence,
-            expected_nodes=data["rack_nodes"],
+            expected_nodes=spec.rack_nodes,
         )
         for row in rows:
             item.user_properties.append((PROPERTY, json.dumps(row)))
-        status = data["verdict"]
-        if data.get("kind") == "rack":
-            message = rackjudge.message(data)
-        else:
-            lines = [report.failure_message(data), *summary.regression_lines(data)]
-            message = "\n".join(line for line in lines if line)
-        if status in ("FAIL", "INVALID"):
-            pytest.fail(message, pytrace=False)
-        if status == "INCONCLUSIVE":
-            if s.inconclusive == "fail":
-                pytest.fail(message, pytrace=False)
-            if s.inconclusive == "skip":
-                pytest.skip(message)
+        return data, self._message(data)
 
-    def _judge_parity(self, item: pytest.Item, runner: Tokperf) -> None:
-        """A marked parity test: its last accuracy result (run one if it ran none)."""
-        if runner.last_parity is None:
-            try:
-                runner.accuracy()
-            except accuracy.ParityError as exc:
-                pytest.fail(f"accuracy parity could not be scored: {exc}", pytrace=False)
-        result = runner.last_parity
-        assert result is not None
-        data = report.parity_payload(item.nodeid, result, self.settings.profile)
-        item.user_properties.append((PROPERTY, json.dumps(data)))
-        if not result.passed:
-            pytest.fail(report.parity_message(data), pytrace=False)
+    def _slos(self, spec: Spec, scenario: str) -> dict[str, float] | None:
+        """The test's SLO limits for the run's scenario (a bare latency_slo(): the
+        profile's defaults, the strictest of both where the test names some too)."""
+        if spec.slos is None:
+            return None
+        slos = dict(spec.slos)
+        if spec.slo_defaults:
+            profile = self.settings.profile
+            defaults = profile.slos.get(scenario, {})
+            if not defaults and not slos:
+                pytest.fail(
+                    f"latency_slo() without limits: profile {profile.name!r} has no default "
+                    f"SLOs for the {scenario} scenario; give limits such as ttft_p99_ms=...",
+                    pytrace=False,
+                )
+            for key, limit in defaults.items():
+                slos[key] = min(limit, slos.get(key, math.inf))
+        return slos
+
+    @staticmethod
+    def _message(data: dict[str, Any]) -> str:
+        if data.get("kind") == "rack":
+            return rackjudge.message(data)
+        lines = [report.failure_message(data), *summary.regression_lines(data)]
+        if data.get("parity") is not None:
+            judged = {**data["parity"], "checks": data["checks"]}
+            if any(c["kind"] in ("parity", "evidence") and not c["passed"] for c in data["checks"]):
+                lines.append(report.parity_message(judged))
+        return "\n".join(line for line in lines if line)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
@@ -307,7 +346,7 @@ class Gate:
         if (
             rep.when == "setup"
             and isinstance(skip, pytest.skip.Exception)
-            and (BOUNDS in item.stash or SLO_BOUNDS in item.stash)
+            and any(item.get_closest_marker(n) for n in ("throughput_floor", "latency_slo"))
         ):
             outcome, why = self.world.skipped_in_setup(str(skip.msg))
             if all(name != PROPERTY for name, _ in rep.user_properties):

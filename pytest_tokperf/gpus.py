@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import glob
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 
 GIB = 1024**3
 ENV_RECORDING = "TOKPERF_NVML_RECORDING"
+DEVICE_FILES = "/dev/nvidia[0-9]*"  # the driver's device nodes: there are GPUs here
 DEFAULT_LOCK_DIR = Path(tempfile.gettempdir()) / "pytest-tokperf-locks"
 SAMPLE_INTERVAL_S = 0.1  # ~10 Hz: fine enough for power, far off the request hot path
 
@@ -124,6 +126,7 @@ class Inventory:
     error: str | None = None  # why there are no GPUs, when NVML could not be used
     source: str = "nvml"  # or the recording's path
     visible: str | None = None  # the inherited CUDA_VISIBLE_DEVICES these GPUs are limited to
+    init_failed: bool = False  # nvmlInit itself failed (no library, no driver, a mismatch)
 
     def describe(self) -> str:
         """One line for the report header."""
@@ -264,6 +267,22 @@ def _cuda_version(raw: int | None) -> str | None:
     return None if raw is None else f"{raw // 1000}.{raw % 1000 // 10}"
 
 
+def broken_driver(inventory: Inventory) -> str | None:
+    """Why this machine's GPUs cannot be seen although it has some: NVML failed to start
+    beside the driver's device files (a driver/library mismatch, a driver half loaded).
+    None: NVML works, or there are no NVIDIA devices here."""
+    if not inventory.init_failed:
+        return None
+    nodes = sorted(glob.glob(DEVICE_FILES))
+    if not nodes:
+        return None
+    return (
+        f"NVML could not start ({inventory.error}) although this machine has NVIDIA "
+        f"devices ({', '.join(nodes[:4])}): fix the driver (nvidia-smi shows the same "
+        "error), or pass --tokperf-profile cpu to run on the CPU on purpose"
+    )
+
+
 def read_inventory(nvml: Nvml | None, why_not: str | None = None) -> Inventory:
     """Every GPU NVML sees; no library or no driver is an inventory without GPUs."""
     source = getattr(nvml, "source", "nvml")
@@ -272,7 +291,7 @@ def read_inventory(nvml: Nvml | None, why_not: str | None = None) -> Inventory:
     try:
         nvml.nvmlInit()
     except _errors(nvml) as exc:
-        return Inventory((), error=f"NVML: {exc}", source=source)
+        return Inventory((), error=f"NVML: {exc}", source=source, init_failed=True)
     try:
         gpus = []
         for index in range(nvml.nvmlDeviceGetCount()):

@@ -117,11 +117,21 @@ class Harness:
                     pass_fds=allocation.fds,
                 )
                 options["base_url"] = self.server.base_url
-            engine = load_engine(backend, options, allocation.devices)
-            self.spawn = procs.Spawn(backend, options, allocation.devices)
+            devices = self.devices(allocation.devices)
+            engine = load_engine(backend, options, devices)
+            self.spawn = procs.Spawn(backend, options, devices)
         except (EngineError, launcher.LaunchError) as exc:
             pytest.fail(f"tokperf could not load its engine: {exc}", pytrace=False)
         return engine
+
+    def devices(self, allocated: int) -> int:
+        """The devices per-GPU numbers divide by: the allocation's, except for a server
+        this session did not launch, whose GPUs are the profile's (`devices`), not the
+        ones the client happens to hold."""
+        s = self.settings
+        if s.backend == "openai" and s.server_cmd is None:
+            return s.profile.devices
+        return allocated
 
     def reference_engine(self, at: str) -> Engine:
         """The reference engine at precision `at` (see reference.py), loaded once."""
@@ -142,8 +152,8 @@ class Harness:
                 server = launcher.start(plan.server_cmd, pass_fds=fds)
                 self.reference_servers.append(server)
                 plan.settings["base_url"] = server.base_url
-            devices = self.allocation.devices if self.allocation else s.profile.devices
-            engine = load_engine(s.backend, plan.settings, devices)
+            allocated = self.allocation.devices if self.allocation else s.profile.devices
+            engine = load_engine(s.backend, plan.settings, self.devices(allocated))
         except reference.Missing as exc:
             why = f"no reference for accuracy parity: {exc}"
         except (EngineError, launcher.LaunchError) as exc:

@@ -9,12 +9,15 @@ check (which keywords, which metrics) belong to the pure modules: `verdict`,
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pytest
 
 from pytest_tokperf import regression
 from pytest_tokperf.accuracy import ParitySpec
-from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS, Bound, finite
+from pytest_tokperf.profiles import Profile
+from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS, Bound, finite, floors_for
 
 FLOOR_MARKER = (
     "throughput_floor(min_tokens_per_s=None, per_gpu=None, per_rack=None): fail the test "
@@ -212,3 +215,159 @@ def parse_no_regression_marker(
             )
         out[k] = None if v is None else float(v)
     return out
+
+
+# --- a test's markers, all of them, combined ------------------------------------------
+
+NAMES = ("throughput_floor", "latency_slo", "accuracy_parity", "no_regression")
+Placed = tuple[str, Any]  # (where the marker sits: a node id, the marker: a pytest Mark)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a test's markers ask under one profile, every marker of each kind combined:
+    floors and SLOs all apply (the strictest wins), as do the regression tolerances."""
+
+    floors: dict[str, float] | None = None  # None: no throughput_floor applies
+    bare_floor: bool = False  # a throughput_floor() without bounds: the profile's floors
+    rack_floor: float | None = None  # per_rack, or a bare floor's profile rack_floor
+    rack_nodes: int | None = None  # the nodes that rack floor is for (None: any)
+    slos: dict[str, float] | None = None  # None: no latency_slo applies
+    slo_defaults: bool = False  # a bare latency_slo(): the profile's, for the run's scenario
+    parity: ParitySpec | None = None
+    no_regression: dict[str, float | None] | None = None
+    skip: str | None = None  # why the test does not apply to this profile
+    places: dict[str, str] = field(default_factory=dict)  # marker name -> where
+
+    @property
+    def gated(self) -> bool:
+        """A floor or an SLO: the test is judged on a run (the profile's, if it ran none)."""
+        return self.floors is not None or self.slos is not None or self.rack_floor is not None
+
+
+def _strictest(found: Sequence[dict[str, float]], pick: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for bounds in found:
+        for key, value in bounds.items():
+            out[key] = pick(out[key], value) if key in out else value
+    return out
+
+
+def _bounds(
+    marks: Sequence[Placed],
+    parse: Any,
+    profile: Profile,
+    profiles: Collection[str],
+    defaults: Mapping[str, float],
+    name: str,
+) -> tuple[list[dict[str, float]], bool, str | None]:
+    """(each applicable marker's bounds, whether one was bare, why none applies)."""
+    applicable: list[dict[str, float]] = []
+    bare = False
+    why = None
+    for where, mark in marks:
+        bounds = parse(mark.args, mark.kwargs, where, profiles)
+        resolved = floors_for(bounds, profile.name, defaults, marker=name)
+        if isinstance(resolved, str):
+            why = why or resolved
+            continue
+        bare = bare or not bounds
+        applicable.append(resolved)
+    return applicable, bare, (why if not applicable else None)
+
+
+def _one_parity(
+    marks: Sequence[Placed],
+    precisions: Sequence[str] | None,
+    profile: Profile,
+    defaults: ParitySpec,
+) -> ParitySpec | None:
+    specs = [
+        (where, parse_parity_marker(mark.args, mark.kwargs, where, precisions, defaults))
+        for where, mark in marks
+    ]
+    if not specs:
+        return None
+    (first_at, spec), rest = specs[0], specs[1:]
+    for at, other in rest:
+        for name in ("reference", "dataset"):
+            default = profile.reference_precision if name == "reference" else None
+            mine, theirs = getattr(spec, name) or default, getattr(other, name) or default
+            if mine != theirs:
+                raise pytest.UsageError(
+                    f"{first_at}: accuracy_parity markers disagree on {name}: {mine!r} "
+                    f"(on {first_at}) and {theirs!r} (on {at}); keep one"
+                )
+        low = max(spec.tokens_per_sample[0], other.tokens_per_sample[0])
+        high = min(spec.tokens_per_sample[1], other.tokens_per_sample[1])
+        kls = [v for v in (spec.max_kl, other.max_kl) if v is not None]
+        top1s = [v for v in (spec.min_top1, other.min_top1) if v is not None]
+        spec = replace(
+            spec,
+            reference=spec.reference or other.reference,
+            rouge_ratio=max(spec.rouge_ratio, other.rouge_ratio),
+            tokens_per_sample=(low, high),
+            max_kl=min(kls, default=None),
+            min_top1=max(top1s, default=None),
+        )
+    under_test = profile.precision if precisions is not None else None
+    reference = spec.reference or profile.reference_precision
+    if under_test is not None and reference == under_test:
+        said = (
+            f"accuracy_parity(reference={reference!r}): {reference!r}"
+            if spec.reference
+            else f"accuracy_parity(): the profile's reference {reference!r}"
+        )
+        raise pytest.UsageError(
+            f"{first_at}: {said} is the precision under test (profile {profile.name}, or "
+            "--tokperf-precision): a parity test compares two precisions; name another "
+            "reference, or run the engine at another precision"
+        )
+    return spec
+
+
+def read(
+    marks: Mapping[str, Sequence[Placed]],
+    profile: Profile,
+    profiles: Collection[str],
+    precisions: Sequence[str] | None,
+    parity_defaults: ParitySpec,
+) -> Spec:
+    """The combined `Spec` of a test from its markers by name (closest first, as
+    `item.iter_markers_with_node` gives them); a bad marker is a UsageError naming
+    where it is."""
+    floor_marks = marks.get("throughput_floor", ())
+    found, bare, why = _bounds(
+        floor_marks, parse_floor_marker, profile, profiles, profile.floors, "throughput_floor"
+    )
+    floors = _strictest(found, max) if floor_marks and why is None else None
+    rack_floor = None if floors is None else floors.pop("per_rack", None)
+    rack_nodes = profile.nodes if profile.nodes > 1 else None
+    if bare and rack_floor is None and profile.nodes > 1 and profile.rack_floor is not None:
+        rack_floor = profile.rack_floor  # a bare floor on a rack profile: the rack's too
+    slo_marks = marks.get("latency_slo", ())
+    slo_found, slo_bare, slo_why = _bounds(
+        slo_marks, parse_slo_marker, profile, profiles, {}, "latency_slo"
+    )
+    slos = _strictest(slo_found, min) if slo_marks and slo_why is None else None
+    parity = _one_parity(marks.get("accuracy_parity", ()), precisions, profile, parity_defaults)
+    tolerances: dict[str, float | None] | None = None
+    for where, mark in marks.get("no_regression", ()):
+        these = parse_no_regression_marker(mark.args, mark.kwargs, where)
+        tolerances = tolerances or {}
+        for key, value in these.items():
+            old = tolerances.get(key)
+            tolerances[key] = value if old is None else (old if value is None else min(old, value))
+    places = {name: ms[0][0] for name, ms in marks.items() if ms}
+    return Spec(
+        floors=floors,
+        bare_floor=bare,
+        rack_floor=rack_floor,
+        rack_nodes=rack_nodes if rack_floor is not None else None,
+        slos=slos,
+        slo_defaults=slo_bare,
+        parity=parity,
+        no_regression=tolerances,
+        skip=why or slo_why,
+        places=places,
+    )

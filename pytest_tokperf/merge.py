@@ -55,11 +55,37 @@ def _last_runs(path: Path) -> dict[tuple[str, str], tuple[list[Any], int | None]
     return {key: (recs, end) for key, (_, recs, end) in out.items()}
 
 
+def _identity(path: Path, doc: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Which run wrote a results file: host, pid and start (the file itself for a file
+    written before results named their run)."""
+    run = doc.get("run")
+    if not run:
+        return ("file", str(path.resolve()))
+    rank = (doc.get("node") or {}).get("rank")
+    return (run.get("host"), run.get("pid"), run.get("started"), rank)
+
+
 def load_nodes(paths: Sequence[Path]) -> dict[str, list[Node]]:
-    """Per test: one Node per input file (its position in the list is its rank here)."""
+    """Per test: one Node per input file (its position in the list is its rank here).
+
+    A rack is at least two nodes, each from its own run: two files of one run (one
+    node counted twice) are refused.
+    """
+    if len(paths) < 2:
+        raise MergeError(
+            f"a rack needs at least 2 nodes; got {len(paths)} ({', '.join(map(str, paths))})"
+        )
     by_test: dict[str, list[Node]] = {}
+    seen: dict[tuple[Any, ...], Path] = {}
     for rank, path in enumerate(paths):
         doc = json.loads(path.read_text(encoding="utf-8"))
+        ident = _identity(path, doc)
+        if ident in seen:
+            raise MergeError(
+                f"{seen[ident]} and {path} are the same run ({_said(ident)}): each node's "
+                "results must come from its own run"
+            )
+        seen[ident] = path
         source = doc.get("records")
         if not source:
             raise MergeError(f"{path}: names no records file: run the node with --tokperf-records")
@@ -72,8 +98,17 @@ def load_nodes(paths: Sequence[Path]) -> dict[str, list[Node]]:
                 raise MergeError(f"{path}: {source} has no records of {test}")
             recs, end = found
             timeline = rackjudge.timeline(recs, None, end)
+            nodes = int((doc.get("profile") or {}).get("nodes") or 1)  # the rack it was made for
+            row = {**row, "rack_nodes": row.get("rack_nodes") or (nodes if nodes > 1 else None)}
             by_test.setdefault(test, []).append(Node(rank, host, row, timeline, 0, _fabric(doc)))
     return by_test
+
+
+def _said(ident: tuple[Any, ...]) -> str:
+    if ident[0] == "file":
+        return f"one file, {ident[1]}"
+    host, pid, started, rank = ident
+    return f"host {host}, pid {pid}, started {started}" + ("" if rank is None else f", rank {rank}")
 
 
 def merge(paths: Sequence[Path], floor: float | None = None) -> list[dict[str, Any]]:
@@ -90,7 +125,7 @@ def merge(paths: Sequence[Path], floor: float | None = None) -> list[dict[str, A
                 floor=floor if floor is not None else first.get("rack_floor"),
                 confidence=float(first.get("confidence", 0.95)),
                 missing=[],
-                expected_nodes=None if floor is not None else first.get("rack_nodes"),
+                expected_nodes=first.get("rack_nodes"),
             )
         )
     return rows

@@ -374,6 +374,7 @@ class RunResult:
     token_counting: Mapping[str, int] = field(default_factory=dict)  # requests per method
     client_procs: tuple[ClientProc, ...] = ()  # the client processes that drove the run
     server: Mapping[str, Any] | None = None  # the server's own counters (server_metrics)
+    allowed_failures: int = 0  # failed requests the test allows this run (allow_failures=)
 
     @property
     def errors(self) -> list[str]:

@@ -9,6 +9,7 @@ environment > ini > profile default.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -16,7 +17,7 @@ import pytest
 
 from pytest_tokperf import gpus, markers, reference, settings
 from pytest_tokperf.engines import Engine
-from pytest_tokperf.gate import FLOORS, PARITY, RUNNER, Gate
+from pytest_tokperf.gate import RUNNER, Gate
 from pytest_tokperf.harness import Harness
 from pytest_tokperf.results import Results
 from pytest_tokperf.runner import Tokperf
@@ -33,6 +34,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", line)
     if config.getoption("help"):  # --help resolves no setting: a bad one must not break it
         return
+    for warning in settings.unknown_environment(os.environ):
+        config.issue_config_time_warning(pytest.PytestConfigWarning(warning), stacklevel=2)
     harness = Harness(config)  # resolves the settings; under MPI registers "tokperf-rack"
     s, world, inventory = harness.settings, harness.world, harness.inventory
     config.pluginmanager.register(Gate(config, s, world, inventory), "tokperf-gate")
@@ -112,12 +115,12 @@ def tokperf(
         client_procs=s.client_procs,
         spawn=harness.spawn,
     )
-    runner.parity_spec = request.node.stash.get(PARITY, reference.defaults(s.profile))
+    runner.parity_spec = gate.parity(request.node) or reference.defaults(s.profile)
     runner.confidence = s.confidence
     runner.dataset = s.dataset
     if s.dataset_missing is not None:
         runner.dataset_missing = lambda: gate.no_dataset(request.node)
-    runner.floors = request.node.stash.get(FLOORS, {})
+    runner.floors = gate.floors(request.node) or {}
     runner.progress = _plugin(request.config, "tokperf-results", Results).progress()
     runner.before_run = harness.world.start
     if harness.records is not None:
@@ -134,10 +137,11 @@ def tokperf(
 def _tokperf_parity(request: pytest.FixtureRequest) -> None:
     """Tests marked accuracy_parity get the runner even when they do not ask for it, and
     their reference engine: a missing reference errors before anything runs."""
-    if PARITY in request.node.stash:
+    spec = _gate(request.config).parity(request.node)
+    if spec is not None:
         request.getfixturevalue("tokperf")
         harness = _harness(request.config)
-        at = request.node.stash[PARITY].reference or harness.settings.profile.reference_precision
+        at = spec.reference or harness.settings.profile.reference_precision
         if at is not None:
             harness.reference_engine(at)
 

@@ -68,6 +68,11 @@ def auto_count(offered_tokens_per_s: float | None, cpus: int | None = None) -> i
 
 def shares(requests: Sequence[Request], plan: Plan, n: int) -> list[tuple[list[Request], Plan]]:
     """Each child's requests and plan (see the module docstring)."""
+    if plan.concurrency is not None and plan.concurrency < n:
+        raise ValueError(
+            f"{n} client processes cannot keep concurrency {plan.concurrency}: each keeps at "
+            "least one stream; use at most that many processes"
+        )
     out = []
     offsets: list[int] = []
     if plan.scenario in ("server", "interactive"):
@@ -82,7 +87,7 @@ def shares(requests: Sequence[Request], plan: Plan, n: int) -> list[tuple[list[R
             child = dataclasses.replace(child, offsets_ns=tuple(offsets[i::n]))
         if plan.concurrency is not None:
             c = plan.concurrency // n + (1 if i < plan.concurrency % n else 0)
-            child = dataclasses.replace(child, concurrency=max(1, c))
+            child = dataclasses.replace(child, concurrency=c)
         out.append((mine, child))
     return out
 

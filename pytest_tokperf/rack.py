@@ -22,6 +22,7 @@ others fail, naming it, instead of hanging them. The meetings:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import socket
 import time
@@ -30,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from pytest_tokperf import rackjudge
+from pytest_tokperf import rackjudge, verdict
 from pytest_tokperf.rackjudge import Node, Timeline
 
 DEFAULT_TIMEOUT_S = 900.0  # covers engines loading at different speeds and run-length spread
@@ -368,6 +369,7 @@ class Rack:
 
 def _failed_row(nodeid: str, data: dict[str, Any], why: str) -> dict[str, Any]:
     """The verdict when no rack verdict could be had: FAIL, saying why."""
-    return {**data, "nodeid": nodeid, "kind": "rack", "verdict": "FAIL", "failures": [why],
-            "invalid": [], "checks": [], "notes": [],
+    lost = verdict.check("rack", "FAIL", "node", why)
+    return {**data, "nodeid": nodeid, "kind": "rack", "verdict": verdict.decide([lost]),
+            "failures": [why], "invalid": [], "checks": [dataclasses.asdict(lost)], "notes": [],
             "rack": {"nodes": [], "missing": [], "window": {"overlap": 0.0}}}  # fmt: skip

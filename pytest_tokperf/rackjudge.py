@@ -12,13 +12,14 @@ each batch's rate summed over the nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_tokperf import metrics
+from pytest_tokperf import metrics, verdict
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.records import Anchor
 from pytest_tokperf.report import num
@@ -218,64 +219,58 @@ def judge(
     missing: Sequence[str] = (),
     expected_nodes: int | None = None,
 ) -> dict[str, Any]:
-    """The rack row: every node judged, then the rack as one system.
+    """The rack row: every node's verdict and the rack as one system, as checks of one
+    judgment (`verdict.decide`).
 
     FAIL when a node is missing or failed; else INVALID when the nodes are not one
     measurement (different runs, different NVLink domains, too little overlap, not
-    the profile's node count); else the rack floor's PASS/FAIL/INCONCLUSIVE combined
-    with the nodes' own verdicts.
+    the profile's node count); else the rack floor's PASS/FAIL/INCONCLUSIVE with the
+    nodes' own verdicts.
     """
-    failures = [f"{m} sent no result (it died, hung or was never started)" for m in missing]
-    invalid: list[str] = []
-    inconclusive = False
+    checks = [
+        verdict.check("node", "FAIL", "node", f"{m} sent no result (it died, hung or was "
+                      "never started)") for m in missing
+    ]  # fmt: skip
     for n in nodes:
-        status = n.payload.get("verdict")
+        status = str(n.payload.get("verdict"))
         if status == "FAIL":
-            failures.append(f"{n.label} failed its own checks: {node_failure(n.payload)}")
+            why = f"{n.label} failed its own checks: {node_failure(n.payload)}"
+            checks.append(verdict.check("node", "FAIL", "node", why))
         elif status == "INVALID":
-            invalid.append(f"{n.label}: {'; '.join(n.payload.get('invalid') or ['invalid'])}")
-        elif status == "INCONCLUSIVE":
-            inconclusive = True
+            why = f"{n.label}: {'; '.join(n.payload.get('invalid') or ['invalid'])}"
+            checks.append(verdict.check("node", "INVALID", "validity", why))
+        elif status in ("INCONCLUSIVE", "PASS", "ACKNOWLEDGED"):
+            why = f"{n.label}: {status}"
+            checks.append(verdict.check("node", status, "rack", why))
     count = len(nodes) + len(missing)
     nodes = [n for n in nodes if not n.payload.get("error")]  # ended early: no run to judge
-    invalid += _same(nodes) if nodes else []
-    invalid += identity(nodes)
+    broken = [*(_same(nodes) if nodes else []), *identity(nodes)]
     if expected_nodes is not None and count != expected_nodes:
-        invalid.append(
-            f"the profile's rack_floor is for {expected_nodes} nodes, this rack run has {count}"
+        broken.append(
+            f"the profile's rack is {expected_nodes} nodes (its `nodes`), this rack run has {count}"
         )
     start, end, overlap = common_window(nodes) if nodes else (0, 0, 0.0)
     if nodes and overlap < OVERLAP_MIN:
-        invalid.append(
+        broken.append(
             f"the nodes ran together for {overlap:.1%} of the longest node's run "
             f"(at least {OVERLAP_MIN:.0%} needed): start them together"
         )
+    checks += [verdict.check("rack", "INVALID", "validity", why) for why in broken]
     rate, interval, inside = rack_rate(nodes, confidence) if nodes else (0.0, None, [])
-    checks = []
     if floor is not None:
-        status = floor_status(interval, rate, floor)
         checks.append(
-            {
-                "metric": "per_rack",
-                "observed": rate,
-                "limit": floor,
-                "passed": status == "PASS",
-                "status": status,
-                "ci_low": None if interval is None else interval.low,
-                "ci_high": None if interval is None else interval.high,
-            }
+            verdict.check(
+                "per_rack",
+                floor_status(interval, rate, floor),
+                "rack",
+                observed=rate,
+                limit=floor,
+                ci_low=None if interval is None else interval.low,
+                ci_high=None if interval is None else interval.high,
+                confidence=confidence,
+            )
         )
-    statuses = {c["status"] for c in checks}
-    if failures:
-        verdict = "FAIL"
-    elif invalid:
-        verdict = "INVALID"
-    elif "FAIL" in statuses:
-        verdict = "FAIL"
-    elif inconclusive or "INCONCLUSIVE" in statuses:
-        verdict = "INCONCLUSIVE"
-    else:
-        verdict = "PASS"
+    status = verdict.decide(checks)
     offsets = {n.label: n.offset_ns / 1e6 for n in nodes}
     notes = [
         f"{label}'s clock is {ms:+.1f} ms off rank 0's (over {CLOCK_OFFSET_MAX_MS:g} ms: "
@@ -300,7 +295,7 @@ def judge(
         },
         "nodeid": nodeid,
         "kind": "rack",
-        "verdict": verdict,
+        "verdict": status,
         "requests": sum(int(n.payload.get("requests", 0)) for n in nodes),
         "failed": sum(int(n.payload.get("failed", 0)) for n in nodes),
         "output_tokens": sum(int(n.payload.get("output_tokens", 0)) for n in nodes),
@@ -311,9 +306,9 @@ def judge(
         "tpot_s": _worst(nodes, "tpot_s"),
         "floors": {**dict(first.get("floors") or {}), **({"per_rack": floor} if floor else {})},
         "confidence": confidence,
-        "checks": checks,
-        "invalid": invalid,
-        "failures": failures,
+        "checks": [dataclasses.asdict(c) for c in checks],
+        "invalid": [c.detail for c in checks if c.status == "INVALID"],
+        "failures": [c.detail for c in checks if c.kind == "node" and c.status == "FAIL"],
         "notes": notes,
         "errors": [e for n in nodes for e in n.payload.get("errors", [])][:10],
         "engine": {**dict(first.get("engine") or {}), "devices": devices},
@@ -385,7 +380,7 @@ def message(row: Mapping[str, Any]) -> str:
     lines = [f"rack: {f} {ctx}" for f in row["failures"]]
     lines += [f"INVALID rack measurement: {r} {ctx}" for r in row["invalid"]]
     for c in row["checks"]:
-        if c["status"] == "PASS":
+        if c["metric"] != "per_rack" or c["status"] == "PASS":
             continue
         ci = (
             ""

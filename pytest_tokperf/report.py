@@ -27,9 +27,11 @@ from pytest_tokperf.verdict import (
     FLOOR_METRICS,
     SLO_METRICS,
     Verdict,
+    parity_checks,
     per_look,
     samples_word,
     slo_parts,
+    verdict_of,
 )
 
 PROPERTY = "tokperf"
@@ -117,11 +119,19 @@ def _check_line(check: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
     scenario, kind = payload["scenario"], payload["device_kind"]
     metric = check["metric"]
     if metric == "failed_requests":
-        return f"{num(check['observed'])} requests failed (none may fail)"
+        allowed = int(check.get("limit") or 0)
+        may = "none may fail" if allowed == 0 else f"at most {allowed:,} may fail"
+        runs = check.get("runs") or 1
+        where = "" if runs == 1 else f"run {check['run'] + 1} of {runs}: "
+        return f"{where}{num(check['observed'])} requests failed ({may})"
+    if check.get("kind") == "evidence":
+        return f"{check['status']}: {check['detail']}"
     if metric in FLOOR_METRICS:
         name = metric_name(metric, kind)
         observed = f"{scenario} {name} {num(check['observed'])}"
         ci = _ci(check, payload)
+        if check.get("status") == "INCONCLUSIVE" and check.get("detail"):
+            return f"INCONCLUSIVE: {observed} has no interval: {check['detail']}"
         if check.get("status") == "INCONCLUSIVE" and check.get("ci_low") is None:
             return (
                 f"INCONCLUSIVE: {observed} has no interval: {check.get('batches') or 0} "
@@ -149,20 +159,32 @@ def failure_message(payload: Mapping[str, Any]) -> str:
     """
     ctx = context(payload)
     lines = [f"INVALID measurement: {reason} {ctx}" for reason in payload.get("invalid", ())]
-    lines += [
-        f"{_check_line(c, payload)} {ctx}"
-        for c in payload["checks"]
-        if not c["passed"] and c.get("status") != "INVALID"  # said above, with its reason
-    ]
+    for c in payload["checks"]:
+        # INVALID: said above, with its reason; regression, baseline, parity and rack
+        # checks have their own lines (summary, parity_message, rackjudge)
+        if c["passed"] or c["status"] in ("INVALID", "NOT MEASURED") or c.get("kind") in (
+            "regression", "baseline", "parity", "rack"
+        ):  # fmt: skip
+            continue
+        lines.append(f"{_check_line(c, payload)} {ctx}")
+        if c["metric"] == "failed_requests":
+            lines += _errors(c, payload)
     telemetry = payload.get("telemetry") or {}
     if payload.get("throttled"):
         why = ", ".join(telemetry["gpu"]["throttle_reasons"])
         lines.append(f"  the GPUs slowed their clocks during the run ({why})")
-    errors = payload["errors"]
-    lines += [f"  request {e}" for e in errors[:3]]
-    if len(errors) > 3:
-        lines.append(f"  ... and {len(errors) - 3} more failed requests")
     return "\n".join(lines)
+
+
+def _errors(check: Mapping[str, Any], payload: Mapping[str, Any]) -> list[str]:
+    """The first three failed requests of the run a failure check judges."""
+    runs = payload.get("runs") or []
+    run = check.get("run")
+    errors = runs[run]["errors"] if run is not None and run < len(runs) - 1 else payload["errors"]
+    lines = [f"  request {e}" for e in errors[:3]]
+    if int(check["observed"]) > 3:
+        lines.append(f"  ... and {int(check['observed']) - 3} more failed requests")
+    return lines
 
 
 def skipped(nodeid: str, profile: Profile, reason: str) -> dict[str, Any]:
@@ -174,18 +196,39 @@ def _dist(d: Distribution) -> dict[str, Any]:
     return dataclasses.asdict(d)
 
 
-def payload(
+def run_summary(result: RunResult) -> dict[str, Any]:
+    """One run of a test in a line of JSON: what it was and what failed."""
+    return {
+        "scenario": result.scenario,
+        "workload": result.workload,
+        "max_tokens": result.max_tokens,
+        "qps": result.qps,
+        "concurrency": result.concurrency,
+        "requests": result.requests,
+        "failed": result.failed,
+        "allowed_failures": result.allowed_failures,
+        "output_tokens": result.output_tokens,
+        "duration_s": result.duration_s,
+        "tokens_per_s": result.tokens_per_s,
+        "tokens_per_s_per_gpu": result.tokens_per_s_per_gpu,
+        "stopped": result.stopped,
+        "errors": result.errors[:10],
+    }
+
+
+def measurement(
     nodeid: str,
     result: RunResult,
-    verdict: Verdict,
     floors: Mapping[str, float],
     profile: Profile,
     slos: Mapping[str, float] | None = None,
     goodput: float | None = None,
     *,
     gpus: Sequence[str] = (),
+    runs: Sequence[RunResult] = (),
 ) -> dict[str, Any]:
-    """Everything known about one perf test, as JSON data."""
+    """Everything measured in one perf test (its last run, and a line per run), as JSON
+    data: the payload before it is judged."""
     engine = result.engine
     # tuples become lists here, so the payload equals what a reader loads from JSON
     telemetry = (
@@ -195,7 +238,6 @@ def payload(
     )
     return {
         "nodeid": nodeid,
-        "verdict": verdict.status,
         "profile": profile.name,
         "device_kind": profile.device_kind,
         "scenario": result.scenario,
@@ -232,12 +274,8 @@ def payload(
         "goodput_per_s": goodput,
         "floors": dict(floors),
         "slos_ms": dict(slos or {}),
-        "confidence": verdict.confidence,
-        "looks": verdict.looks,
-        "confidence_per_look": per_look(verdict.confidence, verdict.looks),
-        "invalid": list(verdict.invalid),
-        "checks": [dataclasses.asdict(c) for c in verdict.checks],
         "errors": result.errors,
+        "runs": [run_summary(r) for r in (runs or (result,))],
         "engine": {
             "backend": engine.backend,
             "model": engine.model,
@@ -247,6 +285,37 @@ def payload(
             "settings": dict(engine.settings),
         },
     }
+
+
+def judged(data: Mapping[str, Any], verdict: Verdict, **blocks: Any) -> dict[str, Any]:
+    """A payload: the measurement `data` (perf or parity) with its verdict, every check
+    behind it and the blocks that explain them (regression, parity)."""
+    return {
+        **data,
+        **{k: v for k, v in blocks.items() if v is not None},
+        "verdict": verdict.status,
+        "confidence": verdict.confidence,
+        "looks": verdict.looks,
+        "confidence_per_look": per_look(verdict.confidence, verdict.looks),
+        "invalid": list(verdict.invalid),
+        "checks": [dataclasses.asdict(c) for c in verdict.checks],
+    }
+
+
+def payload(
+    nodeid: str,
+    result: RunResult,
+    verdict: Verdict,
+    floors: Mapping[str, float],
+    profile: Profile,
+    slos: Mapping[str, float] | None = None,
+    goodput: float | None = None,
+    *,
+    gpus: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Everything known about one perf test of one run, judged, as JSON data."""
+    data = measurement(nodeid, result, floors, profile, slos, goodput, gpus=gpus)
+    return judged(data, verdict)
 
 
 def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -314,7 +383,7 @@ def _slo_cell(payload: Mapping[str, Any]) -> str:
     """TTFT p99 1,950/2,050 ms: each SLO's observed percentile / early-stopping estimate."""
     cells = []
     for c in payload["checks"]:
-        if c.get("count") is None:
+        if c.get("kind", "slo") != "slo" or c.get("count") is None:
             continue
         what, percentile = slo_parts(c["metric"])
         observed = None if c["observed"] != c["observed"] else c["observed"]  # NaN: none
@@ -416,12 +485,16 @@ PARITY_NAMES = {
 
 
 def parity_payload(nodeid: str, result: ParityResult, profile: Profile) -> dict[str, Any]:
-    """Everything known about one parity test, as JSON data."""
+    """One parity result judged on its own (the `parity` command's payload)."""
+    return judged(parity_measurement(nodeid, result, profile), verdict_of(parity_checks(result)))
+
+
+def parity_measurement(nodeid: str, result: ParityResult, profile: Profile) -> dict[str, Any]:
+    """Everything measured in one parity run, as JSON data: the payload before it is
+    judged (`parity_checks` are its own, with both sides' limits)."""
     return {
         "nodeid": nodeid,
         "kind": PARITY_KIND,
-        # the gate's answer; `status` keeps INCONCLUSIVE apart (it fails the test for now)
-        "verdict": "PASS" if result.passed else "FAIL",
         "status": result.status,
         "profile": profile.name,
         "device_kind": profile.device_kind,
@@ -431,7 +504,7 @@ def parity_payload(nodeid: str, result: ParityResult, profile: Profile) -> dict[
         "precision": result.precision,
         "reference_precision": result.reference_precision,
         "scores": dict(result.scores),
-        "checks": [dataclasses.asdict(c) for c in result.checks],
+        "parity_checks": [dataclasses.asdict(c) for c in result.checks],
         "settings": dict(result.settings),
         "engine": dict(result.engine),
         "reference_engine": dict(result.reference_engine),
@@ -504,9 +577,13 @@ def parity_message(payload: Mapping[str, Any]) -> str:
     ctx = parity_context(payload)
     lines = [
         f"{_parity_check_line(c, payload['mode'])} {ctx}"
-        for c in payload["checks"]
+        for c in payload["parity_checks"]
         if c["status"] != "PASS"
     ]
+    lines += [
+        f"{c['status']}: {c['detail']} {ctx}" for c in payload.get("checks", [])
+        if c.get("kind") == "evidence"
+    ]  # fmt: skip
     worst = sorted(
         payload["per_sample"], key=lambda s: s["rouge"]["rougeL"] - s["reference_rouge"]["rougeL"]
     )[:3]

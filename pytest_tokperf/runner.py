@@ -159,11 +159,19 @@ class Tokperf:
         if self.reference is None:
             raise ValueError("tokperf.accuracy(): this runner has no reference engine")
         load = workloads.load(spec.dataset)
+        count = samples or self.profile.requests
+        if count > len(load.prompts):
+            asked = "" if samples else " (the profile's requests)"
+            raise ValueError(
+                f"tokperf.accuracy(samples={count}){asked}: the workload {load.name} has "
+                f"{len(load.prompts)} prompts; ask for at most that many, or give a dataset "
+                "with more"
+            )
         result = run_parity(
             self.engine,
             self.reference(precision),
             load,
-            samples=samples or self.profile.requests,
+            samples=count,
             max_tokens=max_tokens,
             default_max_tokens=self.profile.max_tokens,
             spec=spec,
@@ -194,6 +202,7 @@ class Tokperf:
         seed: int = 0,
         warmup: int | None = None,
         timeout_s: float | None = None,
+        allow_failures: int = 0,
     ) -> metrics.RunResult:
         """Measure a run of `scenario` cycling through `workload`.
 
@@ -205,7 +214,8 @@ class Tokperf:
         `min_duration_s` and `min_requests` completed requests). `max_tokens`
         overrides each prompt's own; `warmup` requests run first, unmeasured.
         Requests not done after `timeout_s` (default 600 s, or twice the duration
-        plus a minute) are recorded as failed.
+        plus a minute) are recorded as failed. A run with a failed request fails the
+        test, unless the test allows that many (`allow_failures`).
         """
         if scenario not in driver.SCENARIOS:
             raise ValueError(
@@ -218,6 +228,7 @@ class Tokperf:
             ("concurrency", concurrency, 1, None),
             ("min_requests", min_requests, 0, None),
             ("seed", seed, 0, None),
+            ("allow_failures", allow_failures, 0, None),
         ):
             _check_int(name, value, least, most)
         for name, seconds in (
@@ -311,6 +322,8 @@ class Tokperf:
             self.client_procs == 0 and self.spawn.backend not in procs.SPAWNABLE
         ):
             n = 1  # auto never splits an engine a child process cannot load again
+        if concurrency is not None:
+            n = min(n, concurrency)  # each process keeps a stream: never more than asked
         with self.telemetry() as sampler, watch:
             if n > 1 and self.spawn is not None:
                 endless = requests is None and bound is not None
@@ -353,6 +366,7 @@ class Tokperf:
         result = metrics.with_telemetry(result, sampler.summary())
         result = dataclasses.replace(
             result,
+            allowed_failures=allow_failures,
             token_counting=dict(driven.token_counting),
             client_procs=driven.procs,
             server=watch.summary(sum(r.output_tokens for r in driven.records), scenario),
@@ -388,6 +402,12 @@ def run_parity(
             f"max_kl / min_top1 need next-token logits, which the {lacking.info.backend} "
             "engine does not expose; drop them or use an engine that does"
         )
+    if reference is test or _engine(reference) == _engine(test):
+        raise accuracy.ParityError(
+            f"the reference engine is the engine under test ({test.info.backend} "
+            f"{test.info.model} {test.info.precision}): parity would compare it with itself; "
+            "give a reference of another precision"
+        )
     prompts = load.prompts[:samples]
     requests = load.requests(len(prompts), max_tokens, default_max_tokens)
     ref_records = driver.run(reference, requests, timeout_s=timeout_s, loop=loop)
@@ -406,8 +426,9 @@ def run_parity(
     else:
         targets = ref_texts
         test_rouge = accuracy.rouge(test_texts, targets)
-        # the reference's own outputs score 100 against themselves: agreement >= ratio x 100
-        ref_rouge = [dict.fromkeys(accuracy.ROUGE_KEYS, 100.0) for _ in prompts]
+        # the reference's outputs scored against themselves: 100, except where a score is
+        # undefined (ROUGE-2 of a one-word answer is 0), so identical answers agree exactly
+        ref_rouge = accuracy.rouge(ref_texts, targets)
     out: list[accuracy.Sample] = []
     for i, prompt in enumerate(prompts):
         ref, got = ref_records[i], test_records[i]

@@ -9,6 +9,7 @@ came from and what a good one looks like.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pytest_tokperf import gpus, precision, profiles, rack, reference, workloads
+from pytest_tokperf.baseline import MISSING_POLICIES
 from pytest_tokperf.engines import BACKENDS
 from pytest_tokperf.regression import DEFAULT_TOLERANCE
 
@@ -103,10 +105,34 @@ OPTIONS: tuple[Option, ...] = (
            flag="--tokperf-compare-baseline"),
     Option("tokperf_max_regression", "FRACTION", "allowed drop of tokens/s against the baseline",
            str(DEFAULT_TOLERANCE)),
+    Option("tokperf_baseline_missing", "POLICY",
+           "with --tokperf-compare-baseline, what a test without a matching baseline is: "
+           "fail, inconclusive or pass (pass: reported as not measured, never PASS)", "fail"),
     Option("tokperf_html", "PATH",
            "write a self-contained HTML report with figures here (figures need the `html` "
            "extra, matplotlib)"),
 )  # fmt: skip
+
+
+def known_environment() -> set[str]:
+    """Every TOKPERF_* variable the plugin reads: the options', and the hooks'."""
+    from pytest_tokperf.engines.child import FAULT_ENV
+
+    hooks = {gpus.ENV_RECORDING, precision.ENV_CACHE, profiles.ENV_PROFILE, rack.ENV_RACK}
+    return {o.name.upper() for o in OPTIONS} | hooks | {FAULT_ENV}
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """A warning per TOKPERF_* variable nothing reads (a typo is silently ignored
+    otherwise), naming the closest known one."""
+    known = known_environment()
+    out = []
+    for name in sorted(environ):
+        if name.startswith("TOKPERF_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            out.append(f"tokperf: unknown environment variable {name} (ignored){hint}")
+    return out
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -189,15 +215,16 @@ def client_procs(config: pytest.Config) -> int:
     return positive_int(config, "tokperf_client_procs") or 1
 
 
-def inconclusive_policy(config: pytest.Config) -> str:
-    found = setting(config, "tokperf_inconclusive")
+def policy(
+    config: pytest.Config, name: str, choices: tuple[str, ...] = INCONCLUSIVE_POLICIES
+) -> str:
+    """One of `choices` (the first when unset)."""
+    found = setting(config, name)
     if found is None:
-        return "fail"
+        return choices[0]
     value, source = found
-    if value not in INCONCLUSIVE_POLICIES:
-        raise pytest.UsageError(
-            f"{source} must be one of {', '.join(INCONCLUSIVE_POLICIES)}, got {value!r}"
-        )
+    if value not in choices:
+        raise pytest.UsageError(f"{source} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
@@ -255,6 +282,7 @@ class Settings:
     save_baseline: Path | None
     compare_baseline: Path | None
     max_regression: float
+    baseline_missing: str  # fail / inconclusive / pass: a compared test without a baseline
 
 
 def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
@@ -273,6 +301,10 @@ def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
     except profiles.Unmatched as exc:
         unmatched = str(exc)
         profile, profile_source = registry["cpu"], "not used"
+    chosen = profile_source != "default" and not profile_source.startswith("detected")
+    broken = gpus.broken_driver(inventory)
+    if broken is not None and not (chosen and profile.device_kind == "cpu"):
+        unmatched = broken  # never the CPU (or a skip) in place of GPUs NVML cannot see
     gpu_wait = seconds(config, "tokperf_gpu_wait")
     gpu_count = positive_int(config, "tokperf_gpus")
     allow_busy = flag(config, "tokperf_allow_busy_gpus")
@@ -352,7 +384,7 @@ def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
         require_hardware=require_hardware,
         lock_dir=lock_dir,
         client_procs=client_procs(config),
-        inconclusive=inconclusive_policy(config),
+        inconclusive=policy(config, "tokperf_inconclusive"),
         confidence=confidence(config),
         rack_timeout=seconds(config, "tokperf_rack_timeout", rack.DEFAULT_TIMEOUT_S, zero=False),
         json_path=json_path,
@@ -361,4 +393,5 @@ def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
         save_baseline=_path(setting(config, "tokperf_save_baseline")),
         compare_baseline=_path(setting(config, "tokperf_baseline")),
         max_regression=fraction(config, "tokperf_max_regression"),
+        baseline_missing=policy(config, "tokperf_baseline_missing", MISSING_POLICIES),
     )

@@ -14,17 +14,22 @@ Formatting the message a person reads is `report`'s job; this module only decide
 - Validity is decided apart from both: a run whose driver fell behind its schedule,
   whose engine did not sustain the offered load or whose client saturated is
   INVALID, never PASS.
+
+Every source of evidence (failed requests, floors, SLOs, validity, too little
+evidence; and outside this module parity, regression, a missing baseline, the rack)
+is a `Check` of one shape, and `decide` alone turns a test's checks into its status.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_tokperf import early_stopping, server_metrics
+from pytest_tokperf import accuracy, early_stopping, server_metrics
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.metrics import (
     BATCHES,
@@ -59,7 +64,12 @@ SLO_KEYWORDS: tuple[str, ...] = tuple(
 )  # fmt: skip
 _SLO_KEY = re.compile(r"^(?P<metric>[a-z0-9]+)_(?P<pct>p\d+)_ms$")
 
-STATUSES = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID")
+STATUSES = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID", "NOT MEASURED", "ACKNOWLEDGED")
+PASSING = ("PASS", "ACKNOWLEDGED")
+# kinds of check whose PASS makes a test PASS; the others (failed requests, validity,
+# evidence) can only keep it from passing: a test with no gate is MEASURED
+GATES = ("floor", "slo", "parity", "regression", "baseline", "rack", "node")
+
 # LoadGen's early-stopping estimate is taken at 99% confidence (mlcommons/inference,
 # loadgen/early_stopping.cc)
 EARLY_STOPPING_CONFIDENCE = early_stopping.CONFIDENCE
@@ -68,17 +78,20 @@ LAG_SHARE = 0.1
 LAG_MIN_S = 0.010
 ACHIEVED_SHARE = 0.9  # the engine must complete at least 90% of the schedule's rate
 CLIENT_CPU_MAX = 0.9  # driver thread CPU time / wall time above this: the client saturated
+CLIENT_CPU_MIN_S = 1.0  # runs shorter than this are not judged for client saturation
 
 Bound = float | dict[str, float]
 
 
 @dataclass(frozen=True)
 class Check:
+    """One piece of evidence about a test, whatever its source (`kind`)."""
+
     metric: str  # marker keyword, e.g. "per_gpu", "ttft_p99_ms", or "failed_requests"
-    observed: float
-    limit: float
-    passed: bool
-    status: str = ""  # PASS / FAIL / INCONCLUSIVE, or INVALID for an SLO
+    observed: float | None  # None: a check that is not a number against a limit
+    limit: float | None
+    passed: bool  # status in PASSING
+    status: str = ""  # one of STATUSES
     ci_low: float | None = None  # a floor's confidence interval, same unit as observed
     ci_high: float | None = None
     confidence: float | None = None  # of this interval (per look) or of the SLO estimate
@@ -89,19 +102,76 @@ class Check:
     over: int | None = None
     needed: int | None = None
     estimate: float | None = None
+    # requests, floor, slo, validity, evidence, interrupted, parity, regression,
+    # baseline, rack: where the evidence comes from
+    kind: str = "floor"
+    run: int | None = None  # the test's run it judges (0-based), for a test of several
+    runs: int = 1  # how many runs the test made
+    detail: str = ""  # why, in words, where the numbers alone do not say it
+
+
+def check(metric: str, status: str, kind: str, detail: str = "", **numbers: Any) -> Check:
+    """A check whose `passed` follows from its status."""
+    numbers.setdefault("observed", None)
+    numbers.setdefault("limit", None)
+    return Check(
+        metric=metric, passed=status in PASSING, status=status, kind=kind, detail=detail,
+        **numbers,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str  # one of STATUSES
+    status: str  # decide(checks): PASS, FAIL, INCONCLUSIVE, INVALID, ACKNOWLEDGED, MEASURED
     checks: tuple[Check, ...]
-    invalid: tuple[str, ...] = ()  # why the measurement is not valid, one reason each
     confidence: float = 0.95  # of the floors' intervals, over all looks of a run together
     looks: int = 1  # sequential looks the confidence was split over (Bonferroni)
 
     @property
     def failed(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if not c.passed)
+        return tuple(c for c in self.checks if not c.passed and c.status != "NOT MEASURED")
+
+    @property
+    def invalid(self) -> tuple[str, ...]:
+        """Why the measurement is not valid, one reason each."""
+        return tuple(c.detail for c in self.checks if c.status == "INVALID")
+
+
+def decide(checks: Sequence[Check]) -> str:
+    """A test's status from all its checks: the one judgment.
+
+    In this order: INVALID when the run was cut (Ctrl-C: its unfinished requests are
+    no failures of the engine); FAIL when a request failed or a rack's node failed or
+    is missing (a fact about the engine, however the run was measured); INVALID when
+    the measurement itself cannot be trusted (the driver fell behind, the client
+    saturated: its other numbers do not count); FAIL when any other check failed;
+    INVALID when a check has too little evidence to be judged at all (an SLO's
+    early-stopping minimum); INCONCLUSIVE when a check could not decide; otherwise
+    PASS (ACKNOWLEDGED when a regression passed only by an acknowledgement) if some
+    gate passed, else MEASURED: nothing gated it.
+    NOT MEASURED (a baseline allowed to be missing) neither fails nor passes a test.
+    """
+
+    def has(status: str, kinds: Sequence[str] | None = None) -> bool:
+        return any(c.status == status and (kinds is None or c.kind in kinds) for c in checks)
+
+    if has("INVALID", ("interrupted",)):
+        return "INVALID"
+    if has("FAIL", ("requests", "node")):
+        return "FAIL"
+    if has("INVALID", ("validity",)):
+        return "INVALID"
+    for status in ("FAIL", "INVALID", "INCONCLUSIVE"):
+        if has(status):
+            return status
+    gates = [c for c in checks if c.kind in GATES and c.status in PASSING]
+    if not gates:
+        return "MEASURED"
+    return "ACKNOWLEDGED" if any(c.status == "ACKNOWLEDGED" for c in gates) else "PASS"
+
+
+def verdict_of(checks: Sequence[Check], confidence: float = 0.95, looks: int = 1) -> Verdict:
+    return Verdict(decide(checks), tuple(checks), confidence, looks)
 
 
 def finite(value: object) -> float | None:
@@ -200,9 +270,16 @@ def floor_checks(
     An Offline run's fixed workload is cut into `BATCHES` equal windows; a run over
     time gets `metrics.batch_rates` (ramp left out, long uncorrelated windows).
     """
+    detail = ""
     if scenario == "offline":
         rates = window_rates(records, BATCHES, end_ns)
         interval = batch_means(rates, confidence)
+        if len(records) < BATCHES:  # windows of fewer requests than windows: one stream cut up
+            interval = None
+            detail = (
+                f"{len(records):,} request{'' if len(records) == 1 else 's'} cannot make "
+                f"{BATCHES} independent batch windows: at least {BATCHES} needed"
+            )
     else:
         batches = batch_rates(records, end_ns)
         rates = list(batches.rates)
@@ -223,16 +300,17 @@ def floor_checks(
         )
         status = floor_status(iv, observed[key], floor)
         checks.append(
-            Check(
+            check(
                 key,
-                observed[key],
-                floor,
-                status == "PASS",
                 status,
-                None if iv is None else iv.low,
-                None if iv is None else iv.high,
-                confidence,
-                len(rates),
+                "floor",
+                detail,
+                observed=observed[key],
+                limit=floor,
+                ci_low=None if iv is None else iv.low,
+                ci_high=None if iv is None else iv.high,
+                confidence=confidence,
+                batches=len(rates),
             )
         )
     return checks
@@ -267,24 +345,41 @@ def slo_check(result: RunResult, key: str, limit_ms: float) -> Check:
     estimate = early_stopping.estimate(
         [*values, *[math.inf] * failed], p, EARLY_STOPPING_CONFIDENCE
     )
+    detail = ""
     if observed is not None and observed * 1000 > limit_ms:
         status = "FAIL"
     elif count >= needed:
         status = "PASS"
     else:
         status = "INVALID"  # also with no samples at all: nothing shows the limit is met
-    return Check(
+    requests = len(result.records)
+    least = samples_needed(p)
+    if metric == "itl" and status == "PASS" and requests < least:
+        # a request's token gaps share its batch, its prompt and its neighbours: they
+        # are not independent samples, so LoadGen's minimum counts requests
+        status = "INVALID"
+        detail = (
+            f"ITL {pct}: {requests:,} request{'' if requests == 1 else 's'} ({count:,} token "
+            f"gaps); the gaps of one request are not independent samples, so LoadGen's "
+            f"early-stopping minimum counts requests: at least {least:,} requests to "
+            f"accept {pct} at {EARLY_STOPPING_CONFIDENCE:.0%} confidence"
+        )
+    out = check(
         key,
-        math.nan if observed is None else observed * 1000,
-        limit_ms,
-        status == "PASS",
         status,
+        "slo",
+        detail,
+        observed=math.nan if observed is None else observed * 1000,
+        limit=limit_ms,
         confidence=EARLY_STOPPING_CONFIDENCE,
         count=count,
         over=over,
         needed=needed,
         estimate=None if estimate is None or math.isinf(estimate) else estimate * 1000,
     )
+    if status == "INVALID" and not detail:
+        out = dataclasses.replace(out, detail=slo_reason(out))
+    return out
 
 
 def slo_checks(result: RunResult, slos: Mapping[str, float]) -> list[Check]:
@@ -307,6 +402,8 @@ def slo_reason(check: Check) -> str:
     at least 1,157 requests with 4 over (or fewer over) to accept p99 at 99% confidence"
     and then the observed percentile beside the estimate.
     """
+    if check.detail:
+        return check.detail
     metric, pct = slo_parts(check.metric)
     word = samples_word(check.metric)
     return (
@@ -336,13 +433,15 @@ def run_validity(result: RunResult) -> tuple[str, ...]:
                 f"{achieved:,.2f} requests/s < {ACHIEVED_SHARE:.0%} of the schedule's "
                 f"{result.scheduled_qps:,.2f} (target qps {result.qps:g}); lower qps"
             )
-    if result.client_cpu is not None and result.client_cpu > CLIENT_CPU_MAX:
+    # a CPU share over a blink (a run whose requests all failed at once) is start-up noise
+    timed = result.duration_s >= CLIENT_CPU_MIN_S
+    if timed and result.client_cpu is not None and result.client_cpu > CLIENT_CPU_MAX:
         reasons.append(
             f"the client saturated: the driver thread used {result.client_cpu:.0%} of a "
             "core over the run, so the load generator, not the engine, was measured"
         )
     for proc in result.client_procs:
-        if proc.cpu is not None and proc.cpu > CLIENT_CPU_MAX:
+        if timed and proc.cpu is not None and proc.cpu > CLIENT_CPU_MAX:
             reasons.append(
                 f"the client saturated: client process {proc.index} of "
                 f"{len(result.client_procs)} (pid {proc.pid}) used {proc.cpu:.0%} of a core "
@@ -354,10 +453,59 @@ def run_validity(result: RunResult) -> tuple[str, ...]:
     return tuple(reasons)
 
 
+def failure_check(result: RunResult, run: int | None = None, runs: int = 1) -> Check:
+    """FAIL when more requests failed than the run allowed (`allow_failures`, default
+    none): a failed request, or an engine that died, is never a pass."""
+    allowed = result.allowed_failures
+    return check(
+        "failed_requests",
+        "FAIL" if result.failed > allowed else "PASS",
+        "requests",
+        observed=result.failed,
+        limit=allowed,
+        count=result.requests,
+        run=run,
+        runs=runs,
+    )
+
+
+def validity_checks(result: RunResult) -> list[Check]:
+    """One INVALID check per reason the run's measurement cannot be trusted."""
+    return [check("validity", "INVALID", "validity", why) for why in run_validity(result)]
+
+
+def parity_checks(result: accuracy.ParityResult, run: int | None = None) -> list[Check]:
+    """A parity result's gated metrics as checks, and one saying so when it has fewer
+    samples than `accuracy.MIN_SAMPLES` (its intervals then decide nothing)."""
+    n = len(result.samples)
+    out = [
+        check(
+            c.metric,
+            c.status,
+            "parity",
+            observed=c.observed,
+            limit=c.minimum if c.minimum is not None else c.maximum,
+            ci_low=c.low,
+            ci_high=c.high,
+            confidence=accuracy.CONFIDENCE,
+            run=run,
+            count=n,
+        )
+        for c in result.checks
+    ]
+    if n < accuracy.MIN_SAMPLES:
+        why = (
+            f"accuracy parity on {n} sample{'' if n == 1 else 's'}: at least "
+            f"{accuracy.MIN_SAMPLES} needed before a bootstrap interval decides anything"
+        )
+        evidence = check("parity_samples", "INCONCLUSIVE", "evidence", why, observed=n, run=run)
+        out.append(dataclasses.replace(evidence, limit=accuracy.MIN_SAMPLES))
+    return out
+
+
 def validity(result: RunResult, slos: Mapping[str, float]) -> tuple[str, ...]:
     """Why the measurement cannot be trusted or the SLOs not be judged; empty when fine."""
-    checks = slo_checks(result, slos)
-    return run_validity(result) + tuple(slo_reason(c) for c in checks if c.status == "INVALID")
+    return verdict_of([*validity_checks(result), *slo_checks(result, slos)]).invalid
 
 
 def judge(
@@ -368,43 +516,24 @@ def judge(
     confidence: float = 0.95,
     looks: int = 1,
 ) -> Verdict:
-    """The verdict of one run against its floors and SLOs.
-
-    FAIL when a request failed; otherwise INVALID when the run's measurement is not
-    valid; otherwise FAIL when a check failed decisively; otherwise INVALID when an
-    SLO's early-stopping estimate needs more requests; otherwise INCONCLUSIVE when a
-    floor's interval straddles it (or there is none); otherwise PASS.
-    """
-    slos = slos or {}
-    checks = [Check("failed_requests", result.failed, 0, result.failed == 0)]
+    """The verdict of one run against its floors and SLOs: its checks (failed requests,
+    each floor, each SLO, validity), decided by `decide`."""
     observed = {key: _observed(result, key) for key in floors}
-    checks += floor_checks(
-        result.records,
-        observed,
-        floors,
-        result.engine.devices,
-        per_look(confidence, looks),
-        result.window_end_ns,
-        result.scenario,
-    )
-    slo = slo_checks(result, slos)
-    checks += slo
-    broken = run_validity(result)
-    unproven = tuple(slo_reason(c) for c in slo if c.status == "INVALID")
-    statuses = {c.status or ("PASS" if c.passed else "FAIL") for c in checks}
-    if not checks[0].passed:
-        status = "FAIL"
-    elif broken:
-        status = "INVALID"
-    elif "FAIL" in statuses:
-        status = "FAIL"
-    elif unproven:
-        status = "INVALID"
-    elif "INCONCLUSIVE" in statuses:
-        status = "INCONCLUSIVE"
-    else:
-        status = "PASS"
-    return Verdict(status, tuple(checks), broken + unproven, confidence, looks)
+    checks = [
+        failure_check(result),
+        *floor_checks(
+            result.records,
+            observed,
+            floors,
+            result.engine.devices,
+            per_look(confidence, looks),
+            result.window_end_ns,
+            result.scenario,
+        ),
+        *slo_checks(result, slos or {}),
+        *validity_checks(result),
+    ]
+    return verdict_of(checks, confidence, looks)
 
 
 class Sequential:

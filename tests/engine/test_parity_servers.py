@@ -35,7 +35,7 @@ import pytest
 
 @pytest.mark.accuracy_parity(dataset="questions.jsonl")
 def test_parity(tokperf):
-    tokperf.accuracy(samples=3, max_tokens=12)
+    tokperf.accuracy(samples=8, max_tokens=10)  # 8: the fewest a parity verdict takes
 """
 QUESTIONS = "\n".join(
     json.dumps({"id": f"q{i}", "prompt": p})
@@ -44,6 +44,11 @@ QUESTIONS = "\n".join(
             "Name three primary colours.",
             "Why is the sky blue? Answer briefly.",
             "Write one sentence about the sea.",
+            "What is two plus three?",
+            "Name a large animal that lives in the ocean.",
+            "What do bees make?",
+            "Give one word that rhymes with cat.",
+            "Which planet do we live on?",
         ]
     )
 )

@@ -68,7 +68,7 @@ def _run(page: str, *flags: str, scenario: str = "offline"):  # type: ignore[no-
 @pytest.mark.parametrize("page", ["vllm.prom", "sglang.prom", "llamacpp.prom"])
 def test_agreeing_counters_are_recorded_beside_the_client(page: str) -> None:
     result, outcome = _run(page)
-    assert outcome.status == "PASS", outcome.invalid
+    assert outcome.status == "MEASURED", outcome.invalid  # valid; no floor gates it
     s = result.server
     assert s is not None and s["scrapes"] >= 2
     # 6 measured requests of 3 tokens; the 2 warm-up requests are not in the window
@@ -92,7 +92,7 @@ def test_a_server_without_a_token_counter_is_not_judged_on_tokens() -> None:
     result, outcome = _run("trtllm.prom")
     s = result.server
     assert s is not None and s["server"] == "tensorrt-llm" and s["generated_tokens"] is None
-    assert outcome.status == "PASS"
+    assert outcome.status == "MEASURED"  # valid: nothing to disagree with
 
 
 @pytest.fixture

@@ -133,7 +133,7 @@ def test_other_hardware_is_never_compared(
     summary = pytester.path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     result = _run(pytester, 100, "--tokperf-compare-baseline", "base")
-    result.assert_outcomes(passed=1)  # half the rate, but nothing to compare with
+    result.assert_outcomes(failed=1)  # nothing to compare with is no pass
     result.stdout.fnmatch_lines(
         [
             "baseline comparison: 0 compared (none), 1 not compared",
@@ -141,10 +141,18 @@ def test_other_hardware_is_never_compared(
             "other keys: hardware '4 x NVIDIA GB300' (here '* x*')",
         ]
     )
-    assert _test(pytester)["regression"]["status"] == "NO BASELINE"
+    test = _test(pytester)
+    assert test["regression"]["status"] == "NO BASELINE" and test["verdict"] == "FAIL"
     text = summary.read_text()
-    assert "| `test_base.py::test_rate` | **MEASURED** |" in text
+    assert "| `test_base.py::test_rate` | **FAIL** |" in text
     assert "not compared" in text
+    # a new runner with no baseline yet, on purpose: reported as measured, not passed
+    allowed = _run(
+        pytester, 100, "--tokperf-compare-baseline", "base", "--tokperf-baseline-missing", "pass"
+    )
+    allowed.assert_outcomes(passed=1)
+    assert _test(pytester)["verdict"] == "MEASURED"
+    assert "| `test_base.py::test_rate` | **MEASURED** |" in summary.read_text()
 
 
 class _Figures(HTMLParser):
@@ -177,9 +185,9 @@ def test_html_report_has_both_figures_per_test(
         + """
 @pytest.mark.throughput_floor(min_tokens_per_s=10)
 @pytest.mark.no_regression(tokens_per_s=None)  # gated by its floor and SLOs only
-@pytest.mark.latency_slo(ttft_p50_ms=2000, tpot_p50_ms=50)  # none over: 8 requests suffice
+@pytest.mark.latency_slo(ttft_p50_ms=2000, tpot_p50_ms=50)  # none over: 10 requests suffice
 def test_gated(tokperf):
-    tokperf.run(requests=8, max_tokens=16, warmup=0)
+    tokperf.run(requests=10, max_tokens=16, warmup=0)  # an Offline floor's fewest
 """
     )
     _run(pytester, 200, "--tokperf-save-baseline", "base").assert_outcomes(passed=2)

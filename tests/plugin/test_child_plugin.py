@@ -19,8 +19,9 @@ def test_a_crashes(tokperf):
 
 @pytest.mark.throughput_floor(per_gpu=0.05)
 def test_b_passes(tokperf):
-    # a warm-up request: the new child's first answer is not in the measured window
-    result = tokperf.run(requests=3, max_tokens=16, warmup=1)
+    # a warm-up request: the new child's first answer is not in the measured window; 10
+    # requests, the fewest an Offline floor is judged on
+    result = tokperf.run(requests=10, max_tokens=8, warmup=1)
     assert result.failed == 0
 """
 

@@ -16,7 +16,7 @@ PROFILE = """
 [profiles.orca-sim]
 extends = "sim"
 dataset = "mlperf-openorca"
-requests = 6
+requests = 10  # an Offline floor's fewest
 max_tokens = 4
 """
 
@@ -71,7 +71,7 @@ def test_the_given_dataset_is_what_a_default_run_measures(suite, monkeypatch) ->
     result.assert_outcomes(passed=2)
     doc = json.loads((suite.path / "out.json").read_text())
     default = next(t for t in doc["tests"] if t["nodeid"].endswith("test_default_floor"))
-    assert default["workload"] == str(orca) and default["requests"] == 6
+    assert default["workload"] == str(orca) and default["requests"] == 10
     bad = suite.runpytest(*ARGS, "--tokperf-dataset", "nope.jsonl")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*dataset 'nope.jsonl' (from --tokperf-dataset) is not a file*"])

@@ -10,8 +10,9 @@ import pytest
 
 from pytest_tokperf.report import num
 
-# small runs keep these tests quick: 4 requests of at most 8 new tokens, 1 warm-up
-SMALL = ("--tokperf-requests", "4", "--tokperf-max-tokens", "8", "-p", "no:cacheprovider")
+# small runs keep these tests quick: 10 requests (an Offline floor's fewest) of at most 8
+# new tokens, 1 warm-up
+SMALL = ("--tokperf-requests", "10", "--tokperf-max-tokens", "8", "-p", "no:cacheprovider")
 
 SUITE = """
 import pytest
@@ -19,7 +20,7 @@ import pytest
 @pytest.mark.throughput_floor(per_gpu=0.05)
 def test_reachable(tokperf):
     result = tokperf.run(warmup=1)
-    assert result.requests == 4 and result.failed == 0
+    assert result.requests == 10 and result.failed == 0
 
 @pytest.mark.throughput_floor(min_tokens_per_s=1e9)
 def test_impossible(tokperf):
@@ -38,7 +39,7 @@ SUITE_SUMMARY = {
 
 FAIL_LINE = re.compile(
     r"offline output tokens/s (?P<observed>[\d,.]+) \(95% CI [\d,.-]+\) < floor 1,000,000,000 "
-    r"\[profile cpu, engine llamacpp, model SmolLM2-135M-Instruct q4_1, 1 device, 4 requests\]"
+    r"\[profile cpu, engine llamacpp, model SmolLM2-135M-Instruct q4_1, 1 device, 10 requests\]"
 )
 
 
@@ -54,9 +55,9 @@ def test_floors_gate_the_suite(pytester: pytest.Pytester) -> None:
             "1 device",
             "*= tokperf =*",
             "test * scenario * requests * tokens/s * per device * floor * TTFT p99 * verdict",
-            "test_suite.py::test_impossible * offline * 4 * 1,000,000,000 * FAIL",
+            "test_suite.py::test_impossible * offline * 10 * 1,000,000,000 * FAIL",
             "test_suite.py::test_rack_only * SKIPPED",
-            "test_suite.py::test_reachable * offline * 4 * 0.05/dev * PASS",
+            "test_suite.py::test_reachable * offline * 10 * 0.05/dev * PASS",
         ]
     )
     match = FAIL_LINE.search(result.stdout.str())
@@ -70,7 +71,7 @@ def test_floors_gate_the_suite(pytester: pytest.Pytester) -> None:
         t = tests[name]
         # the rate is what the plugin says it is: tokens over the first-issue..last-end span
         assert t["tokens_per_s"] == pytest.approx(t["output_tokens"] / t["duration_s"])
-        assert 0 < t["output_tokens"] <= 4 * 8
+        assert 0 < t["output_tokens"] <= 10 * 8
         assert t["engine"]["devices"] == 1 and t["engine"]["precision"] == "q4_1"
     assert num(tests["test_impossible"]["tokens_per_s"]) == match["observed"]
     check = tests["test_impossible"]["checks"][1]
@@ -89,7 +90,14 @@ def test_floors_gate_the_suite(pytester: pytest.Pytester) -> None:
         "over": None,
         "needed": None,
         "estimate": None,
+        "kind": "floor",  # where the evidence comes from
+        "run": None,  # the floors judge the test's last run
+        "runs": 1,
+        "detail": "",
     }
+    (run,) = tests["test_impossible"]["runs"]  # every run of the test, each in a line
+    for key in ("scenario", "requests", "failed", "output_tokens", "tokens_per_s"):
+        assert run[key] == tests["test_impossible"][key]
     assert tests["test_rack_only"]["reason"].startswith("throughput_floor(per_gpu=...)")
 
     junit = ET.parse(pytester.path / "junit.xml")
@@ -114,7 +122,7 @@ def test_a_marked_test_without_a_run_gets_the_default_workload(pytester: pytest.
     )
     result = pytester.runpytest(*SMALL, "--tokperf-json", "out.json")
     (test,) = json.loads((pytester.path / "out.json").read_text())["tests"]
-    assert test["requests"] == 4 and test["workload"] == "default"
+    assert test["requests"] == 10 and test["workload"] == "default"
     assert test["floors"] == {"per_gpu": 5.0}
     # the verdict follows the interval, whatever this (noisy, shared) machine reached:
     # PASS above the floor, FAIL below it, INCONCLUSIVE (fails by default) astride it

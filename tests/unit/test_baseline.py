@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tokperf import acknowledged, baseline, summary
+from pytest_tokperf import acknowledged, baseline, summary, verdict
 from pytest_tokperf.regression import Check
 
 
@@ -86,15 +86,42 @@ def test_tolerances_marker_overrides_and_turns_off() -> None:
     assert baseline.tolerances({"tokens_per_s": None}, 0.05) == {}
 
 
+def _regression(status: str) -> dict:
+    row = {"metric": "tokens_per_s", "status": status, "ratio": 0.9, "low": 0.8, "high": 1.0,
+           "tolerance": 0.05, "note": ""}  # fmt: skip
+    return {"compared": True, "confidence": 0.95, "checks": [row]}
+
+
 @pytest.mark.parametrize(
-    ("verdict", "status", "expected"),
-    [("MEASURED", "PASS", "PASS"), ("PASS", "FAIL", "FAIL"), ("INVALID", "PASS", "INVALID"),
+    ("others", "status", "expected"),
+    [((), "PASS", "PASS"), ("PASS", "FAIL", "FAIL"), ("INVALID", "PASS", "INVALID"),
      ("PASS", "IMPROVED", "PASS"), ("PASS", "ACKNOWLEDGED", "ACKNOWLEDGED"),
      ("FAIL", "ACKNOWLEDGED", "FAIL"), ("PASS", "INCONCLUSIVE", "INCONCLUSIVE")],
 )  # fmt: skip
-def test_combined_verdict_is_the_worse(verdict: str, status: str, expected: str) -> None:
-    assert baseline.combined(verdict, {"compared": True, "status": status}) == expected
-    assert baseline.combined(verdict, {"compared": False}) == verdict
+def test_a_comparison_is_checks_of_the_one_judgment(
+    others: str | tuple[()], status: str, expected: str
+) -> None:
+    """The regression checks join the test's other checks; the worst decides, and a
+    regression-only test (no other gate) passes on its comparison alone."""
+    kind = "validity" if others == "INVALID" else "floor"
+    mine = [verdict.check("per_gpu", others, kind)] if others else []
+    (check,) = baseline.checks(_regression(status), "fail")
+    assert check.kind == "regression" and check.limit == 0.95
+    assert (check.ci_low, check.ci_high, check.observed) == (0.8, 1.0, 0.9)
+    assert verdict.decide([*mine, check]) == expected
+
+
+@pytest.mark.parametrize(
+    ("policy", "status", "expected"),
+    [("fail", "FAIL", "FAIL"), ("inconclusive", "INCONCLUSIVE", "INCONCLUSIVE"),
+     ("pass", "NOT MEASURED", "MEASURED")],
+)  # fmt: skip
+def test_a_missing_baseline_is_never_a_pass(policy: str, status: str, expected: str) -> None:
+    (check,) = baseline.checks({"compared": False, "reason": "no baseline here"}, policy)
+    assert (check.kind, check.status, check.detail) == ("baseline", status, "no baseline here")
+    assert verdict.decide([check]) == expected
+    floor = verdict.check("per_gpu", "PASS", "floor")
+    assert verdict.decide([floor, check]) == ("PASS" if policy == "pass" else expected)
 
 
 def _baselines(tmp_path: Path, expires: datetime.date) -> baseline.Baselines:

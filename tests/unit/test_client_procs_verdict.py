@@ -13,7 +13,7 @@ NS = 1_000_000_000
 
 def _result(*cpus: float) -> metrics.RunResult:
     records = [
-        RequestRecord(f"r{i}", i * NS, i * NS + NS, (i * NS + NS // 2,), (4,)) for i in range(8)
+        RequestRecord(f"r{i}", i * NS, i * NS + NS, (i * NS + NS // 2,), (4,)) for i in range(10)
     ]
     result = metrics.summarize(
         records, EngineInfo("openai", "m", "served", 1), scenario="offline", workload="w",

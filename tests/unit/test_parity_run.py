@@ -37,7 +37,7 @@ def _run(test: Canned, ref: Canned, spec: accuracy.ParitySpec, prompts=PROMPTS):
         test,
         ref,
         Workload("w", prompts),
-        samples=8,
+        samples=16,
         max_tokens=None,
         default_max_tokens=16,
         spec=spec,
@@ -61,24 +61,39 @@ def test_dataset_mode_scores_both_engines_against_the_references() -> None:
     assert [s.first_divergence for s in result.samples] == [None, 1]
 
 
-def test_agreement_mode_without_references_and_identical_engines_pass() -> None:
-    prompts = (Prompt("a", "pa"), Prompt("b", "pb"))
-    ref = Canned({"pa": "one two three", "pb": "four five"}, "f16")
-    result = _run(ref, ref, accuracy.ParitySpec(), prompts)
+def test_agreement_mode_without_references_and_identical_answers_pass() -> None:
+    prompts = tuple(Prompt(f"{i}", f"p{i}") for i in range(accuracy.MIN_SAMPLES))
+    answers = {p.prompt: f"answer number {p.id} here" for p in prompts}
+    ref, test = Canned(answers, "f16"), Canned(answers, "q8_0")
+    result = _run(test, ref, accuracy.ParitySpec(), prompts)
     assert result.mode == "agreement" and result.status == "PASS"
     assert result.scores["rougeL"] == 100.0 and result.scores["rougeL_ratio"] == 1.0
-    assert [s.target for s in result.samples] == ["one two three ", "four five "]
+    assert [s.target for s in result.samples][:2] == [f"answer number {i} here " for i in (0, 1)]
+    # one sample fewer than the minimum: the same answers decide nothing
+    fewer = _run(test, ref, accuracy.ParitySpec(), prompts[:-1])
+    assert fewer.status == "INCONCLUSIVE" and {c.status for c in fewer.checks} == {"INCONCLUSIVE"}
+
+
+def test_an_engine_is_never_its_own_reference() -> None:
+    ref = Canned({"pa": "one", "pb": "two"}, "f16")
+    with pytest.raises(accuracy.ParityError, match="parity would compare it with itself"):
+        _run(ref, ref, accuracy.ParitySpec())
+    twin = Canned({"pa": "one", "pb": "two"}, "f16")  # another object, the same engine
+    with pytest.raises(accuracy.ParityError, match="parity would compare it with itself"):
+        _run(twin, ref, accuracy.ParitySpec())
 
 
 def test_distribution_limits_need_engines_with_logits() -> None:
     ref = Canned({"pa": "x", "pb": "y"}, "f16")
+    test = Canned({"pa": "x", "pb": "y"}, "q8_0")
     with pytest.raises(accuracy.ParityError, match="the fake engine does not expose"):
-        _run(ref, ref, accuracy.ParitySpec(max_kl=0.1))
+        _run(test, ref, accuracy.ParitySpec(max_kl=0.1))
 
 
 def test_a_failed_request_is_a_parity_error() -> None:
     ref = Canned({"pa": "x"}, "f16")  # no answer for "pb": the stream raises KeyError
+    test = Canned({"pa": "x"}, "q8_0")
     with pytest.raises(
         accuracy.ParityError, match="2 accuracy requests failed; first: b: KeyError"
     ):
-        _run(ref, ref, accuracy.ParitySpec())
+        _run(test, ref, accuracy.ParitySpec())

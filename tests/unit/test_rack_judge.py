@@ -68,7 +68,12 @@ def test_rack_rate_is_the_sum_over_the_common_window() -> None:
     assert overlap == pytest.approx(9.8 / 10.0, rel=1e-3)
     row = rackjudge.judge("t", nodes, floor=5_500.0)
     assert row["tokens_per_s"] == pytest.approx(6000.0, rel=0.01)
-    assert row["verdict"] == "PASS" and row["checks"][0]["ci_low"] > 5_500
+    (floor,) = [c for c in row["checks"] if c["metric"] == "per_rack"]
+    assert row["verdict"] == "PASS" and floor["ci_low"] > 5_500 and floor["kind"] == "rack"
+    # every node's own verdict is a check of the rack's one judgment too
+    assert [c["status"] for c in row["checks"] if c["metric"] == "node"] == ["PASS"] * len(
+        row["rack"]["nodes"]
+    )
     assert rackjudge.judge("t", nodes, floor=6_500.0)["verdict"] == "FAIL"
     assert row["tokens_per_s_per_gpu"] == pytest.approx(6000.0 / 12, rel=0.01)
 
@@ -96,7 +101,7 @@ def test_too_little_overlap_different_runs_or_node_counts_are_invalid() -> None:
     assert "rank 1 (host1) ran" in rackjudge.judge("t", other, floor=1.0)["invalid"][0]
     together = [node(0, 0.0, 5.0, 1000.0), node(1, 0.0, 5.0, 1000.0)]
     row = rackjudge.judge("t", together, floor=1.0, expected_nodes=18)
-    assert row["invalid"] == ["the profile's rack_floor is for 18 nodes, this rack run has 2"]
+    assert row["invalid"] == ["the profile's rack is 18 nodes (its `nodes`), this rack run has 2"]
 
 
 def test_clock_offsets_above_a_few_ms_are_reported() -> None:

@@ -82,12 +82,12 @@ def test_a_high_accuracy_profile_gates_parity_at_99_9_percent(pytester: pytest.P
         def test_unmarked(tokperf):
             assert tokperf.parity_spec.rouge_ratio == 0.999
 
-        @pytest.mark.accuracy_parity(reference="q4_1")
+        @pytest.mark.accuracy_parity(reference="q8_0")
         def test_marked(tokperf):
             assert tokperf.parity_spec.rouge_ratio == 0.999
             pytest.skip("checked the limits only")
 
-        @pytest.mark.accuracy_parity(reference="q4_1", rouge_ratio=0.95)
+        @pytest.mark.accuracy_parity(reference="q8_0", rouge_ratio=0.95)
         def test_marker_wins(tokperf):
             assert tokperf.parity_spec.rouge_ratio == 0.95
             pytest.skip("checked the limits only")

@@ -14,18 +14,18 @@ from pytest_tokperf.verdict import judge
 
 
 def _payload(tokens: int, devices: int, floors: dict[str, float], error: str | None = None):
-    # four requests issued at 0, each delivering 1/20 of its tokens in the middle of every
-    # 50 ms: a steady rate, so the 95% interval has zero width
+    # twelve requests (an Offline floor needs 10) issued at 0, each delivering 1/20 of
+    # its tokens in the middle of every 50 ms: a steady rate, so the interval has zero width
     recs = [
         RequestRecord(
             f"r{i}",
             0,
             NS,
             tuple((2 * k + 1) * NS // 40 for k in range(20)),
-            (tokens // 80,) * 20,
+            (tokens // 240,) * 20,
             error=error if i == 0 else None,
         )
-        for i in range(4)
+        for i in range(12)
     ]
     info = EngineInfo("trtllm", "llama2-70b", "nvfp4", devices)
     res = summarize(recs, info, scenario="offline", workload="w", max_tokens=None)
@@ -46,7 +46,7 @@ def test_failure_message_has_metric_observed_floor_and_context() -> None:
     p = _payload(49_920, devices=4, floors={"per_gpu": 15_200})  # 12,480 per GPU
     assert failure_message(p) == (
         "offline output tokens/s per GPU 12,480 (95% CI 12,480-12,480) < floor 15,200 "
-        "[profile gb300-nvl72, engine trtllm, model llama2-70b nvfp4, 4 GPUs, 4 requests]"
+        "[profile gb300-nvl72, engine trtllm, model llama2-70b nvfp4, 4 GPUs, 12 requests]"
     )
 
 
@@ -65,13 +65,13 @@ def test_table_has_one_aligned_row_per_test() -> None:
     assert lines[1].split() == [
         "t.py::test_x",
         "offline",
-        "4",
+        "12",
         "49,920",
         "12,480",
         "15,200/dev",
         "25",  # TTFT p99: the first chunk at 25 ms
         "ms",
-        "0.08",  # TPOT p99: (1 s - 25 ms) / (12,480 - 1) tokens
+        "0.23",  # TPOT p99: (1 s - 25 ms) / (4,160 - 1) tokens
         "ms",
         "FAIL",
     ]
@@ -107,7 +107,7 @@ def test_gpu_telemetry_shows_in_table_message_and_payload() -> None:
 
     # tokens spread evenly over the run: a narrow interval, so the verdict is decisive
     chunks = tuple(NS * (2 * k + 1) // 20 for k in range(10))
-    recs = [RequestRecord(f"r{i}", 0, NS, chunks, (1_248,) * 10) for i in range(4)]
+    recs = [RequestRecord(f"r{i}", 0, NS, chunks, (416,) * 10) for i in range(12)]
     info = EngineInfo("trtllm", "llama2-70b", "nvfp4", 4)
     res = summarize(recs, info, scenario="offline", workload="w", max_tokens=None)
     # 4 GPUs x 1,000 J over the 1 s run: 49,920 tokens -> 0.0801 J/token
@@ -138,8 +138,8 @@ def test_gpu_telemetry_shows_in_table_message_and_payload() -> None:
 
 def test_printed_intervals_name_the_confidence_that_produced_them() -> None:
     recs = [
-        RequestRecord(f"r{i}", 0, NS, tuple((2 * k + 1) * NS // 40 for k in range(20)), (5,) * 20)
-        for i in range(4)
+        RequestRecord(f"r{i}", 0, NS, tuple((2 * k + 1) * NS // 40 for k in range(20)), (2,) * 20)
+        for i in range(10)
     ]
     info = EngineInfo("sim", "sim", "none", 1)
     offline = summarize(recs, info, scenario="offline", workload="w", max_tokens=None)

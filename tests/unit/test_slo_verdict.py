@@ -116,11 +116,16 @@ def test_floor_status_from_the_interval() -> None:
 
 
 def _noisy(rates: list[int]) -> list[RequestRecord]:
-    """One request whose tokens arrive `rates[i]` per 0.1 s window, mid-window."""
+    """Ten requests (the fewest an Offline floor takes) whose tokens together arrive
+    `rates[i]` per 0.1 s window, mid-window: request j gets every tenth token."""
     chunks: list[int] = []
     for i, n in enumerate(rates):
         chunks += [i * NS // 10 + (2 * k + 1) * NS // (20 * n) for k in range(n)]
-    return [RequestRecord("r", 0, len(rates) * NS // 10, tuple(chunks), (1,) * len(chunks))]
+    end = len(rates) * NS // 10
+    return [
+        RequestRecord(f"r{j}", 0, end, tuple(chunks[j::10]), (1,) * len(chunks[j::10]))
+        for j in range(10)
+    ]
 
 
 def _summary(records, **kw):
