@@ -58,11 +58,19 @@ class Spawn:
     devices: int
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity (taskset, cgroups' cpusets), not
+    the machine's count, so clients pinned beside a server plan for their own cores."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 2  # pragma: no cover - not Linux
+
+
 def auto_count(offered_tokens_per_s: float | None, cpus: int | None = None) -> int:
     """Processes for the offered load at COST_PER_TOKEN_S, each at BUSY_SHARE of a core."""
     if not offered_tokens_per_s:
         return 1
-    most = max(1, (cpus or os.cpu_count() or 2) - 1)  # leave a core for the rest
+    most = max(1, (cpus or usable_cores()) - 1)  # leave a core for the rest
     return max(1, min(most, math.ceil(offered_tokens_per_s * COST_PER_TOKEN_S / BUSY_SHARE)))
 
 

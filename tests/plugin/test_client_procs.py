@@ -79,3 +79,14 @@ def test_concurrency_is_split_and_auto_follows_the_offered_load() -> None:
     # 1.1M tokens/s at 15 us/token, half a core each: 33 processes, capped by the cores
     assert procs.auto_count(1_100_000, cpus=64) == 33
     assert procs.auto_count(1_100_000, cpus=16) == 15
+
+
+def test_auto_plans_for_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned to 4 of 64 cores (as the GPU-day clients are, beside the server's cores),
+    auto plans for those 4, not for every core of the machine."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert procs.usable_cores() == 4
+    assert procs.auto_count(1_100_000) == 3
