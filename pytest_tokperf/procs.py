@@ -122,6 +122,10 @@ def _child(
         plan = dataclasses.replace(plan, start_ns=start_ns)
         flights = driver.Flights()  # the parent's looks read it, its stop ends issuing
         loop.add_reader(conn.fileno(), _answer, conn, flights)
+        # uvloop's reader (libuv's poll) made the pipe non-blocking: a send larger than
+        # the pipe (a look's or the result's records, hundreds of KB) then broke off
+        # half written at the first EAGAIN, and the parent read a truncated message
+        os.set_blocking(conn.fileno(), True)
         try:
             said = driver.run_plan(engine, requests, plan, loop=loop, flights=flights)
         except driver.Interrupted as exc:  # Ctrl-C, or the parent went away: what finished

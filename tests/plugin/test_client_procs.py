@@ -90,3 +90,23 @@ def test_auto_plans_for_the_cores_this_process_may_use(monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert procs.usable_cores() == 4
     assert procs.auto_count(1_100_000) == 3
+
+
+def test_answers_larger_than_a_pipe_arrive_whole() -> None:
+    """Looks and results of hundreds of KB (a pipe holds 64 KB): uvloop's reader on the
+    child's end of the pipe had made it non-blocking, so a large send broke off half
+    written ("got end of file during message" in the parent)."""
+    from pytest_tokperf import launcher
+
+    server = launcher.start(f"{sys.executable} {NULL} --port {{port}}", ready_timeout_s=60)
+    try:
+        spawn = procs.Spawn("openai", {"base_url": server.base_url}, 1)
+        reqs = [Request(f"r{i}", "x", 256) for i in range(1200)]
+        plan = driver.Plan("concurrency", concurrency=16, texts=False, look_every_s=0.05)
+        looks: list[int] = []
+        driven = procs.run(spawn, reqs, plan, 2, progress=lambda recs, s: looks.append(len(recs)))
+    finally:
+        server.stop()
+    assert len(driven.records) == 1200 and all(r.ok for r in driven.records)
+    assert sum(r.output_tokens for r in driven.records) == 1200 * 256
+    assert looks and max(looks) > 50  # the looks carried records too
