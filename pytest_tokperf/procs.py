@@ -336,11 +336,17 @@ def merge(results: Sequence[Driven], pids: Sequence[int]) -> Driven:
             counted[method] = counted.get(method, 0) + k
     procs = tuple(
         ClientProc(
-            i + 1, pid, len(d.records), sum(r.output_tokens for r in d.records), d.client_cpu
+            i + 1,
+            pid,
+            len(d.records),
+            sum(r.output_tokens for r in d.records),
+            d.client_cpu,
+            d.client_cpu_s,
         )
         for i, (d, pid) in enumerate(zip(results, pids, strict=True))
     )
     ends = [d.window_end_ns for d in results if d.window_end_ns is not None]
+    used = [d.client_cpu_s for d in results]
     return Driven(
         tuple(records),
         None,  # saturation is judged per process (ClientProc.cpu), naming it
@@ -348,4 +354,5 @@ def merge(results: Sequence[Driven], pids: Sequence[int]) -> Driven:
         max(ends) if ends else None,
         counted,
         procs,
+        sum(u for u in used if u is not None) if None not in used else None,
     )

@@ -57,6 +57,8 @@ def test_two_client_processes_record_everything_and_judge_alike(pytester: pytest
         assert [s["requests"] for s in shares] == [20, 20]
         assert sum(s["output_tokens"] for s in shares) == payload["output_tokens"] == 40 * 64
         assert payload["requests"] == 40 and payload["failed"] == 0
+        # each process's driver CPU in seconds too: client CPU per token = sum / tokens
+        assert all(0 < s["cpu_s"] < 60 for s in shares)
     assert all(p["client_procs"] == [] for p in one.values())
 
 
@@ -110,3 +112,5 @@ def test_answers_larger_than_a_pipe_arrive_whole() -> None:
     assert len(driven.records) == 1200 and all(r.ok for r in driven.records)
     assert sum(r.output_tokens for r in driven.records) == 1200 * 256
     assert looks and max(looks) > 50  # the looks carried records too
+    used = [p.cpu_s for p in driven.procs]
+    assert all(u is not None and u > 0 for u in used) and driven.client_cpu_s == sum(used)
