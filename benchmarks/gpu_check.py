@@ -62,6 +62,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+PYTEST = [sys.executable, "-m", "pytest"]
+ROW = ("nodeid", "verdict", "requests", "output_tokens", "tokens_per_s", "tokens_per_s_per_gpu",
+       "energy_j_per_token", "tokens_per_s_per_watt")  # fmt: skip
+TELEMETRY = ("mean_power_w", "max_power_w", "mean_sm_clock_mhz", "max_temperature_c", "throttled")
 RECORDING = ROOT / "tests" / "data" / "nvml" / "h100-sxm-8.json"
 SERVER = ROOT / "benchmarks" / "null_openai_server.py"
 TARGET = 1_100_000  # GB300 NVL72 rack, 1,100,948 output tokens/s (shared/FACTS.md)
@@ -321,32 +325,12 @@ def patch_examples(target: Path) -> dict[str, int]:
 
 
 def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    keys = (
-        "nodeid",
-        "verdict",
-        "requests",
-        "output_tokens",
-        "tokens_per_s",
-        "tokens_per_s_per_gpu",
-        "energy_j_per_token",
-        "tokens_per_s_per_watt",
-    )
     out = []
     for t in doc.get("tests", []):
         tele = (t.get("telemetry") or {}).get("gpu") or {}
         settings = (t.get("engine") or {}).get("settings") or {}
-        gpu = {
-            k: tele.get(k)
-            for k in (
-                "mean_power_w",
-                "max_power_w",
-                "mean_sm_clock_mhz",
-                "max_temperature_c",
-                "throttled",
-            )
-            if k in tele
-        }
-        out.append({k: t.get(k) for k in keys} | {"gpu": gpu, "device": settings.get("device")})
+        gpu = {k: tele[k] for k in TELEMETRY if k in tele}
+        out.append({k: t.get(k) for k in ROW} | {"gpu": gpu, "device": settings.get("device")})
     return out
 
 
@@ -391,18 +375,7 @@ def inventory(ctx: Context) -> dict[str, Any]:
     ctx.report["inventory"] = found.to_json()
     ctx.report["gpu_memory_gib"] = found.gpus[0].memory_gib if found.gpus else None
     shutil.copytree(ROOT / "examples", ctx.work / "examples", dirs_exist_ok=True)
-    detect = ctx.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "--collect-only",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "examples",
-        ]
-    )
+    detect = ctx.run([*PYTEST, "--collect-only", "-q", "-p", "no:cacheprovider", "examples"])
     said = (detect["stdout"] + detect["stderr"]).splitlines()
     header = [x[:400] for x in said if "tokperf:" in x or x.startswith("ERROR")]
     return {
@@ -446,14 +419,8 @@ def write_profile(ctx: Context) -> dict[str, Any]:
 
 
 def common(ctx: Context) -> list[str]:
-    return [
-        "-p",
-        "no:cacheprovider",
-        "--tokperf-profile",
-        "gpu-check",
-        "--tokperf-lock-dir",
-        str(ctx.work / "locks"),
-    ]
+    flags = "-p no:cacheprovider --tokperf-profile gpu-check --tokperf-lock-dir"
+    return [*flags.split(), str(ctx.work / "locks")]
 
 
 def allocate(ctx: Context) -> dict[str, Any]:
@@ -461,7 +428,7 @@ def allocate(ctx: Context) -> dict[str, Any]:
     write_profile(ctx)
     (ctx.work / "hold").mkdir(exist_ok=True)
     (ctx.work / "hold" / "test_hold.py").write_text(HOLD)
-    cmd = [sys.executable, "-m", "pytest", "hold", "-s", "-rs", *common(ctx)]
+    cmd = [*PYTEST, "hold", "-s", "-rs", *common(ctx)]
     procs = [
         subprocess.Popen(
             cmd,
@@ -487,12 +454,8 @@ def allocate(ctx: Context) -> dict[str, Any]:
         said.append({"rc": p.returncode, "said": lines or o.splitlines()[-5:]})
     held = sum(any("HELD" in x for x in s["said"]) for s in said)
     told = sum(any("SKIPPED" in x and "held by" in x for x in s["said"]) for s in said)
-    return {
-        "processes": said,
-        "held": held,
-        "told_taken": told,
-        "outcome": "as expected" if (held, told) == (1, 1) else "NOT as expected",
-    }
+    outcome = "as expected" if (held, told) == (1, 1) else "NOT as expected"
+    return {"processes": said, "held": held, "told_taken": told, "outcome": outcome}
 
 
 def examples(ctx: Context) -> dict[str, Any]:
@@ -501,28 +464,12 @@ def examples(ctx: Context) -> dict[str, Any]:
     patched = patch_examples(ctx.work / "examples")
     raw = ctx.work / "examples-raw.json"
     select = ["-k", ctx.args.select] if ctx.args.select else []
-    run = ctx.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "examples",
-            "-rs",
-            *common(ctx),
-            *select,
-            "--tokperf-json",
-            str(raw),
-        ]
-    )
+    run = ctx.run([*PYTEST, "examples", "-rs", *common(ctx), *select, "--tokperf-json", str(raw)])
     print(run["stdout"][-6000:])
     found = rows(keep_json(raw, ctx.out / "examples.json"))
     ctx.report["examples_rows"] = found
-    return {
-        "model": model["name"],
-        "patched_limits": patched,
-        "run": brief(run, 6),
-        "results": found,
-    }
+    return {"model": model["name"], "patched_limits": patched, "run": brief(run, 6),
+            "results": found}  # fmt: skip
 
 
 def host_cpu(ctx: Context) -> dict[str, Any]:
@@ -563,24 +510,11 @@ def host_cpu(ctx: Context) -> dict[str, Any]:
     shutil.copytree(ROOT / "examples", ctx.work / "embedded" / "examples", dirs_exist_ok=True)
     select = ["-k", ctx.args.select] if ctx.args.select else []
     given = ["--tokperf-model-path", model_path] if model_path else []
+    flags = ["-p", "no:cacheprovider", "-rs", "--tokperf-profile", "cpu", *given, *select]
     run = ctx.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "examples",
-            "-p",
-            "no:cacheprovider",
-            "-rs",
-            "--tokperf-profile",
-            "cpu",
-            *given,
-            *select,
-            "--tokperf-json",
-            str(raw),
-        ],
+        [*PYTEST, "examples", *flags, "--tokperf-json", str(raw)],
         cwd=ctx.work / "embedded",
-        timeout=max(10.0, ctx.left() - 40),
+        timeout=max(10.0, ctx.left() - 40),  # time left for the forced child
     )
     print(run["stdout"][-4000:])
     doc = keep_json(raw, ctx.out / "embedded.json")
@@ -637,13 +571,8 @@ def client(ctx: Context) -> dict[str, Any]:
     server_cores, client_cores = cores[:n_server], cores[n_server:]
     target = ctx.args.client_target
     procs = ctx.args.client_procs
-    out: dict[str, Any] = {
-        "cores": len(cores),
-        "server_cores": server_cores,
-        "client_cores": client_cores,
-        "target": target,
-        "procs": procs,
-    }
+    out: dict[str, Any] = {"cores": len(cores), "target": target, "procs": procs}
+    out |= {"server_cores": server_cores, "client_cores": client_cores}
     docs = {}
     # paced: a decode step every 2 ms for all streams, 25% more streams than the target
     # needs (a stream idles a step between answers); burst: as fast as the server writes
@@ -670,7 +599,7 @@ def client(ctx: Context) -> dict[str, Any]:
         try:
             cpu0, t0 = group_cpu_s(server.process.pid), time.monotonic()
             run = ctx.run(
-                [sys.executable, "-m", "pytest", *args.split(), "--tokperf-json", str(raw),
+                [*PYTEST, *args.split(), "--tokperf-json", str(raw),
                  "--tokperf-base-url", server.base_url],
                 cwd=folder,
                 timeout=max(10.0, ctx.left() / 2 if mode == "burst" else ctx.left()),
@@ -782,7 +711,10 @@ def verdicts(ctx: Context) -> dict[str, Any]:
             "verdict": t.get("verdict"),
             "tokens_per_s_per_gpu": t.get("tokens_per_s_per_gpu"),
             "floors": t.get("floors"),
-            "regression": t.get("regression"),
+            "regression": [
+                {k: c.get(k) for k in ("ratio", "low", "high", "tolerance", "status")}
+                for c in (t.get("regression") or {}).get("checks") or []
+            ],
         }
         for run, doc in docs.items()
         for t in doc.get("tests", [])
@@ -925,18 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     ctx = Context(args, out, work)
-    fns = {
-        "versions": versions,
-        "site": site,
-        "inventory": inventory,
-        "allocate": allocate,
-        "examples": examples,
-        "host_cpu": host_cpu,
-        "client": client,
-        "verdicts": verdicts,
-    }
     for name, cap, _ in STEPS:
-        step(ctx, name, cap, fns[name])
+        step(ctx, name, cap, globals()[name])  # each step is the function of its name
     lines = summary(ctx.report)
     ctx.report["summary"] = lines
     write_report(ctx)

@@ -119,6 +119,9 @@ def test_the_verdicts_on_floors_around_the_measured_rate(rehearsal: Any) -> None
     assert tests["first:test_no_regression"]["verdict"] == "MEASURED"  # saved as the baseline
     # compared with it: a noisy 2-core machine may not be decisive, but never a regression
     assert tests["second:test_no_regression"]["verdict"] in ("PASS", "IMPROVED", "INCONCLUSIVE")
+    (check,) = tests["second:test_no_regression"]["regression"]
+    assert check["tolerance"] == 0.5 and check["low"] <= check["ratio"] <= check["high"]
+    assert check["status"] == tests["second:test_no_regression"]["verdict"]
     assert set(tests) == {"first:test_floor_below", "first:test_floor_above",
                           "first:test_no_regression", "second:test_no_regression"}  # fmt: skip
 
