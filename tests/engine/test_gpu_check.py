@@ -36,6 +36,7 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         sys.executable, str(BENCH / "gpu_check.py"), "--rehearse", "--out", str(out),
         "--work", str(tmp / "work"), "--site", str(tmp / "no-site"),
         "--select", "test_offline_throughput_per_gpu", "--tiny-gguf", "--force-extra-bufts",
+        "--embedded-cores", "1",
         "--client-target", "20000", "--client-procs", "2", "--client-seconds", "3",
         "--floor-factors", "0.2,5", "--regression-tolerance", "0.5",
     ]  # fmt: skip
@@ -78,12 +79,13 @@ def test_the_host_cpu_step(rehearsal: Any) -> None:
     host = report["steps"]["host_cpu"]
     assert host["amx_flags"] == cpu_amx_flags()
     assert host["llama_cpp_amx_built"] == backend_amx()
-    assert host["model"].endswith("tiny-smollm2-shape.gguf")
+    assert host["model"].endswith("tiny-smollm2-shape.gguf") and host["cores"] == 1
     embedded = host["embedded"]
     assert (embedded["extra_bufts"], embedded["extra_bufts_why"]) == choose_extra_bufts("auto")
     assert [v[:2] for v in embedded["verdicts"]] == [["test_offline_throughput_per_gpu", "PASS"]]
     doc = json.loads((out / "embedded.json").read_text())
     assert doc["tests"][0]["engine"]["backend"] == "llamacpp" and "records" not in doc
+    assert doc["tests"][0]["engine"]["settings"]["n_threads"] == 1  # --embedded-cores 1
     forced = host["forced"]
     assert forced["extra_bufts"] is True and forced["requests"] == 4
     if not host["amx_flags"]:  # nothing to crash here: every request answered
