@@ -23,7 +23,7 @@ an index. This unpacks, into one folder that goes on PYTHONPATH there
 
     python benchmarks/gpu_carry.py /tmp/amx/llama_cpp_python-0.3.36-*.whl [--dest .gpuday/site]
 
-About 13 MB; the device tool carries at most 64 MiB with a call (`carry: [".gpuday"]`).
+About 15 MB; the device tool carries at most 64 MiB with a call (`carry: [".gpuday"]`).
 """
 
 from __future__ import annotations
