@@ -14,6 +14,12 @@ How it writes the chunks of each stream:
 
 `--metrics FILE` serves FILE as its Prometheus /metrics page (benchmarks/scrape_stall.py).
 
+`--workers N --cores 0-7` serves from N processes, worker i pinned to the i-th of those
+cores: the parent binds N listening sockets to the one port with SO_REUSEPORT before
+any worker starts, so the kernel spreads connections over all N from the first one
+(a worker that starts late finds its connections waiting in its backlog), then runs
+the workers and waits (benchmarks/gpu_check.py, the client at scale).
+
 Run: python benchmarks/null_openai_server.py --port 8000 [--pace-ms 5 | --whole]
 """
 
@@ -21,7 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import resource
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -65,19 +77,67 @@ def make_app(pace_s: float, whole: bool = False, metrics: str | None = None) -> 
     return app
 
 
+def cpu_list(text: str) -> list[int]:
+    """'0-3,8' -> [0, 1, 2, 3, 8] (taskset's list format)."""
+    cores: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        cores += range(int(lo), int(hi or lo) + 1)
+    return cores
+
+
+def serve_workers(args: argparse.Namespace) -> None:
+    """N workers on one port: every socket bound and listening before any worker runs."""
+    cores = cpu_list(args.cores) if args.cores else sorted(os.sched_getaffinity(0))
+    socks = []
+    for _ in range(args.workers):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", args.port))
+        sock.listen(4096)
+        socks.append(sock)
+    same = ["--port", str(args.port), "--pace-ms", str(args.pace_ms)]
+    same += ["--whole"] * args.whole + (["--metrics", args.metrics] if args.metrics else [])
+    workers = [
+        subprocess.Popen(
+            [sys.executable, __file__, *same, "--fd", str(s.fileno()), "--core", str(core)],
+            pass_fds=(s.fileno(),),
+        )
+        for s, core in zip(socks, [cores[i % len(cores)] for i in range(args.workers)], strict=True)
+    ]
+    for worker in workers:
+        worker.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pace-ms", type=float, default=0.0)
     parser.add_argument("--whole", action="store_true", help="each answer in one write")
     parser.add_argument("--metrics", help="serve this file as /metrics")
+    parser.add_argument("--workers", type=int, default=1, help="processes on the one port")
+    parser.add_argument("--cores", default="", help="the workers' cores, e.g. 0-7")
+    parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)  # a worker's socket
+    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)  # a worker's core
     args = parser.parse_args()
-    web.run_app(
-        make_app(args.pace_ms / 1000, args.whole, args.metrics),
-        host="127.0.0.1",
-        port=args.port,
-        print=None,
-    )
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):  # thousands of streams at once
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.workers > 1:
+        serve_workers(args)
+        return
+    if args.core is not None:  # a worker: pinned, and gone when its parent goes
+        os.sched_setaffinity(0, {args.core})
+        if sys.platform.startswith("linux"):
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    app = make_app(args.pace_ms / 1000, args.whole, args.metrics)
+    if args.fd is not None:
+        web.run_app(app, sock=socket.socket(fileno=args.fd), print=None)
+    else:
+        web.run_app(app, host="127.0.0.1", port=args.port, print=None)
 
 
 if __name__ == "__main__":

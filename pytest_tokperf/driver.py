@@ -339,6 +339,7 @@ class ClientProc:
     requests: int
     output_tokens: int
     cpu: float | None  # its driver thread's CPU time / wall time
+    cpu_s: float | None = None  # its driver thread's CPU time, seconds (per token: / tokens)
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,7 @@ class Driven:
     window_end_ns: int | None = None
     token_counting: Mapping[str, int] = field(default_factory=dict)  # requests per method
     procs: tuple[ClientProc, ...] = ()  # several client processes: each one's share
+    client_cpu_s: float | None = None  # the driver thread's CPU time over the run, seconds
 
 
 Snapshot = Callable[[Sequence[RequestRecord], float], bool]
@@ -388,9 +390,10 @@ async def drive(
             engine, list(requests), plan.timeout_s, flights, plan.texts, counted
         )
         wall = clock() - t0
-        cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
+        used = (time.thread_time_ns() - cpu0) / NS
+        cpu = used * NS / wall if wall > 0 else None
         stopped = flights.stopped or "all requests issued"
-        return Driven(tuple(records), cpu, stopped, token_counting=counted)
+        return Driven(tuple(records), cpu, stopped, token_counting=counted, client_cpu_s=used)
     if plan.scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {plan.scenario!r}; available: {', '.join(SCENARIOS)}")
 
@@ -479,11 +482,13 @@ async def drive(
     await asyncio.wait([watcher, cutter])
     records = await _records(lives, tasks, flights)
     wall = clock() - t0
-    cpu = (time.thread_time_ns() - cpu0) / wall if wall > 0 else None
+    used = (time.thread_time_ns() - cpu0) / NS
+    cpu = used * NS / wall if wall > 0 else None
     reason, at = flights.ended or ("all requests issued", None)
     window_end = at if plan.max_duration_s is not None else None
     _tally(lives, counted)
-    return Driven(tuple(records), cpu, flights.stopped or reason, window_end, counted)
+    stopped = flights.stopped or reason
+    return Driven(tuple(records), cpu, stopped, window_end, counted, client_cpu_s=used)
 
 
 def run(

@@ -58,11 +58,19 @@ class Spawn:
     devices: int
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity (taskset, cgroups' cpusets), not
+    the machine's count, so clients pinned beside a server plan for their own cores."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 2  # pragma: no cover - not Linux
+
+
 def auto_count(offered_tokens_per_s: float | None, cpus: int | None = None) -> int:
     """Processes for the offered load at COST_PER_TOKEN_S, each at BUSY_SHARE of a core."""
     if not offered_tokens_per_s:
         return 1
-    most = max(1, (cpus or os.cpu_count() or 2) - 1)  # leave a core for the rest
+    most = max(1, (cpus or usable_cores()) - 1)  # leave a core for the rest
     return max(1, min(most, math.ceil(offered_tokens_per_s * COST_PER_TOKEN_S / BUSY_SHARE)))
 
 
@@ -119,6 +127,10 @@ def _child(
         plan = dataclasses.replace(plan, start_ns=start_ns)
         flights = driver.Flights()  # the parent's looks read it, its stop ends issuing
         loop.add_reader(conn.fileno(), _answer, conn, flights)
+        # uvloop's reader (libuv's poll) made the pipe non-blocking: a send larger than
+        # the pipe (a look's or the result's records, hundreds of KB) then broke off
+        # half written at the first EAGAIN, and the parent read a truncated message
+        os.set_blocking(conn.fileno(), True)
         try:
             said = driver.run_plan(engine, requests, plan, loop=loop, flights=flights)
         except driver.Interrupted as exc:  # Ctrl-C, or the parent went away: what finished
@@ -329,11 +341,17 @@ def merge(results: Sequence[Driven], pids: Sequence[int]) -> Driven:
             counted[method] = counted.get(method, 0) + k
     procs = tuple(
         ClientProc(
-            i + 1, pid, len(d.records), sum(r.output_tokens for r in d.records), d.client_cpu
+            i + 1,
+            pid,
+            len(d.records),
+            sum(r.output_tokens for r in d.records),
+            d.client_cpu,
+            d.client_cpu_s,
         )
         for i, (d, pid) in enumerate(zip(results, pids, strict=True))
     )
     ends = [d.window_end_ns for d in results if d.window_end_ns is not None]
+    used = [d.client_cpu_s for d in results]
     return Driven(
         tuple(records),
         None,  # saturation is judged per process (ClientProc.cpu), naming it
@@ -341,4 +359,5 @@ def merge(results: Sequence[Driven], pids: Sequence[int]) -> Driven:
         max(ends) if ends else None,
         counted,
         procs,
+        sum(u for u in used if u is not None) if None not in used else None,
     )

@@ -57,6 +57,8 @@ def test_two_client_processes_record_everything_and_judge_alike(pytester: pytest
         assert [s["requests"] for s in shares] == [20, 20]
         assert sum(s["output_tokens"] for s in shares) == payload["output_tokens"] == 40 * 64
         assert payload["requests"] == 40 and payload["failed"] == 0
+        # each process's driver CPU in seconds too: client CPU per token = sum / tokens
+        assert all(0 < s["cpu_s"] < 60 for s in shares)
     assert all(p["client_procs"] == [] for p in one.values())
 
 
@@ -79,3 +81,36 @@ def test_concurrency_is_split_and_auto_follows_the_offered_load() -> None:
     # 1.1M tokens/s at 15 us/token, half a core each: 33 processes, capped by the cores
     assert procs.auto_count(1_100_000, cpus=64) == 33
     assert procs.auto_count(1_100_000, cpus=16) == 15
+
+
+def test_auto_plans_for_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned to 4 of 64 cores (as the GPU-day clients are, beside the server's cores),
+    auto plans for those 4, not for every core of the machine."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert procs.usable_cores() == 4
+    assert procs.auto_count(1_100_000) == 3
+
+
+def test_answers_larger_than_a_pipe_arrive_whole() -> None:
+    """Looks and results of hundreds of KB (a pipe holds 64 KB): uvloop's reader on the
+    child's end of the pipe had made it non-blocking, so a large send broke off half
+    written ("got end of file during message" in the parent)."""
+    from pytest_tokperf import launcher
+
+    server = launcher.start(f"{sys.executable} {NULL} --port {{port}}", ready_timeout_s=60)
+    try:
+        spawn = procs.Spawn("openai", {"base_url": server.base_url}, 1)
+        reqs = [Request(f"r{i}", "x", 256) for i in range(1200)]
+        plan = driver.Plan("concurrency", concurrency=16, texts=False, look_every_s=0.05)
+        looks: list[int] = []
+        driven = procs.run(spawn, reqs, plan, 2, progress=lambda recs, s: looks.append(len(recs)))
+    finally:
+        server.stop()
+    assert len(driven.records) == 1200 and all(r.ok for r in driven.records)
+    assert sum(r.output_tokens for r in driven.records) == 1200 * 256
+    assert looks and max(looks) > 50  # the looks carried records too
+    used = [p.cpu_s for p in driven.procs]
+    assert all(u is not None and u > 0 for u in used) and driven.client_cpu_s == sum(used)
