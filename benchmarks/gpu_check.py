@@ -829,7 +829,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--site", type=Path, help="carried packages (default .gpuday/site)")
     parser.add_argument("--model", choices=sorted(LLAMA), help="shape instead of by memory")
-    parser.add_argument("--requests", type=int, default=8, help="the gpu-check profile's")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=16,
+        help="the gpu-check profile's (an Offline floor needs 10)",
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--select", help="-k expression for both example suites")
     parser.add_argument(

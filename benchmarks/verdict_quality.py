@@ -3,7 +3,7 @@
 Throughput cells: a closed loop (4 requests in flight, 64 tokens each) on the `sim`
 engine's timing model, whose true rate is known, against floors at the true rate x
 0.90, 0.95, 1.00, 1.05 and 1.10; each run is bounded by `max_duration_s` (60
-simulated s) with sequential early stopping at 95% overall (`verdict.Sequential`),
+simulated s) with sequential early stopping at 95% overall (`sequential.Sequential`),
 then judged by `verdict.judge`. Two engines: independent noise (gamma gaps, stalls),
 and the same with phases (`slow_factor=0.6, phase_s=3`: the engine alternates full
 and 60% speed, each phase an exponential time of mean 3 s).
@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pytest_tokperf import metrics, verdict
+from pytest_tokperf import metrics, regression, sequential, verdict
 from pytest_tokperf.driver import NS, RequestRecord, poisson_offsets_ns
 from pytest_tokperf.engines import EngineInfo, Request, load_engine
 from pytest_tokperf.engines.sim import (
@@ -130,14 +130,18 @@ def closed_loop(
     stop: Callable[[Sequence[RequestRecord], float], bool],
     max_s: float,
     looks: Iterable[float],
+    lanes: int = CONCURRENCY,
 ) -> tuple[list[RequestRecord], int]:
-    """A closed loop of CONCURRENCY lanes in virtual time; `stop` asked at each look.
+    """A closed loop of `lanes` lanes in virtual time; `stop` asked at each look.
 
     Returns every request issued before the stop (completed) and the window's end.
     """
-    phases = Phases(settings["slow_factor"], settings["phase_s"], int(settings["seed"]))
+    phases = Phases(
+        settings["slow_factor"], settings["phase_s"], int(settings["seed"]),
+        settings["throttle_after_s"], settings["throttle_factor"],
+    )  # fmt: skip
     issued: list[tuple[str, int, list[int], list[int]]] = []
-    for lane in range(CONCURRENCY):
+    for lane in range(lanes):
         at, k = 0.0, 0
         while at < max_s:
             rid = f"l{lane}-{k}"
@@ -160,7 +164,7 @@ def throughput_run(engine: str, factor: float, seed: int, confidence: float) -> 
     settings = parse_settings({**ENGINES[engine], "seed": seed})
     floor = true_rate(settings) * factor
     floors = {"min_tokens_per_s": floor}
-    stop = verdict.Sequential(MAX_S, floors, 1, confidence)
+    stop = sequential.Sequential(MAX_S, floors, 1, confidence)
     records, end = closed_loop(settings, stop, MAX_S, stop.times)
     result = metrics.summarize(
         records, INFO, scenario="concurrency", workload="sim", max_tokens=TOKENS,
@@ -171,10 +175,63 @@ def throughput_run(engine: str, factor: float, seed: int, confidence: float) -> 
     return Outcome(f"{engine} x{factor:.2f}", v.status, decided)
 
 
-def true_rate(settings: dict[str, float]) -> float:
+def true_rate(settings: dict[str, float], lanes: int = CONCURRENCY) -> float:
     """Long-run tokens/s of the closed loop (simulated): lanes x tokens / mean request
     time, times the mean speed over fast and slow phases (no queueing: slots >= lanes)."""
-    return CONCURRENCY * TOKENS / mean_request_s(settings, TOKENS) * mean_speed(settings)
+    full = parse_settings({k: v for k, v in settings.items() if not k.startswith("throttle")})
+    return lanes * TOKENS / mean_request_s(full, TOKENS) * mean_speed(full)
+
+
+@dataclass(frozen=True)
+class Timescale:
+    """An engine whose slow side takes time to show, and the run that judges it: at
+    most `max_s`, nothing decided before `min_s` (simulated seconds), `lanes` in flight.
+    `truth` is the rate the engine keeps for good; `wrong` the verdict that is wrong
+    against a floor at truth x factor (None: either)."""
+
+    name: str
+    settings: dict[str, float]
+    lanes: int
+    max_s: float
+    min_s: float
+    truth: float
+    factors: tuple[float, ...]
+
+
+STEADY_LANES = 2
+TIMESCALES = (
+    # phases of 30 and 100 simulated s (3 and 10 s at time_scale 10): longer than a
+    # decision at 1/16 of the run, so a run that began fast could stop before a slow one
+    Timescale("phases 30 s", {**NOISE, "slow_factor": 0.6, "phase_s": 30.0}, STEADY_LANES,
+              300.0, 100.0, true_rate({**PHASES, "phase_s": 30.0}, STEADY_LANES), (0.9, 1.1)),
+    Timescale("phases 100 s", {**NOISE, "slow_factor": 0.6, "phase_s": 100.0}, STEADY_LANES,
+              600.0, 100.0, true_rate({**PHASES, "phase_s": 100.0}, STEADY_LANES), (0.9, 1.1)),
+    # fast for 200 simulated s, then 0.6x for good; the floor at 0.8x the fresh rate:
+    # its truth (0.6x) misses it, so any PASS is wrong
+    Timescale("throttle 0.6x after 200 s", {**NOISE, "throttle_after_s": 200.0,
+              "throttle_factor": 0.6}, STEADY_LANES, 600.0, 300.0,
+              0.6 * true_rate(NOISE, STEADY_LANES), (0.8 / 0.6,)),
+    # half speed for its first 20 s (a warm-up), then the noise engine for good
+    Timescale("warm-up 0.5x for 20 s", {**NOISE, "tokens_per_s": 25.0, "ttft_s": 0.4,
+              "stall_s": 1.0, "throttle_after_s": 20.0, "throttle_factor": 2.0},
+              STEADY_LANES, 300.0, 100.0, true_rate(NOISE, STEADY_LANES), (0.9, 1.1)),
+)  # fmt: skip
+
+
+def timescale_run(cell: Timescale, factor: float, seed: int, confidence: float) -> Outcome:
+    """One run of a timescale cell: early stopping and the verdict as the plugin has them."""
+    settings = parse_settings({**cell.settings, "seed": seed})
+    floors = {"min_tokens_per_s": cell.truth * factor}
+    stop = sequential.Sequential(cell.max_s, floors, 1, confidence, min_duration_s=cell.min_s)
+    records, end = closed_loop(settings, stop, cell.max_s, stop.times, cell.lanes)
+    result = metrics.summarize(
+        records, INFO, scenario="concurrency", workload="sim", max_tokens=TOKENS,
+        concurrency=cell.lanes, window_end_ns=end,
+    )  # fmt: skip
+    result = replace(result, min_duration_s=cell.min_s)
+    v = verdict.judge(result, floors, confidence=confidence, looks=stop.looks)
+    decided = end / NS if v.status in ("PASS", "FAIL") else None
+    return Outcome(f"{cell.name} x{factor:.2f}", v.status, decided)
 
 
 def server_run(pct: str, share: float, requests: int, seed: int) -> Outcome:
@@ -260,6 +317,40 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def _stored(records: Sequence[RequestRecord], end: int) -> dict[str, Any]:
+    """What a baseline keeps of a run (baseline.extras): its window rates and rate."""
+    return {
+        "windows_per_s": metrics.window_rates(records, metrics.BATCHES, end),
+        "tokens_per_s": metrics.window_tokens_per_s(records, end),
+    }
+
+
+def regression_run(
+    engine: dict[str, float], seed: int, confidence: float, decide_regression: bool
+) -> Outcome:
+    """The README's CI recipe: a baseline run with an easy floor (0.5 x truth), then the
+    unchanged engine (another seed) compared with it at a 5% tolerance. When
+    `decide_regression`, early stopping decides the comparison too and the baseline
+    run, the yardstick, runs its whole length; else (as before) both stop with the
+    floor."""
+    settings = parse_settings({**engine, "seed": 10_000 + seed})
+    floors = {"min_tokens_per_s": 0.5 * true_rate(settings)}
+    first = sequential.Sequential(MAX_S, floors, 1, confidence, min_duration_s=10.0)
+    # a run that saves a baseline runs its whole length when the comparison is decided
+    # too (it is the yardstick); before, it stopped with its floor
+    records, end = closed_loop(settings, first, MAX_S, [] if decide_regression else first.times)
+    stored = _stored(records, end)
+    tolerances = {"tokens_per_s": 0.05}
+    settings = parse_settings({**engine, "seed": seed})
+    base = (stored, tolerances) if decide_regression else None
+    stop = sequential.Sequential(MAX_S, floors, 1, confidence, min_duration_s=10.0, baseline=base)
+    records, end = closed_loop(settings, stop, MAX_S, stop.times)
+    current = _stored(records, end)
+    (check,) = regression.compare(current, stored, tolerances, confidence)
+    status = {"IMPROVED": "PASS"}.get(check.status, check.status)
+    return Outcome("regression", status, end / NS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=200, help="seeded runs per cell")
@@ -267,9 +358,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-requests", type=int, nargs="+", default=[459, 1157])
     parser.add_argument("--driver", type=int, default=0, help="seeds per cell via the driver")
     parser.add_argument("--time-scale", type=float, default=20.0)
+    parser.add_argument("--timescale-seeds", type=int, default=50,
+                        help="seeded runs per cell of the slow-to-show engines")  # fmt: skip
+    parser.add_argument("--only-timescales", action="store_true")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     rows = []
+    for cell in TIMESCALES:
+        print(f"# {cell.name}: {cell.settings}, {cell.lanes} lanes, runs of at most "
+              f"{cell.max_s:g} s, none decided before {cell.min_s:g} s, "
+              f"truth {cell.truth:.1f} tokens/s", flush=True)  # fmt: skip
+        for factor in cell.factors:
+            outs = [timescale_run(cell, factor, s, args.confidence)
+                    for s in range(args.timescale_seeds)]  # fmt: skip
+            wrong = "FAIL" if factor < 1 else "PASS" if factor > 1 else None
+            rows.append(row(f"{cell.name}, floor = truth x {factor:.2f}", wrong, outs))
+    for name, engine in (("sim profile", dict(BUILTIN["sim"].engine)), ("noise", NOISE)):
+        for decide in (False, True):
+            outs = [regression_run(engine, s, args.confidence, decide)
+                    for s in range(args.timescale_seeds)]  # fmt: skip
+            how = "early stopping decides it too" if decide else "stopping on the floor alone"
+            cell = f"unchanged {name} engine vs its baseline, easy floor, {how}"
+            rows.append(row(cell, "FAIL", outs))
+    if args.only_timescales:
+        print_table(rows)
+        return 0
     for engine in ENGINES:
         truth = true_rate(parse_settings(ENGINES[engine]))
         print(f"# {engine}: {ENGINES[engine]}, true rate {truth:.1f} tokens/s", flush=True)

@@ -224,6 +224,21 @@ class Baselines:
         stored = {k: v for k, v in payload.items() if k != "regression"}
         return str(save(self.save_dir, stored, prov))
 
+    def find(
+        self,
+        run: Mapping[str, Any],
+        uuids: Sequence[str],
+        marker: Mapping[str, float | None] | None,
+    ) -> tuple[dict[str, Any], dict[str, float]] | None:
+        """Before a run: its stored baseline payload and tolerances, for early stopping
+        to decide the comparison too (`run`: a payload's keys, without `hardware`)."""
+        if self.compare_dir is None:
+            return None
+        hw = hardware(run["device_kind"], self.inventory, uuids)
+        want = key({**run, "hardware": hw})
+        same = [d for d in candidates(self.compare_dir, want["test"]) if d["key"] == want]
+        return (same[0]["payload"], tolerances(marker, self.tolerance)) if same else None
+
     def compare(
         self, payload: Mapping[str, Any], marker: Mapping[str, float | None] | None
     ) -> dict[str, Any]:

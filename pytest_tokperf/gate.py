@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -32,6 +31,7 @@ from pytest_tokperf import (
     rackjudge,
     reference,
     report,
+    sequential,
     summary,
     verdict,
 )
@@ -257,7 +257,13 @@ class Gate:
         n = len(runner.results)
         checks += [verdict.failure_check(r, i, n) for i, r in enumerate(runner.results[:-1])]
         last = verdict.judge(
-            result, spec.floors or {}, slos, confidence=s.confidence, looks=runner.looks[-1]
+            result,
+            spec.floors or {},
+            slos,
+            confidence=s.confidence,
+            looks=runner.looks[-1],
+            busy=s.busy_machine,
+            throttled=s.profile.throttled,
         )
         first, *rest = last.checks  # the last run's failed requests, numbered in the test
         checks += [dataclasses.replace(first, run=n - 1, runs=n), *rest]
@@ -306,23 +312,32 @@ class Gate:
         return data, self._message(data)
 
     def _slos(self, spec: Spec, scenario: str) -> dict[str, float] | None:
-        """The test's SLO limits for the run's scenario (a bare latency_slo(): the
-        profile's defaults, the strictest of both where the test names some too)."""
-        if spec.slos is None:
-            return None
-        slos = dict(spec.slos)
-        if spec.slo_defaults:
+        """The test's SLO limits for the run's scenario; a bare latency_slo() on a
+        profile with no defaults for it fails the test, saying what to give."""
+        slos = spec.slos_for(self.settings.profile, scenario)
+        if slos == {} and spec.slo_defaults:
             profile = self.settings.profile
-            defaults = profile.slos.get(scenario, {})
-            if not defaults and not slos:
-                pytest.fail(
-                    f"latency_slo() without limits: profile {profile.name!r} has no default "
-                    f"SLOs for the {scenario} scenario; give limits such as ttft_p99_ms=...",
-                    pytrace=False,
-                )
-            for key, limit in defaults.items():
-                slos[key] = min(limit, slos.get(key, math.inf))
+            pytest.fail(
+                f"latency_slo() without limits: profile {profile.name!r} has no default "
+                f"SLOs for the {scenario} scenario; give limits such as ttft_p99_ms=...",
+                pytrace=False,
+            )
         return slos
+
+    def early_stopping(self, item: pytest.Item, runner: Tokperf, uuids: tuple[str, ...]) -> None:
+        """What the runner's early stopping decides besides the floors: the SLOs for
+        each run's scenario and, when comparing, the test's stored baseline."""
+        s = self.settings
+
+        def slos(scenario: str) -> dict[str, float]:
+            return self.spec(item).slos_for(s.profile, scenario) or {}
+
+        def stored(run: Mapping[str, Any]) -> sequential.Baseline | None:
+            mine = {**run, "nodeid": item.nodeid, "profile": s.profile.name,
+                    "device_kind": s.profile.device_kind}  # fmt: skip
+            return self.baselines.find(mine, uuids, self.spec(item).no_regression)
+
+        runner.slos, runner.baseline = slos, stored
 
     @staticmethod
     def _message(data: dict[str, Any]) -> str:

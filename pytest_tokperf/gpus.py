@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from pytest_tokperf import machine
+
 GIB = 1024**3
 ENV_RECORDING = "TOKPERF_NVML_RECORDING"
 DEVICE_FILES = "/dev/nvidia[0-9]*"  # the driver's device nodes: there are GPUs here
@@ -766,6 +768,9 @@ class GpuTelemetry:
     mean_utilization_pct: float | None
     throttle_reasons: tuple[str, ...]  # every reason seen in any reading
     throttled: bool  # a reason in THROTTLED was seen: the run was slowed by the hardware
+    # other processes' compute work on the allocated GPUs at the run's start or end
+    # (pids outside this run's process tree): a co-tenant
+    cotenants: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -776,6 +781,18 @@ class CpuTelemetry:
     cpu_s: float  # user + system time of this process and its waited-for children
     cores: int  # cores this process may run on
     load_1m: float | None  # the system's 1-minute load average at the end
+    # cores the machine's other processes (outside this run's process tree) kept busy
+    # on average, and cores the hypervisor stole (machine.py); None: not measured
+    others_cores: float | None = None
+    steal_cores: float | None = None
+    machine_cores: int | None = None
+
+    @property
+    def busy_machine(self) -> bool:
+        """Others took enough of the machine to make the run's numbers partly theirs."""
+        if self.others_cores is None or self.steal_cores is None or self.wall_s < 1.0:
+            return False  # a blink of a run: its shares are start-up noise
+        return machine.busy(self.others_cores, self.steal_cores, self.machine_cores or 1)
 
     @property
     def busy_cores(self) -> float:
@@ -897,6 +914,8 @@ class Sampler:
         self._thread: threading.Thread | None = None
         self._cpu0 = self._cpu1 = 0.0
         self._t0 = self._t1 = 0
+        self._machine: list[machine.Reading | None] = []
+        self._cotenants: tuple[int, ...] = ()
 
     def _read_all(self) -> None:
         assert self._nvml is not None
@@ -908,6 +927,7 @@ class Sampler:
             self._read_all()
 
     def __enter__(self) -> Sampler:
+        self._machine = [machine.read()]  # before the clock starts: it walks /proc
         self._t0, self._cpu0 = time.perf_counter_ns(), _cpu_seconds()
         if self._handles:
             self._read_all()
@@ -923,16 +943,41 @@ class Sampler:
             self._thread.join()
             self._read_all()
         self._t1, self._cpu1 = time.perf_counter_ns(), _cpu_seconds()
+        self._machine.append(machine.read())
+        self._cotenants = self._others_on_gpus()
+
+    def _others_on_gpus(self) -> tuple[int, ...]:
+        """Compute processes on the allocated GPUs that are not this run's own."""
+        ours = frozenset().union(*(r.tree_pids for r in self._machine if r is not None))
+        seen: set[int] = set()
+        for handle in self._handles.values():
+            assert self._nvml is not None
+            procs = _optional(
+                self._nvml, functools.partial(self._nvml.nvmlDeviceGetComputeRunningProcesses,
+                                              handle)
+            )  # fmt: skip
+            seen |= {int(p.pid) for p in procs or ()}
+        return tuple(sorted(seen - ours)) if ours else ()
 
     def summary(self) -> Telemetry:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        wall = (self._t1 - self._t0) / 1e9
+        start, end = [*self._machine, None, None][:2]
+        measured = start is not None and end is not None
+        others, steal = machine.others(start, end, wall)
         cpu = CpuTelemetry(
-            wall_s=(self._t1 - self._t0) / 1e9,
+            wall_s=wall,
             cpu_s=self._cpu1 - self._cpu0,
             cores=_cores(),
             load_1m=load,
+            others_cores=others if measured else None,
+            steal_cores=steal if measured else None,
+            machine_cores=os.cpu_count(),
         )
-        return Telemetry(cpu, summarize_gpus(self._samples))
+        gpu = summarize_gpus(self._samples)
+        if gpu is not None and self._cotenants:
+            gpu = replace(gpu, cotenants=self._cotenants)
+        return Telemetry(cpu, gpu)
 
 
 @contextmanager

@@ -239,6 +239,17 @@ class Spec:
     skip: str | None = None  # why the test does not apply to this profile
     places: dict[str, str] = field(default_factory=dict)  # marker name -> where
 
+    def slos_for(self, profile: Profile, scenario: str) -> dict[str, float] | None:
+        """The SLO limits for a run of `scenario` (a bare latency_slo(): the profile's
+        defaults for it, the tightest of both where the test names some too)."""
+        if self.slos is None:
+            return None
+        slos = dict(self.slos)
+        if self.slo_defaults:
+            for key, limit in profile.slos.get(scenario, {}).items():
+                slos[key] = min(limit, slos.get(key, limit))
+        return slos
+
     @property
     def gated(self) -> bool:
         """A floor or an SLO: the test is judged on a run (the profile's, if it ran none)."""

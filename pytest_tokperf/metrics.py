@@ -262,7 +262,7 @@ class Batches:
     merges: int = 0  # halvings of the window count until lag-1 was insignificant
 
 
-def _tokens_in(records: Sequence[RequestRecord], start: int, end: int, k: int) -> list[float]:
+def rates_between(records: Sequence[RequestRecord], start: int, end: int, k: int) -> list[float]:
     """Output tokens/s of completed requests in `k` equal windows of [start, end]."""
     tokens = [0] * k
     span = end - start
@@ -275,7 +275,9 @@ def _tokens_in(records: Sequence[RequestRecord], start: int, end: int, k: int) -
     return [t * k * NS / span for t in tokens]
 
 
-def batch_rates(records: Sequence[RequestRecord], end_ns: int | None = None) -> Batches:
+def batch_rates(
+    records: Sequence[RequestRecord], end_ns: int | None = None, *, merge: bool = True
+) -> Batches:
     """Window rates for a throughput interval that stays honest under bursty engines.
 
     The ramp (the first mean request latency after the first issue) is left out; each
@@ -302,11 +304,11 @@ def batch_rates(records: Sequence[RequestRecord], end_ns: int | None = None) -> 
     width = max(MIN_WINDOW_LATENCIES * latency, MIN_WINDOW_REQUESTS * span / completions)
     k = int(span // width)
     merges = 0
-    rates = _tokens_in(records, ramp_end, end, k) if k else []
-    while len(rates) >= MIN_BATCHES and correlated(rates):
+    rates = rates_between(records, ramp_end, end, k) if k else []
+    while merge and len(rates) >= MIN_BATCHES and correlated(rates):
         k //= 2
         merges += 1
-        rates = _tokens_in(records, ramp_end, end, k)
+        rates = rates_between(records, ramp_end, end, k)
     return Batches(tuple(rates), ramp_end, span // max(k, 1), merges)
 
 
@@ -375,6 +377,7 @@ class RunResult:
     client_procs: tuple[ClientProc, ...] = ()  # the client processes that drove the run
     server: Mapping[str, Any] | None = None  # the server's own counters (server_metrics)
     allowed_failures: int = 0  # failed requests the test allows this run (allow_failures=)
+    min_duration_s: float = 0.0  # the least this run had to last to PASS a floor or SLO
 
     @property
     def errors(self) -> list[str]:

@@ -117,10 +117,14 @@ def tokperf(
     )
     runner.parity_spec = gate.parity(request.node) or reference.defaults(s.profile)
     runner.confidence = s.confidence
+    runner.saving = s.save_baseline is not None
     runner.dataset = s.dataset
     if s.dataset_missing is not None:
         runner.dataset_missing = lambda: gate.no_dataset(request.node)
-    runner.floors = gate.floors(request.node) or {}
+    floors = gate.floors(request.node)
+    runner.floors = floors or {}
+    runner.judged = floors is not None
+    gate.early_stopping(request.node, runner, tokperf_gpus.uuids)
     runner.progress = _plugin(request.config, "tokperf-results", Results).progress()
     runner.before_run = harness.world.start
     if harness.records is not None:
@@ -153,4 +157,4 @@ def _tokperf_floor(request: pytest.FixtureRequest) -> None:
     floors = _gate(request.config).floors(request.node)
     if floors is not None:
         runner = request.getfixturevalue("tokperf")
-        runner.floors = floors
+        runner.floors, runner.judged = floors, True

@@ -85,6 +85,12 @@ class Profile:
     compute_capability: tuple[int, int] | None = None  # hardware match, besides the name
     # accuracy parity on an engine that loads a checkpoint (trtllm): the reference's
     reference_model: str | None = None
+    # seconds a run that judges floors or SLOs must last: no early verdict before, and a
+    # shorter run cannot PASS (an engine's slow side, heat or a filling cache, takes time)
+    min_duration_s: float = 0.0
+    # GPUs that slowed their clocks during a run (thermal, power): "note" (the
+    # deployment's own behaviour, which a long enough run includes) or "invalid"
+    throttled: str = "note"
 
     def need(self, count: int | None = None) -> Need:
         """What this profile asks of the GPUs; `count` overrides `devices`."""
@@ -126,6 +132,9 @@ _LLAMA2_70B: dict[str, Any] = {
     "warmup": 64,
     "slos": MLPERF_SLOS,
     "parity": MLPERF_PARITY,
+    # MLPerf's min_duration (loadgen/mlperf.conf): long enough for thermal and power
+    # steady state before a result counts
+    "min_duration_s": 600.0,
 }
 
 BUILTIN: dict[str, Profile] = {
@@ -145,6 +154,7 @@ BUILTIN: dict[str, Profile] = {
             floors={"per_gpu": 5.0},
             reference_precision="f16",
             slos=CPU_SLOS,
+            min_duration_s=10.0,
         ),
         Profile(
             name="sim",
@@ -161,6 +171,7 @@ BUILTIN: dict[str, Profile] = {
             # 100 tokens/s per request, 4 at once: about 390 tokens/s in a closed loop
             engine={"tokens_per_s": 100.0, "ttft_s": 0.05, "jitter": 0.2, "slots": 4},
             slos=CPU_SLOS,
+            min_duration_s=10.0,
         ),
         # The memory minimums sit well under the nominal 80 / 186 / 288 GB, so they
         # reject a smaller part of the same name, never a healthy GPU whose driver
@@ -346,6 +357,8 @@ KEYS: dict[str, Any] = {
     "reference_precision": _str,
     "compute_capability": _capability,
     "reference_model": _str,
+    "min_duration_s": lambda v: _float(v, 0, strict=False),
+    "throttled": lambda v: _choice(v, ("note", "invalid")),
 }
 MERGED = ("floors", "engine", "slos", "parity")  # tables merge key by key with `extends`
 REQUIRED = tuple(

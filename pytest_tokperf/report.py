@@ -169,11 +169,18 @@ def failure_message(payload: Mapping[str, Any]) -> str:
         lines.append(f"{_check_line(c, payload)} {ctx}")
         if c["metric"] == "failed_requests":
             lines += _errors(c, payload)
-    telemetry = payload.get("telemetry") or {}
-    if payload.get("throttled"):
-        why = ", ".join(telemetry["gpu"]["throttle_reasons"])
-        lines.append(f"  the GPUs slowed their clocks during the run ({why})")
+    lines += [f"  note: {n}" for n in notes(payload)]
     return "\n".join(lines)
+
+
+def notes(payload: Mapping[str, Any]) -> list[str]:
+    """What a test's checks say about the run's surroundings without failing it (a busy
+    machine under --tokperf-busy-machine=note, GPUs that slowed their clocks)."""
+    return [
+        c["detail"]
+        for c in payload.get("checks", [])
+        if c.get("kind") == "validity" and c["status"] == "PASS" and c.get("detail")
+    ]
 
 
 def _errors(check: Mapping[str, Any], payload: Mapping[str, Any]) -> list[str]:
@@ -372,11 +379,20 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
                 ms(p["ttft_s"]["p99"]),
                 ms(p["tpot_s"]["p99"]) if "tpot_s" in p else "-",
                 *cells,
-                p["verdict"] + (" (throttled)" if p.get("throttled") else ""),
+                p["verdict"] + _marks(p),
             )
         )
     numbers = len(header) - 1 - (1 if slos else 0)  # the SLO column reads left to right
     return _aligned(rows, right=set(range(2, numbers)))
+
+
+def _marks(payload: Mapping[str, Any]) -> str:
+    """(throttled), (busy): the notes of a row, in a word each."""
+    said = [c["metric"] for c in payload.get("checks", []) if c.get("kind") == "validity"]
+    marks = [w for w, m in (("throttled", "throttled"), ("busy", "busy_machine")) if m in said]
+    if payload.get("throttled") and "throttled" not in marks:
+        marks.insert(0, "throttled")
+    return "".join(f" ({m})" for m in marks)
 
 
 def _slo_cell(payload: Mapping[str, Any]) -> str:

@@ -6,7 +6,8 @@ import asyncio
 import dataclasses
 import itertools
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from pytest_tokperf import (
     metrics,
     procs,
     records,
+    sequential,
     server_metrics,
     verdict,
     workloads,
@@ -82,6 +84,12 @@ class Tokperf:
         self.spawn = spawn  # how a client process loads this engine again
         self.profile = profile
         self.loop = loop
+        self.judged = False  # the test has floors or SLOs (the plugin says): runs fill its minimum
+        self.saving = False  # its results are saved as a baseline: no early stop
+        # what early stopping decides besides the floors: the SLOs for a scenario, and the
+        # stored baseline of a run (the plugin gives both from the test's markers)
+        self.slos: Callable[[str], Mapping[str, float]] = lambda scenario: {}
+        self.baseline: Callable[[Mapping[str, Any]], sequential.Baseline | None] = lambda run: None
         # a fresh sampler per measured run: telemetry of the run, not of the warm-up
         self.telemetry = telemetry or (lambda: gpus_module.Sampler(None, ()))
         self.gpus = tuple(gpus)  # UUIDs of the GPUs the engine was given
@@ -89,6 +97,8 @@ class Tokperf:
         self.looks: list[int] = []  # per result: sequential looks its verdict is split over
         self.floors: Mapping[str, float] = {}
         self.confidence = 0.95
+        # the least a judged run lasts: --tokperf-min-duration, else the profile's
+        self.min_duration_s = profile.min_duration_s
         self.progress: Progress | None = None
         # the rack's start meeting (MPI): called right before each measured run
         self.before_run: Callable[[], None] = lambda: None
@@ -197,7 +207,7 @@ class Tokperf:
         concurrency: int | None = None,
         duration_s: float | None = None,
         max_duration_s: float | None = None,
-        min_duration_s: float = 0.0,
+        min_duration_s: float | None = None,
         min_requests: int = 0,
         seed: int = 0,
         warmup: int | None = None,
@@ -210,8 +220,10 @@ class Tokperf:
         `interactive` issue at seeded Poisson arrivals at `qps`; `concurrency` keeps
         `concurrency` requests in flight. Those run until `requests` are issued or,
         given `duration_s`, for that long; given `max_duration_s` instead they stop
-        as soon as the throughput floors' verdict is decisive (after at least
-        `min_duration_s` and `min_requests` completed requests). `max_tokens`
+        as soon as every check's verdict is decisive (after at least `min_duration_s`
+        seconds, default the profile's or --tokperf-min-duration, and `min_requests`
+        completed requests); a test with floors or SLOs cannot PASS on a run shorter
+        than that minimum. `max_tokens`
         overrides each prompt's own; `warmup` requests run first, unmeasured.
         Requests not done after `timeout_s` (default 600 s, or twice the duration
         plus a minute) are recorded as failed. A run with a failed request fails the
@@ -266,8 +278,18 @@ class Tokperf:
                 "tokperf.run(scenario='offline') issues a fixed number of requests; "
                 "duration bounds apply to server, interactive and concurrency"
             )
+        if min_duration_s is None:
+            min_duration_s = self.min_duration_s
+        # a judged Offline run of the profile's size lasts at least the minimum: its
+        # query refilled as answers come back, as LoadGen sizes its Offline query to
+        # fill min_duration (one process: client processes split a fixed count)
+        fill = (
+            scenario == "offline" and requests is None and self.judged and min_duration_s > 0
+            and self.client_procs == 1
+        )  # fmt: skip
         if timeout_s is None:
-            timeout_s = 600.0 if bound is None else max(600.0, 2 * bound + 60)
+            longest = bound if bound is not None else (min_duration_s if fill else None)
+            timeout_s = 600.0 if longest is None else max(600.0, 2 * longest + 60)
         elif bound is not None and timeout_s <= bound:
             raise ValueError(f"tokperf.run(timeout_s={timeout_s}) must exceed the duration {bound}")
 
@@ -282,14 +304,17 @@ class Tokperf:
         else:
             count = requests or self.profile.requests
             measured = load.requests(count, max_tokens, default, detokenize=False)
+        if fill:
+            measured = filled(load.endless(max_tokens, default, detokenize=False), count,
+                              min_duration_s)  # fmt: skip
         n_warmup = self.profile.warmup if warmup is None else warmup
         warm = load.requests(n_warmup, max_tokens, default, detokenize=False) if n_warmup else []
         if isinstance(self.engine, PreparingEngine):  # tokenize before, not during, the run
             self.engine.prepare([p.prompt for p in load.prompts])
         plan = driver.Plan(
-            scenario=scenario,
+            scenario="concurrency" if fill else scenario,  # a full queue, refilled
             qps=qps,
-            concurrency=concurrency,
+            concurrency=count if fill else concurrency,
             seed=seed,
             min_requests=min_requests,
             min_duration_s=min_duration_s,
@@ -299,16 +324,30 @@ class Tokperf:
             texts=False,  # a perf run keeps timestamps and counts, not the answers
         )
         stop = None
-        if max_duration_s is not None and self.floors:
-            stop = verdict.Sequential(
-                max_duration_s, self.floors, self.engine.info.devices, self.confidence
+        slos = self.slos(scenario)
+        info = self.engine.info
+        base = self.baseline(
+            {"scenario": scenario, "workload": load.name, "max_tokens": max_tokens, "qps": qps,
+             "concurrency": concurrency, "engine": {"model": info.model,
+                                                     "precision": info.precision}}
+        )  # fmt: skip
+        # a run saved as a baseline is the yardstick of later comparisons: its whole length
+        if max_duration_s is not None and (self.floors or slos or base) and not self.saving:
+            stop = sequential.Sequential(
+                max_duration_s,
+                self.floors,
+                info.devices,
+                self.confidence,
+                slos=slos,
+                min_duration_s=min_duration_s,
+                baseline=base,
+                scenario=scenario,
             )
         if warm:  # apart from the measured run, so telemetry covers that run alone
             driver.run(self.engine, warm, timeout_s=timeout_s, loop=self.loop)
         self.before_run()
         anchor = records.anchor()
         interrupted: driver.Interrupted | None = None
-        info = self.engine.info
         watch = server_metrics.Watch(server_metrics.url_for(info.settings, info.backend))
         n = self.client_procs
         if n == 0:  # auto: from the offered load (a server run) or the floors
@@ -367,6 +406,7 @@ class Tokperf:
         result = dataclasses.replace(
             result,
             allowed_failures=allow_failures,
+            min_duration_s=min_duration_s,
             token_counting=dict(driven.token_counting),
             client_procs=driven.procs,
             server=watch.summary(sum(r.output_tokens for r in driven.records), scenario),
@@ -379,6 +419,19 @@ class Tokperf:
         if interrupted is not None:
             raise interrupted
         return result
+
+
+def filled(source: Iterator[Request], count: int, seconds: float) -> Iterator[Request]:
+    """`count` requests, then more while the run is younger than `seconds` (from the first
+    request taken): an Offline query that lasts the minimum, its queue as full as at the
+    start until then."""
+    start = None
+    for i, request in enumerate(source):
+        now = time.perf_counter()
+        start = now if start is None else start
+        if i >= count and now - start >= seconds:
+            return
+        yield request
 
 
 def run_parity(

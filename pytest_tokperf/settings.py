@@ -87,6 +87,12 @@ OPTIONS: tuple[Option, ...] = (
            "wait up to this long for GPUs other processes hold before skipping", "0"),
     Option("tokperf_inconclusive", "POLICY",
            "what an INCONCLUSIVE verdict does to the test: fail, skip or pass", "fail"),
+    Option("tokperf_min_duration", "SECONDS",
+           "the least a run that judges floors or SLOs lasts: no early verdict before it, "
+           "no PASS on a shorter run", "the profile's: 600 on the GPU profiles, 10 on cpu"),
+    Option("tokperf_busy_machine", "POLICY",
+           "a run on a machine whose other processes kept its cores busy: invalid (the "
+           "default: its numbers are partly theirs) or note", "invalid"),
     Option("tokperf_confidence", "LEVEL",
            "confidence of the intervals, from 0.5 up to (not including) 1", "0.95"),
     Option("tokperf_records", "PATH",
@@ -283,6 +289,7 @@ class Settings:
     compare_baseline: Path | None
     max_regression: float
     baseline_missing: str  # fail / inconclusive / pass: a compared test without a baseline
+    busy_machine: str  # invalid / note: a run measured while others used the machine
 
 
 def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
@@ -334,6 +341,10 @@ def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
                 f"engine; available: {', '.join(precisions)}"
             )
         profile = dataclasses.replace(profile, precision=value)
+    least = _number(config, "tokperf_min_duration", float, lambda n: n >= 0,
+                    "a number of seconds >= 0")  # fmt: skip
+    if least is not None:
+        profile = dataclasses.replace(profile, min_duration_s=least)
     json_path = _path(setting(config, "tokperf_json"))
     model_path = None
     model = setting(config, "tokperf_model_path")
@@ -394,4 +405,5 @@ def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
         compare_baseline=_path(setting(config, "tokperf_baseline")),
         max_regression=fraction(config, "tokperf_max_regression"),
         baseline_missing=policy(config, "tokperf_baseline_missing", MISSING_POLICIES),
+        busy_machine=policy(config, "tokperf_busy_machine", ("invalid", "note")),
     )

@@ -29,10 +29,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_tokperf import accuracy, early_stopping, server_metrics
+from pytest_tokperf import accuracy, early_stopping, server_metrics, steady
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.metrics import (
     BATCHES,
+    MIN_BATCHES,
     PERCENTILES,
     Interval,
     RunResult,
@@ -41,7 +42,6 @@ from pytest_tokperf.metrics import (
     e2e_s,
     interval_of,
     itl_s,
-    output_tokens_per_s,
     tpot_s,
     ttft_s,
     window_rates,
@@ -284,6 +284,19 @@ def floor_checks(
         batches = batch_rates(records, end_ns)
         rates = list(batches.rates)
         interval = interval_of(batches, confidence)
+    return _against(floors, observed, interval, devices, confidence, len(rates), detail)
+
+
+def _against(
+    floors: Mapping[str, float],
+    observed: Mapping[str, float],
+    interval: Interval | None,
+    devices: int,
+    confidence: float,
+    batches: int,
+    detail: str,
+) -> list[Check]:
+    """Each floor against the throughput interval (per GPU: scaled by the devices)."""
     checks = []
     for key, floor in floors.items():
         scale = 1 / devices if key == "per_gpu" else 1.0
@@ -310,10 +323,91 @@ def floor_checks(
                 ci_low=None if iv is None else iv.low,
                 ci_high=None if iv is None else iv.high,
                 confidence=confidence,
-                batches=len(rates),
+                batches=batches,
             )
         )
     return checks
+
+
+def steady_checks(
+    result: RunResult,
+    floor_checks_: list[Check],
+    floors: Mapping[str, float],
+    slos: Mapping[str, float],
+    confidence: float,
+) -> list[Check]:
+    """The floors' checks, or their steady tail's, and an INVALID check per change.
+
+    When the rate changed for good (`steady.rate_change`) and the tail after the
+    change has enough windows for an interval, the floors are judged on that tail
+    alone; without enough tail, the run is INVALID (not steady). A latency with an
+    SLO that moved between the run's first and last thirds is INVALID too.
+    """
+    out = list(floor_checks_)
+    records, end = result.records, result.window_end_ns
+    change = steady.rate_change(records, end, result.scenario) if floors else None
+    if change is not None:
+        moved = (
+            f"the rate {'fell' if change.fell else 'rose'} from {change.before:,.0f} to "
+            f"{change.after:,.0f} tokens/s at {change.at_s:,.1f} s"
+        )
+        tail = steady.rates_after(records, change.at_ns, change.end_ns, change.width_ns)
+        interval = batch_means(tail, confidence) if len(tail) >= MIN_BATCHES else None
+        if interval is None:
+            why = (
+                f"{moved}: not steady, and the {len(tail)} windows after the change are too "
+                f"few to judge on (at least {MIN_BATCHES}); run longer"
+            )
+            out.append(check("steady_rate", "INVALID", "validity", why))
+        else:
+            rate = interval.estimate
+            observed = {"min_tokens_per_s": rate, "per_gpu": rate / result.engine.devices}
+            detail = f"judged on the tail after {change.at_s:,.1f} s and on the whole run ({moved})"
+            tails = _against(
+                floors, observed, interval, result.engine.devices, confidence, len(tail), detail
+            )
+            out = [_both(w, t, change.fell) for w, t in zip(out, tails, strict=True)]
+    for key in slos:
+        metric, _ = slo_parts(key)
+        moved_latency = steady.latency_change(records, _LATENCY[metric])
+        if moved_latency is not None:
+            why = (
+                f"{SLO_METRICS[metric]} {'fell' if moved_latency.fell else 'rose'} from a median "
+                f"of {moved_latency.before * 1000:,.1f} ms in the run's first third to "
+                f"{moved_latency.after * 1000:,.1f} ms in its last: not steady"
+            )
+            out.append(check(f"steady_{metric}", "INVALID", "validity", why))
+    return out
+
+
+_WORSE = ("FAIL", "INVALID", "INCONCLUSIVE", "PASS")
+
+
+def _both(whole: Check, tail: Check, fell: bool) -> Check:
+    """A floor judged on a run whose rate changed: the tail's numbers, and a status from
+    both the tail and the whole run. After a fall (a GPU that throttled) the slower
+    tail is the engine from now on: the worse of the two counts. After a rise the
+    faster tail may be a fast phase rather than the end of a warm-up: only a verdict
+    both agree on counts, INCONCLUSIVE where one cannot decide, INVALID where they
+    contradict each other."""
+    statuses = {whole.status, tail.status}
+    if fell:
+        status = min(statuses, key=_WORSE.index)
+    elif len(statuses) == 1:
+        status = tail.status
+    elif statuses == {"PASS", "FAIL"}:
+        status = "INVALID"
+    else:
+        status = "INCONCLUSIVE"
+    return dataclasses.replace(tail, status=status, passed=status in PASSING)
+
+
+def _worst_gap(record: RequestRecord) -> float | None:
+    gaps = itl_s(record)
+    return max(gaps) if gaps else None
+
+
+_LATENCY = {"ttft": ttft_s, "tpot": tpot_s, "e2e": e2e_s, "itl": _worst_gap}
 
 
 def _observed(result: RunResult, key: str) -> float:
@@ -469,9 +563,43 @@ def failure_check(result: RunResult, run: int | None = None, runs: int = 1) -> C
     )
 
 
-def validity_checks(result: RunResult) -> list[Check]:
-    """One INVALID check per reason the run's measurement cannot be trusted."""
-    return [check("validity", "INVALID", "validity", why) for why in run_validity(result)]
+POLICIES = ("invalid", "note")
+
+
+def validity_checks(
+    result: RunResult, *, busy: str = "invalid", throttled: str = "note"
+) -> list[Check]:
+    """One INVALID check per reason the run's measurement cannot be trusted; and the
+    run's surroundings, INVALID or a note (a passing check that says so) by policy: a
+    busy machine (`busy`, --tokperf-busy-machine), GPUs that slowed their clocks
+    (`throttled`, the profile's); another process's work on the run's GPUs is INVALID."""
+    out = [check("validity", "INVALID", "validity", why) for why in run_validity(result)]
+    telemetry = result.telemetry
+    if telemetry is None:
+        return out
+    cpu, gpu = telemetry.cpu, telemetry.gpu
+    if cpu.busy_machine:
+        stolen = f" (and the hypervisor {cpu.steal_cores:.1f})" if cpu.steal_cores else ""
+        load = "" if cpu.load_1m is None else f", load {cpu.load_1m:.1f}"
+        why = (
+            f"the machine was busy: other processes kept {cpu.others_cores:.1f} of its "
+            f"{cpu.machine_cores} cores busy during the run{stolen}{load}: the engine's numbers "
+            "are partly theirs; run on an idle machine"
+        )
+        status = "INVALID" if busy == "invalid" else "PASS"
+        out.append(check("busy_machine", status, "validity", why))
+    if gpu is not None and gpu.throttled:
+        why = f"the GPUs slowed their clocks during the run ({', '.join(gpu.throttle_reasons)})"
+        status = "INVALID" if throttled == "invalid" else "PASS"
+        out.append(check("throttled", status, "validity", why))
+    if gpu is not None and gpu.cotenants:
+        pids = ", ".join(str(p) for p in gpu.cotenants)
+        why = (
+            f"other processes ran compute work on the run's GPUs (pid {pids}): a co-tenant "
+            "shared them, so the engine's numbers are not its own"
+        )
+        out.append(check("gpu_cotenants", "INVALID", "validity", why))
+    return out
 
 
 def parity_checks(result: accuracy.ParityResult, run: int | None = None) -> list[Check]:
@@ -508,6 +636,25 @@ def validity(result: RunResult, slos: Mapping[str, float]) -> tuple[str, ...]:
     return verdict_of([*validity_checks(result), *slo_checks(result, slos)]).invalid
 
 
+def duration_check(result: RunResult) -> Check | None:
+    """INCONCLUSIVE when a run that judges floors or SLOs ended before the least it had
+    to last (the profile's `min_duration_s`, MLPerf's 600 s on the GPU profiles): an
+    engine's slow side (heat, throttling, a filling cache, a neighbour) takes time to
+    show, so such a run cannot PASS. A decisive FAIL stays a FAIL: turning it into
+    INCONCLUSIVE would let --tokperf-inconclusive=pass pass an engine far below its floor."""
+    least = result.min_duration_s
+    if result.duration_s >= least:
+        return None
+    why = (
+        f"the run lasted {result.duration_s:,.1f} s, shorter than the {least:,.0f} s a "
+        "judged run must last (the profile's min_duration_s; set it with "
+        "--tokperf-min-duration or tokperf.run(min_duration_s=...)): an engine's slow side "
+        "(heat, throttling, a filling cache) may not have shown yet"
+    )
+    out = check("min_duration_s", "INCONCLUSIVE", "evidence", why, observed=result.duration_s)
+    return dataclasses.replace(out, limit=least)
+
+
 def judge(
     result: RunResult,
     floors: Mapping[str, float],
@@ -515,62 +662,27 @@ def judge(
     *,
     confidence: float = 0.95,
     looks: int = 1,
+    busy: str = "invalid",
+    throttled: str = "note",
 ) -> Verdict:
     """The verdict of one run against its floors and SLOs: its checks (failed requests,
-    each floor, each SLO, validity), decided by `decide`."""
+    each floor, each SLO, validity, the run's length), decided by `decide`."""
     observed = {key: _observed(result, key) for key in floors}
+    confidence_per_look = per_look(confidence, looks)
+    floor = floor_checks(
+        result.records,
+        observed,
+        floors,
+        result.engine.devices,
+        confidence_per_look,
+        result.window_end_ns,
+        result.scenario,
+    )
     checks = [
         failure_check(result),
-        *floor_checks(
-            result.records,
-            observed,
-            floors,
-            result.engine.devices,
-            per_look(confidence, looks),
-            result.window_end_ns,
-            result.scenario,
-        ),
+        *steady_checks(result, floor, floors, slos or {}, confidence_per_look),
         *slo_checks(result, slos or {}),
-        *validity_checks(result),
+        *validity_checks(result, busy=busy, throttled=throttled),
     ]
-    return verdict_of(checks, confidence, looks)
-
-
-class Sequential:
-    """When a run bounded by `max_duration_s` may stop: looks at 1/16, 1/8, 1/4 and 1/2
-    of it (and the end), each at the Bonferroni share of the confidence.
-
-    Doubling intervals keep the number of looks (and so the price paid in confidence
-    per look) small while a clear case still stops at 1/16 of the maximum.
-    """
-
-    FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
-
-    def __init__(
-        self, max_duration_s: float, floors: Mapping[str, float], devices: int, confidence: float
-    ) -> None:
-        self.times = [max_duration_s * f for f in self.FRACTIONS]
-        self.floors = dict(floors)
-        self.devices = devices
-        self.confidence = confidence
-        self.looks = len(self.FRACTIONS) + 1  # the end of the run is the last look
-        self.next = 0
-        self.decided_at: float | None = None
-
-    def __call__(self, records: Sequence[RequestRecord], elapsed_s: float) -> bool:
-        if self.next >= len(self.times) or elapsed_s < self.times[self.next]:
-            return False
-        while self.next < len(self.times) and elapsed_s >= self.times[self.next]:
-            self.next += 1  # a look skipped (too early to count) spends no confidence
-        if not self.floors or any(r.error is not None for r in records):
-            return False  # nothing to decide, or the verdict is already FAIL at the end
-        rate = output_tokens_per_s(records)
-        observed = {"min_tokens_per_s": rate, "per_gpu": rate / self.devices}
-        checks = floor_checks(
-            records, observed, self.floors, self.devices, per_look(self.confidence, self.looks)
-        )  # a run over time: batch windows after the ramp
-        statuses = {c.status for c in checks}
-        if "FAIL" in statuses or statuses == {"PASS"}:
-            self.decided_at = elapsed_s
-            return True
-        return False
+    short = duration_check(result) if floors or slos else None
+    return verdict_of([*checks, *([short] if short else [])], confidence, looks)

@@ -4,6 +4,8 @@ pytester's in-process runs drop modules first imported inside them; numpy (under
 llama_cpp) cannot be imported twice in one process, so import it here, once (and
 matplotlib, whose classes would no longer match their re-imported selves).
 Tests marked `gpu` need the real NVML and a GPU; elsewhere they skip, saying why.
+Every test runs with `TOKPERF_MIN_DURATION=0` and `TOKPERF_BUSY_MACHINE=note` (see
+`_short_runs_judged`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,16 @@ with contextlib.suppress(ImportError):  # likewise matplotlib (the HTML report's
 
     matplotlib.use("Agg")
     import matplotlib.pyplot
+
+
+@pytest.fixture(autouse=True)
+def _short_runs_judged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suites these tests run are short on purpose (seconds, not the 10 s a cpu or
+    sim profile's judged run must last), and they run their own servers and loads
+    beside the engine (a server the outer test started is no neighbour of the inner
+    run); the tests of the minimum and of a busy machine set those themselves."""
+    monkeypatch.setenv("TOKPERF_MIN_DURATION", "0")
+    monkeypatch.setenv("TOKPERF_BUSY_MACHINE", "note")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

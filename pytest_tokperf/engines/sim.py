@@ -13,7 +13,10 @@ probability `fail_prob` a request fails half-way. With `slow_factor` < 1 the eng
 alternates fast and slow phases (thermal or power throttling, a noisy neighbour),
 starting fast at its first request, each lasting an exponential time of mean
 `phase_s` simulated seconds (seeded by `seed`); in a slow phase every gap is divided
-by `slow_factor`. The phases belong to the engine, shared by all its requests.
+by `slow_factor`. With `throttle_factor` other than 1, the engine's speed changes for
+good `throttle_after_s` simulated seconds after its first request: 0.6 is a GPU that
+heats up and throttles, 2 an engine that warms up (slow first). Phases and throttle
+belong to the engine, shared by all its requests.
 Each request draws from its own generator seeded by (`seed`, request id), so a run
 is reproducible whatever the interleaving. Chunks are released at absolute target
 times, so the event loop's own overhead does not accumulate into the simulated rate.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -46,9 +50,11 @@ DEFAULTS: dict[str, float] = {
     "slow_factor": 1.0,  # speed in a slow phase (1: no phases)
     "phase_s": 0.0,  # mean phase length, simulated seconds (needed when slow_factor < 1)
     "max_model_len": 131_072,  # a longer answer fails, as a real server rejects it
+    "throttle_after_s": 0.0,  # simulated seconds after the first request ...
+    "throttle_factor": 1.0,  # ... from which the engine runs at this speed (1: never)
 }
 POSITIVE = ("tokens_per_s", "time_scale", "slots", "chunk_tokens", "devices", "slow_factor",
-            "max_model_len")  # fmt: skip
+            "max_model_len", "throttle_factor")  # fmt: skip
 PROBABILITIES = ("stall_prob", "fail_prob")
 INTEGERS = ("slots", "output_tokens", "chunk_tokens", "seed", "devices", "max_model_len")
 
@@ -121,40 +127,64 @@ def mean_request_s(settings: Mapping[str, float], tokens: int) -> float:
 
 class Phases:
     """The engine's speed over simulated time since its first request: 1 in a fast
-    phase, `slow_factor` in a slow one; phases alternate, starting fast, with
-    exponential lengths of mean `phase_s`. Work (simulated seconds of the timing model
-    at full speed) maps to time through the speed: `after(t, w)` is when `w` seconds
-    of work started at `t` are done."""
+    phase, `slow_factor` in a slow one, times `throttle_factor` from `throttle_after_s`
+    on; phases alternate, starting fast, with exponential lengths of mean `phase_s`.
+    Work (simulated seconds of the timing model at full speed) maps to time through the
+    speed: `after(t, w)` is when `w` seconds of work started at `t` are done."""
 
-    def __init__(self, slow_factor: float, phase_s: float, seed: int) -> None:
+    def __init__(
+        self,
+        slow_factor: float,
+        phase_s: float,
+        seed: int,
+        throttle_after_s: float = 0.0,
+        throttle_factor: float = 1.0,
+    ) -> None:
         self.slow = slow_factor
         self.mean = phase_s
         self.rng = random.Random(f"{seed}:phases")
-        self.starts = [0.0]  # phase i runs from starts[i]; even phases are fast
-        self.works = [0.0]  # work done by starts[i]
+        self.throttle_at = throttle_after_s if throttle_factor != 1 else math.inf
+        self.throttle = throttle_factor
+        self.phase = 0  # even phases are fast
+        self.switch = self.rng.expovariate(1 / phase_s) if slow_factor < 1 else math.inf
+        # piecewise constant speed: segment i runs from starts[i] with speeds[i], work
+        # done by its start works[i]; segments end at phase switches and the throttle
+        self.starts = [0.0]
+        self.works = [0.0]
+        self.speeds = [self._speed(0.0)]
 
-    def _speed(self, i: int) -> float:
-        return 1.0 if i % 2 == 0 else self.slow
+    def _speed(self, t: float) -> float:
+        base = 1.0 if self.phase % 2 == 0 else self.slow
+        return base * (self.throttle if t >= self.throttle_at else 1.0)
 
-    def _grow(self) -> None:
-        length = self.rng.expovariate(1 / self.mean)
-        self.works.append(self.works[-1] + length * self._speed(len(self.starts) - 1))
-        self.starts.append(self.starts[-1] + length)
+    def _grow(self) -> bool:
+        """Add the next segment; False when the last one lasts for ever."""
+        t = self.starts[-1]
+        end = min(self.switch, self.throttle_at if self.throttle_at > t else math.inf)
+        if math.isinf(end):
+            return False
+        self.works.append(self.works[-1] + (end - t) * self.speeds[-1])
+        self.starts.append(end)
+        if end == self.switch:
+            self.phase += 1
+            self.switch = end + self.rng.expovariate(1 / self.mean)
+        self.speeds.append(self._speed(end))
+        return True
 
     def work_at(self, t: float) -> float:
-        while self.starts[-1] <= t:
-            self._grow()
+        while self.starts[-1] <= t and self._grow():
+            pass
         i = bisect.bisect_right(self.starts, t) - 1
-        return self.works[i] + (t - self.starts[i]) * self._speed(i)
+        return self.works[i] + (t - self.starts[i]) * self.speeds[i]
 
     def time_at(self, work: float) -> float:
-        while self.works[-1] <= work:
-            self._grow()
+        while self.works[-1] <= work and self._grow():
+            pass
         i = bisect.bisect_right(self.works, work) - 1
-        return self.starts[i] + (work - self.works[i]) / self._speed(i)
+        return self.starts[i] + (work - self.works[i]) / self.speeds[i]
 
     def after(self, t: float, work: float) -> float:
-        if self.slow == 1:
+        if self.slow == 1 and math.isinf(self.throttle_at):
             return t + work
         return self.time_at(self.work_at(t) + work)
 
@@ -177,7 +207,13 @@ class SimEngine:
         )
         # asyncio primitives belong to one event loop; each tokperf run has its own
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
-        self.phases = Phases(settings["slow_factor"], settings["phase_s"], int(settings["seed"]))
+        self.phases = Phases(
+            settings["slow_factor"],
+            settings["phase_s"],
+            int(settings["seed"]),
+            settings["throttle_after_s"],
+            settings["throttle_factor"],
+        )
         self._t0: float | None = None  # wall time of the first request: the phases' origin
 
     def _semaphore(self) -> asyncio.Semaphore:

@@ -126,13 +126,17 @@ def test_gpu_telemetry_shows_in_table_message_and_payload() -> None:
     assert p["tokens_per_s_per_watt"] == 49_920 / 4_000
     assert p["gpus"] == ["GPU-a", "GPU-b", "GPU-c", "GPU-d"]
     gpu = dataclasses.asdict(res.telemetry)["gpu"]
-    assert p["telemetry"]["gpu"] == {**gpu, "throttle_reasons": ["hw_thermal_slowdown"]}
+    assert p["telemetry"]["gpu"] == {
+        **gpu,
+        "throttle_reasons": ["hw_thermal_slowdown"],
+        "cotenants": [],
+    }
     assert json.loads(json.dumps(p)) == p  # plain JSON data
     header, row = table([p])
     assert header.split()[-4:] == ["J/token", "proc", "CPU", "verdict"]
     assert row.split()[-4:] == ["0.08", "0.50/16", "FAIL", "(throttled)"]
     assert failure_message(p).splitlines()[1] == (
-        "  the GPUs slowed their clocks during the run (hw_thermal_slowdown)"
+        "  note: the GPUs slowed their clocks during the run (hw_thermal_slowdown)"
     )
 
 

@@ -20,9 +20,9 @@ from pytest_tokperf.metrics import (
     throughput_interval,
 )
 from pytest_tokperf.profiles import BUILTIN
+from pytest_tokperf.sequential import Sequential
 from pytest_tokperf.verdict import (
     SLO_KEYWORDS,
-    Sequential,
     floor_status,
     floors_for,
     judge,
@@ -319,9 +319,13 @@ def test_correlated_windows_are_merged_until_too_few_remain() -> None:
     assert batches.merges >= 1 and len(batches.rates) < MIN_BATCHES
     assert throughput_interval(shifted, 0.95) is None
     res = summarize(shifted, INFO, scenario="concurrency", workload="w", max_tokens=None)
-    (check,) = judge(res, {"min_tokens_per_s": 5.0}).failed
+    v = judge(res, {"min_tokens_per_s": 5.0})
+    check, steady = v.failed
     assert check.status == "INCONCLUSIVE" and check.ci_low is None
     assert check.batches == len(batches.rates)
+    # and the step itself is found: not steady, with too little tail to judge on
+    assert v.status == "INVALID" and steady.metric == "steady_rate"
+    assert steady.detail.startswith("the rate fell from 20 to 10 tokens/s at 20.9 s: not steady")
     assert correlated([20.0] * 5 + [10.0] * 5) and not correlated([20.0, 10.0] * 5)
 
 
