@@ -220,6 +220,7 @@ async def _count_later(lives: Sequence[_Live], flights: Flights) -> None:
         try:
             total = count()
         except Exception as exc:
+            lv.counted_by = ""  # a failed request counts for no method
             lv.final = lv.record(final.end_ns, f"{type(exc).__name__}: {exc}")
         else:
             lv.settle(Completion(total, 0, final.text, by, final.end_ns))

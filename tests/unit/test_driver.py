@@ -158,3 +158,4 @@ def test_a_deferred_count_that_fails_fails_its_request() -> None:
     (rec,) = driven.records
     assert rec.error == "RuntimeError: tokenize endpoint answered 500"
     assert rec.output_tokens == 3  # the events, as the count never came
+    assert dict(driven.token_counting) == {}
