@@ -87,6 +87,7 @@ class _Live:
         "counted_by",
         "final",
         "issue_ns",
+        "later",
         "request",
         "scheduled_ns",
         "texts",
@@ -103,6 +104,8 @@ class _Live:
         self.token_ids: list[int] = []
         self.counted_by = ""
         self.final: RequestRecord | None = None  # its record, once the request ended
+        # the count the engine deferred, and who counts: taken once the run is over
+        self.later: tuple[Callable[[], int], str] | None = None
 
     def settle(self, done: Completion) -> None:
         """The per-read counts settled to the stream's total; reads left with none drop out."""
@@ -130,7 +133,7 @@ class _Live:
             self.chunk_ns = [at for at, _ in pairs]
             counts = [n for _, n in pairs]
         if done.tokens and not counts:  # no read was counted: the tokens came at the end
-            self.chunk_ns, counts = [_clock()], [done.tokens]
+            self.chunk_ns, counts = [done.end_ns or _clock()], [done.tokens]
         self.chunk_tokens = counts
         self.texts = [done.text]
         self.counted_by = done.counted_by
@@ -158,30 +161,71 @@ class _Live:
         return record
 
 
+UNCOUNTED = "SSE events (the count after the run was interrupted)"
+
+
 async def _stream(
     engine: Engine, live: _Live, flights: Flights, texts: bool = True
 ) -> RequestRecord:
-    """Stream one request; timestamps are taken as each chunk (or read) reaches the client."""
+    """Stream one request; timestamps are taken as each chunk (or read) reaches the client.
+
+    The end is the read that ended the stream (a ReadEngine stamps it in that read),
+    else the moment the engine's stream stopped; what follows it (settling the counts,
+    the record) is after the stamp, and a count the engine deferred waits for the end
+    of the run (`_count_later`), so neither delays the next request of a closed loop.
+    """
     clock = _clock
     error: str | None = None
+    end = 0
     try:
         if hasattr(engine, "stream_reads"):  # a ReadEngine (isinstance costs ~50 us)
             reads: ReadEngine = engine  # type: ignore[assignment]
             done = await reads.stream_reads(live.request, live.chunk_ns, live.chunk_tokens, texts)
+            end = done.end_ns
             live.settle(done)
+            live.token_ids.extend(done.token_ids)
+            if done.count is not None:
+                live.later = (done.count, done.counted_by)
+                if done.tokens is None:
+                    live.counted_by = UNCOUNTED  # until the count is taken
         else:
             async for chunk in engine.stream(live.request):
-                live.chunk_ns.append(clock())
-                live.chunk_tokens.append(chunk.tokens)
+                at = clock()
+                if chunk.tokens:  # a chunk of text alone is no token's arrival
+                    live.chunk_ns.append(at)
+                    live.chunk_tokens.append(chunk.tokens)
                 live.texts.append(chunk.text)
                 live.token_ids.extend(chunk.token_ids)
+            end = clock()
     except asyncio.CancelledError:
         error = flights.cut()
     except Exception as exc:  # any engine failure becomes the record's error
         error = f"{type(exc).__name__}: {exc}"
-    record = live.final = live.record(clock(), error)
+    record = live.final = live.record(end if error is None and end else clock(), error)
     flights.finished.append(record)
     return record
+
+
+async def _count_later(lives: Sequence[_Live], flights: Flights) -> None:
+    """The counts engines deferred (`Completion.count`), taken now that the run is over,
+    each request's counts settled again to its own. One at a time on this thread: no
+    thread of the client's is started for them. A count that fails fails its request;
+    Ctrl-C stops counting (the rest keep their events' counts, said in `counted_by`)."""
+    for lv in lives:
+        later, lv.later = lv.later, None
+        final = lv.final
+        if later is None or final is None or not final.ok or flights.stopped is not None:
+            continue
+        count, by = later
+        try:
+            total = count()
+        except Exception as exc:
+            lv.counted_by = ""  # a failed request counts for no method
+            lv.final = lv.record(final.end_ns, f"{type(exc).__name__}: {exc}")
+        else:
+            lv.settle(Completion(total, 0, final.text, by, final.end_ns))
+            lv.final = lv.record(final.end_ns)
+        await asyncio.sleep(0)  # Ctrl-C (and a parent's looks) are heard meanwhile
 
 
 @dataclass
@@ -245,12 +289,11 @@ async def run_offline(
     timeout_s: float,
     flights: Flights | None = None,
     texts: bool = True,
-    counted: dict[str, int] | None = None,
 ) -> list[RequestRecord]:
     """MLPerf Offline: issue every request at t0 and let the engine schedule them.
 
     Requests still running after `timeout_s` are cancelled and recorded as failed.
-    `counted` gathers how many requests each token-counting method counted.
+    Deferred counts are not taken here (`drive` takes them): a warm-up needs none.
     """
     flights = flights or Flights()
     t0 = _clock()
@@ -265,10 +308,7 @@ async def run_offline(
         finally:  # none left to cut a later run on a reused loop, also after an error
             cutter.cancel()
         await asyncio.wait([cutter])
-    records = await _records(lives, tasks, flights)
-    if counted is not None:
-        _tally(lives, counted)
-    return records
+    return await _records(lives, tasks, flights)
 
 
 async def _cut_at(
@@ -295,10 +335,18 @@ async def _records(
     return [lv.final if lv.final is not None else lv.record(end, flights.cut()) for lv in lives]
 
 
-def _tally(lives: Iterable[_Live], counted: dict[str, int]) -> None:
+async def _counted(
+    lives: Sequence[_Live], records: list[RequestRecord], flights: Flights
+) -> tuple[list[RequestRecord], dict[str, int]]:
+    """The run's records once the deferred counts are taken, and how many requests each
+    token-counting method counted."""
+    await _count_later(lives, flights)
+    records = [lv.final or r for lv, r in zip(lives, records, strict=True)]
+    counted: dict[str, int] = {}
     for lv in lives:
         if lv.counted_by:
             counted[lv.counted_by] = counted.get(lv.counted_by, 0) + 1
+    return records, counted
 
 
 def poisson_offsets_ns(qps: float, seed: int) -> Iterator[int]:
@@ -381,17 +429,15 @@ async def drive(
     clock = time.perf_counter_ns
     flights = flights or Flights()
     flights.begin()
-    counted: dict[str, int] = {}
     if plan.start_ns is not None:
         await asyncio.sleep(max(0.0, (plan.start_ns - clock()) / NS))
     if plan.scenario == "offline":
         cpu0, t0 = time.thread_time_ns(), clock()
-        records = await run_offline(
-            engine, list(requests), plan.timeout_s, flights, plan.texts, counted
-        )
+        records = await run_offline(engine, list(requests), plan.timeout_s, flights, plan.texts)
         wall = clock() - t0
         used = (time.thread_time_ns() - cpu0) / NS
         cpu = used * NS / wall if wall > 0 else None
+        records, counted = await _counted(flights.lives, records, flights)
         stopped = flights.stopped or "all requests issued"
         return Driven(tuple(records), cpu, stopped, token_counting=counted, client_cpu_s=used)
     if plan.scenario not in SCENARIOS:
@@ -484,9 +530,9 @@ async def drive(
     wall = clock() - t0
     used = (time.thread_time_ns() - cpu0) / NS
     cpu = used * NS / wall if wall > 0 else None
+    records, counted = await _counted(lives, records, flights)
     reason, at = flights.ended or ("all requests issued", None)
     window_end = at if plan.max_duration_s is not None else None
-    _tally(lives, counted)
     stopped = flights.stopped or reason
     return Driven(tuple(records), cpu, stopped, window_end, counted, client_cpu_s=used)
 

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -78,24 +78,36 @@ class Completion:
     `trailing`: events counted by the per-read counts after the last token (the usage
     event, `[DONE]`, an empty finishing delta), to take off the last reads.
     `counted_by`: which method gave `tokens` (recorded with the result).
+    `end_ns`: when the read that ended the stream arrived (`perf_counter_ns`, taken in
+    that read, before any parsing or counting); 0: not known, the driver stamps it.
+    `count`: a count the engine defers until the run is over (a tokenizer, the
+    server's tokenize endpoint), so it never delays the next request; it returns the
+    output tokens that `counted_by` names, and raises when it cannot count. Meanwhile
+    `tokens` is what is known without it (usage, else None: the events).
+    `token_ids`: the output's ids, when the engine knows them (accuracy parity).
     """
 
     tokens: int | None
     trailing: int = 0
     text: str = ""
     counted_by: str = "chunks"
+    end_ns: int = 0
+    count: Callable[[], int] | None = None
+    token_ids: tuple[int, ...] = ()
 
 
 @runtime_checkable
 class ReadEngine(Protocol):
-    """An engine that reports each socket read as it happens, not one chunk per token.
+    """An engine that stamps its own reads: each socket read, or each chunk where the
+    engine saw it first (its child process, its worker thread).
 
     Each read that delivers events appends, from the read itself, its arrival time
     (`perf_counter_ns`) to `times` and its event count to `counts` (the caller may
-    look at both while the stream runs); the returned `Completion` settles the counts.
-    This is the cheap path the driver prefers: no async-generator step, no call and no
-    object per token or event. `texts=False`: the caller does not need the text (a
-    perf run).
+    look at both while the stream runs); the returned `Completion` settles the counts
+    and says when the stream ended. This is the path the driver prefers: no
+    async-generator step, no call and no object per token or event, and no hop to the
+    event loop between an event and its stamp. `texts=False`: the caller does not need
+    the text (a perf run).
     """
 
     async def stream_reads(

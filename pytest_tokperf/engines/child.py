@@ -3,8 +3,9 @@
 An in-process backend (llama.cpp today) is native code: a segfault, an abort or an
 OOM kill inside it would end the pytest process and every result it holds. Here the
 backend lives in a child Python process (`python -m pytest_tokperf.engines.child`)
-that builds a *worker* and streams each request's chunks back over a socket pair;
-the pytest process keeps the driver, the clocks and all bookkeeping.
+that builds a *worker* and streams each request's chunks back over a socket pair,
+each stamped (`perf_counter_ns`) in the child as the worker yielded it, and the end
+of the stream; the pytest process keeps the driver and all bookkeeping.
 
 A worker is any object with `info` (EngineInfo), `generate(request, stop)` (an
 iterator of Chunks; `stop()` says the consumer is gone), `close()`, and whatever
@@ -38,13 +39,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
-from pytest_tokperf.engines import Chunk, EngineError, EngineInfo, Request
+from pytest_tokperf.engines import Chunk, Completion, EngineError, EngineInfo, Request
 
 FAULT_ENV = "TOKPERF_CHILD_FAULT"
 LOAD_TIMEOUT_S = 600.0  # a precision build (quantization) happens at load in the child
@@ -243,7 +245,9 @@ class ChildEngine:
         request: Request,
         put: Callable[[Any], None],
         cancelled: threading.Event,
-    ) -> None:
+    ) -> int:
+        """Run `request` in the child, `put` each (time the child stamped it, chunk);
+        when the stream ended in the child."""
         self._ready(child)
         child.send(("generate", request), f"running request {request.id!r}")
         cancel_sent = False
@@ -267,19 +271,25 @@ class ChildEngine:
             message = child.receive(None, f"running request {request.id!r}")
             kind = message[0]
             if kind == "chunk":
-                put(message[1])
+                put((message[2], message[1]))
             elif kind == "done":
-                return
+                ended: int = message[1]
+                return ended
             elif kind == "error":
                 raise EngineError(f"{message[1]}: {message[2]}")
 
-    async def stream(self, request: Request) -> AsyncIterator[Chunk]:
+    async def _timed(self, request: Request) -> AsyncIterator[tuple[int, Chunk | None]]:
+        """(when the child stamped it, chunk) for each chunk the worker yielded, then
+        (when the stream ended in the child, None). The child stamps each at the event,
+        before it pickles and sends it: neither the socket, nor this process's reader
+        thread, nor the hop to the event loop comes between (perf_counter_ns is one
+        monotonic clock for every process on a machine)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Chunk | None] | BaseException] = asyncio.Queue()
         cancelled = threading.Event()
         child = self._current()
 
-        def put(item: Chunk | BaseException | None) -> None:
+        def put(item: tuple[int, Chunk | None] | BaseException) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the loop is gone: nobody is listening any more
@@ -289,19 +299,46 @@ class ChildEngine:
             if cancelled.is_set():
                 return
             try:
-                self._generate(child, request, put, cancelled)
-                put(None)
+                put((self._generate(child, request, put, cancelled), None))
             except BaseException as exc:  # whatever happens, the consumer must hear of it
                 put(exc)
 
         loop.run_in_executor(self._executor, work)
         try:
-            while (item := await queue.get()) is not None:
+            while True:
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                if item[1] is None:
+                    return
         finally:
             cancelled.set()
+
+    async def stream(self, request: Request) -> AsyncIterator[Chunk]:
+        async for _, chunk in self._timed(request):
+            if chunk is not None:
+                yield chunk
+
+    async def stream_reads(
+        self, request: Request, times: list[int], counts: list[int], texts: bool
+    ) -> Completion:
+        """The ReadEngine path the driver takes: each chunk with tokens at the time the
+        child stamped it, the end at the child's end of the stream."""
+        text: list[str] = []
+        ids: list[int] = []
+        end = 0
+        async for at, chunk in self._timed(request):
+            if chunk is None:
+                end = at
+                continue
+            if chunk.tokens:  # a chunk of text alone is no token's arrival
+                times.append(at)
+                counts.append(chunk.tokens)
+            if texts:
+                text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+        return Completion(None, 0, "".join(text), "", end, token_ids=tuple(ids))
 
     def call(self, method: str, *args: Any) -> Any:
         """Call the worker's `method(*args)` in the child, in turn with the requests."""
@@ -377,14 +414,16 @@ def serve(conn: Connection) -> None:
                     return stopped
 
                 for chunk in worker.generate(message[1], stop):
-                    conn.send(("chunk", chunk))
+                    # stamped as the worker yields it, before it is pickled and sent
+                    conn.send(("chunk", chunk, time.perf_counter_ns()))
                     produced += chunk.tokens
                     if fault is not None and produced >= fault[1]:
                         os.kill(os.getpid(), fault[0])
+                ended = time.perf_counter_ns()
                 if stopped:
                     with contextlib.suppress(EOFError):
                         conn.recv()  # the cancel itself
-                conn.send(("done",))
+                conn.send(("done", ended))
             elif kind == "call":
                 conn.send(("result", getattr(worker, message[1])(*message[2])))
         except Exception as exc:

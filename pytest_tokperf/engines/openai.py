@@ -8,12 +8,18 @@ events it holds (one `bytes.count`): no JSON is parsed per event. JSON is parsed
 the events before the first token (a role-only delta is not a token), for the last
 events (usage, errors, `[DONE]`), and for all events only when the text is wanted.
 
+A request ends at the read that ended its body, stamped in that read; whatever
+follows (parsing, counting) comes after the stamp.
+
 Output tokens come from the server's `usage` (asked for with
-`stream_options.include_usage`). Without it they are counted from the text by the
-server's own tokenize endpoint (vLLM/SGLang `/tokenize`, llama.cpp `/tokenize`,
-llama-cpp-python `/extras/tokenize/count`, found when the engine loads) or a tokenizer
-the user names (a GGUF file, or a Hugging Face tokenizer.json); counting runs off the
-event loop. The per-read counts are then settled to that total (`reconcile`).
+`stream_options.include_usage`). Without it they are counted from the text, in this
+order: a tokenizer the user names (a GGUF file, or a Hugging Face tokenizer.json); the
+served model's own, where this machine has it (`find_tokenizer`); the server's own
+tokenize endpoint (vLLM/SGLang `/tokenize`, llama.cpp `/tokenize`, llama-cpp-python
+`/extras/tokenize/count`, found when the engine loads). Such a count is taken after
+the run (`Completion.count`): a round trip to a busy server, queued behind the other
+requests' generation, must not delay the next request. The per-read counts are then
+settled to that total (`reconcile`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import ssl
@@ -29,8 +36,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pytest_tokperf.engines import (
@@ -134,6 +142,7 @@ class _Conn(asyncio.Protocol):
         self.first = True  # no token seen yet: classify events exactly
         self.pending = b""  # the first phase's incomplete line
         self.sent_ns = 0
+        self.ended_ns = 0  # when the read that ended the body arrived
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -142,6 +151,7 @@ class _Conn(asyncio.Protocol):
         self.closed = True
         if self.done is not None and not self.done.done():
             if self.in_body and not self.chunked and self.remaining < 0:
+                self.ended_ns = _clock()
                 self.done.set_result(None)  # a body delimited by the close: complete
             else:
                 self.done.set_exception(StreamError("the server closed the connection mid-stream"))
@@ -157,6 +167,7 @@ class _Conn(asyncio.Protocol):
         self.skip = 0
         self.first = True
         self.pending = b""
+        self.ended_ns = 0
         self.sent_ns = _clock()
         self.transport.write(data)
         return done
@@ -220,6 +231,7 @@ class _Conn(asyncio.Protocol):
         return tail == END[2:]  # the whole body is the last chunk: an empty answer
 
     def _end(self) -> None:
+        self.ended_ns = _clock()  # the stream's end, stamped in the read that ended it
         self.streaming = self.in_body = False
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
@@ -448,7 +460,7 @@ def _from_tail(conn: _Conn) -> Completion | None:
     usage, trailing, done = found
     if not done:
         raise StreamError(UNFINISHED)
-    return Completion(usage, trailing, "", "usage")
+    return Completion(usage, trailing, "", "usage", conn.ended_ns)
 
 
 class _Pool:
@@ -688,42 +700,44 @@ class OpenAIEngine:
             settled = _from_tail(conn)
             if settled is not None:
                 return settled
-        return await self._complete(conn, texts)
+        return self._complete(conn, texts)
 
-    async def _complete(self, conn: _Conn, texts: bool) -> Completion:
-        """Read every event of the body: its text, usage, what follows the last token."""
+    def _complete(self, conn: _Conn, texts: bool) -> Completion:
+        """Read every event of the body: its text, usage, what follows the last token.
+
+        Counting the text (no usage; or a named tokenizer's check of usage) is handed
+        back undone, as `Completion.count`: the driver takes it after the run.
+        """
         body = conn.body()
         read = _read_events(_payloads(_dechunk(body) if conn.chunked else body), all_texts=True)
         if not read.done:
             raise StreamError(UNFINISHED)
         text = "".join(read.texts)
-        total, by = read.usage, "usage"
-        if self._counter is not None and (total is None or self._cross_checks > 0):
-            loop = asyncio.get_running_loop()
-            counted = await loop.run_in_executor(None, self._counter, text)
-            if total is None:
-                total, by = counted, self._counted_by
-            else:
-                self._cross_checks -= 1
-                if abs(counted - total) > max(2, total // 20):
-                    raise StreamError(
-                        f"the server's usage says {total} output tokens but the tokenizer "
-                        f"counts {counted}: check that the tokenizer matches the served model"
-                    )
-        if total is None:
-            raise StreamError(
-                "the server sent no usage (stream_options.include_usage), has no tokenize "
-                "endpoint, and no tokenizer is set; set the engine's 'tokenizer' "
-                "(--tokperf-tokenizer) to the model's GGUF file or tokenizer.json"
-            )
-        return Completion(total, read.trailing, text if texts else "", by)
+        kept, usage, counter, end = text if texts else "", read.usage, self._counter, conn.ended_ns
+        if counter is None or (usage is not None and self._cross_checks <= 0):
+            if usage is None:
+                raise StreamError(
+                    "the server sent no usage (stream_options.include_usage), has no tokenize "
+                    "endpoint, and no tokenizer is set; set the engine's 'tokenizer' "
+                    "(--tokperf-tokenizer) to the model's GGUF file or tokenizer.json"
+                )
+            return Completion(usage, read.trailing, kept, "usage", end)
+        if usage is None:
+            count = functools.partial(counter, text)
+            return Completion(None, read.trailing, kept, self._counted_by, end, count)
+        self._cross_checks -= 1
+        check = functools.partial(_checked, counter, text, usage)
+        return Completion(usage, read.trailing, kept, "usage", end, check)
 
     async def stream(self, request: Request) -> AsyncIterator[Chunk]:
         """The generic protocol: the settled counts, yielded once the stream ended (for
         timing, the driver uses `stream_reads`, which keeps each read's arrival time)."""
         counts: list[int] = []
         done = await self.stream_reads(request, [], counts, texts=True)
-        settled = [n for n in reconcile(counts, done.trailing, done.tokens) if n]
+        total = done.tokens
+        if done.count is not None:  # no run to wait for: counted now, off the loop
+            total = await asyncio.get_running_loop().run_in_executor(None, done.count)
+        settled = [n for n in reconcile(counts, done.trailing, total) if n]
         for i, n in enumerate(settled):
             yield Chunk(n, done.text if i == len(settled) - 1 else "")
 
@@ -732,6 +746,18 @@ class OpenAIEngine:
             pool.close()
         self._pools.clear()
         await asyncio.sleep(0)  # let the cancelled watchers finish
+
+
+def _checked(counter: Counter, text: str, usage: int) -> int:
+    """The server's `usage`, once a user-named tokenizer agrees with it (within 5%, or 2
+    tokens): a tokenizer that does not match the served model would miscount."""
+    counted = counter(text)
+    if abs(counted - usage) > max(2, usage // 20):
+        raise StreamError(
+            f"the server's usage says {usage} output tokens but the tokenizer counts "
+            f"{counted}: check that the tokenizer matches the served model"
+        )
+    return usage
 
 
 def _get_json(url: str, headers: Mapping[str, str], timeout_s: float) -> Any:
@@ -819,6 +845,55 @@ def file_counter(path: str) -> tuple[Counter, str]:
     )
 
 
+def hub_cache() -> Path:
+    """Where the Hugging Face hub keeps what it downloaded (nothing is downloaded here)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def find_tokenizer(names: Sequence[object], hub: Path) -> str | None:
+    """The served model's own tokenizer, where this machine has it: the names the
+    server lists it by (vLLM's `root` is the model's path; llama-cpp-python's `id` is
+    its --model unless aliased) as an absolute path to a GGUF file or to a folder with
+    a tokenizer.json, else a hub name's tokenizer.json in the Hugging Face cache `hub`.
+    """
+    for name in names:
+        if not isinstance(name, str) or not name:
+            continue
+        path = Path(name).expanduser()
+        if path.is_absolute():
+            if path.is_file() and path.suffix.lower() == ".gguf":
+                return str(path)
+            if (path / "tokenizer.json").is_file():
+                return str(path / "tokenizer.json")
+            continue
+        repo = hub / f"models--{name.replace('/', '--')}"
+        try:  # the revision the hub calls main, else any snapshot that has one
+            main = [(repo / "refs" / "main").read_text().strip()]
+        except OSError:
+            main = []
+        for snapshot in [*main, *sorted(p.name for p in (repo / "snapshots").glob("*"))]:
+            found = repo / "snapshots" / snapshot / "tokenizer.json"
+            if found.is_file():
+                return str(found)
+    return None
+
+
+def model_counter(entry: Mapping[str, Any], hub: Path) -> tuple[Counter, str] | None:
+    """A counter from the served model's own tokenizer (`find_tokenizer`), when one is
+    found and loads (its library installed); None otherwise."""
+    path = find_tokenizer([entry.get("root"), entry.get("id")], hub)
+    if path is None:
+        return None
+    try:
+        counter, name = file_counter(path)
+    except EngineError:  # a missing library, a file it cannot read: the next way counts
+        return None
+    return counter, f"{name} (the served model's)"
+
+
 def _connections(setting: object) -> int:
     """The pool's size, within the open-files limit (raised to its hard limit)."""
     want = int(str(setting)) if setting else MAX_CONNECTIONS
@@ -870,20 +945,26 @@ def load(settings: Mapping[str, Any], devices: int) -> OpenAIEngine:
         models = _get_json(f"{base_url}/v1/models", headers, timeouts.connect_s)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise EngineError(f"cannot list models at {base_url}/v1/models: {exc}") from None
-    served = [m.get("id") for m in models.get("data", []) if isinstance(m, dict)]
+    entries = {m.get("id"): m for m in models.get("data", []) if isinstance(m, dict)}
+    served = list(entries)
     model = str(settings.get("model") or (served[0] if served else ""))
     if model not in served:
         raise EngineError(
             f"model {model!r} is not served at {base_url}; served: {', '.join(map(str, served))} "
             "(--tokperf-served-model)"
         )
+    # usage when the server sends it; else a local tokenizer (the user's, else the
+    # served model's own); the server's tokenize endpoint last. Any count but usage is
+    # taken after the run (`Completion.count`).
     counter: tuple[Counter, str] | None = None
     if settings.get("tokenizer"):
         counter = file_counter(str(settings["tokenizer"]))
     else:
-        counter = server_counter(base_url, model, headers, timeouts.connect_s)
+        counter = model_counter(entries[model], hub_cache()) or server_counter(
+            base_url, model, headers, timeouts.connect_s
+        )
     max_connections = _connections(settings.get("max_connections"))
-    counting = "usage; without usage: " + (counter[1] if counter else "none")
+    counting = "usage; without usage: " + (f"{counter[1]}, after the run" if counter else "none")
     info = EngineInfo(
         backend="openai",
         model=model,

@@ -21,12 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_tokperf.engines import Chunk, EngineError, EngineInfo, MissingExtraError, Request
+from pytest_tokperf.engines import (
+    Chunk,
+    Completion,
+    EngineError,
+    EngineInfo,
+    MissingExtraError,
+    Request,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -119,34 +127,59 @@ class TransformersEngine:
             self._ids[text] = ids
         return ids
 
-    def _step(self, ids: list[int], cache: Any) -> tuple[int, Any]:
+    def _step(self, ids: list[int], cache: Any) -> tuple[int, Any, int]:
+        """The next token, the cache, and when the token was known (on this thread:
+        `int()` waits for the device), before the hop back to the event loop."""
         torch = self._torch
         with torch.inference_mode():
             x = torch.tensor([ids], device=self._device)
             kwargs = {self._cache: cache} if cache is not None else {}
             out = self._model(input_ids=x, use_cache=True, **kwargs, **self._keep)
             token = int(out.logits[0, -1].argmax())
-        return token, out[self._cache]
+        return token, out[self._cache], time.perf_counter_ns()
 
-    async def stream(self, request: Request) -> AsyncIterator[Chunk]:
+    async def _tokens(self, request: Request) -> AsyncIterator[tuple[int, int | None]]:
+        """(when it was known, token) for each new token, then (when the stream ended,
+        None): at the EOS step, else at the last token."""
         loop = asyncio.get_running_loop()
         ids = self.token_ids(request.prompt)
         async with self._busy:
             cache: Any = None
-            out: list[int] = []
-            text = ""
             step = ids
+            at = time.perf_counter_ns()
             for _ in range(request.max_tokens):
-                token, cache = await loop.run_in_executor(self._pool, self._step, step, cache)
+                token, cache, at = await loop.run_in_executor(self._pool, self._step, step, cache)
                 if token in self._eos and not self._ignore_eos:
                     break
-                out.append(token)
-                new = ""
-                if request.detokenize:  # whole-sequence decode: multi-byte pieces come out right
-                    full = self._tokenizer.decode(out)
-                    new, text = full[len(text) :], full
-                yield Chunk(1, new, (token,))
+                yield at, token
                 step = [token]
+            yield at, None
+
+    async def stream(self, request: Request) -> AsyncIterator[Chunk]:
+        out: list[int] = []
+        async for _, token in self._tokens(request):  # to its end: it holds the lock
+            if token is not None:
+                out.append(token)
+                yield Chunk(1, "", (token,))  # the token at once: its text is bookkeeping
+        if request.detokenize and out:  # one whole decode: multi-byte pieces come out right
+            yield Chunk(0, self._tokenizer.decode(out))
+
+    async def stream_reads(
+        self, request: Request, times: list[int], counts: list[int], texts: bool
+    ) -> Completion:
+        """The ReadEngine path the driver takes: each token at the time its step
+        returned on the engine's thread, the text decoded after the end."""
+        out: list[int] = []
+        end = 0
+        async for at, token in self._tokens(request):
+            if token is None:
+                end = at
+                continue
+            times.append(at)
+            counts.append(1)
+            out.append(token)
+        text = self._tokenizer.decode(out) if texts and request.detokenize and out else ""
+        return Completion(None, 0, text, "", end, token_ids=tuple(out))
 
     def logits(self, prompt: str, continuation: Sequence[int]) -> np.ndarray:
         """Row i: next-token logits after `prompt` and `continuation[:i]` (teacher-forced)."""

@@ -14,6 +14,7 @@ from aiohttp import web
 
 SEEN: dict[str, str | int] = {}
 STREAMED = [0]  # output tokens sent in usage events, for the /metrics page
+MODEL: dict[str, str] = {}  # --root: more of the model's entry in /v1/models
 PAGE: dict[str, object] = {}  # --metrics: a recorded page, its counters moved by STREAMED
 
 
@@ -29,7 +30,8 @@ def usage(tokens: int) -> bytes:
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+    model = {"id": "fake", "object": "model", **MODEL}
+    return web.json_response({"object": "list", "data": [model]})
 
 
 async def seen(request: web.Request) -> web.Response:
@@ -121,7 +123,10 @@ def main() -> None:
     parser.add_argument("--metrics", help="serve this recorded /metrics page")
     parser.add_argument("--metrics-scale", type=float, default=1.0)
     parser.add_argument("--metrics-queue", type=float, default=0.0)
+    parser.add_argument("--root", help="list the model with this root (vLLM: its path)")
     args = parser.parse_args()
+    if args.root:
+        MODEL["root"] = args.root
     if args.metrics:
         with open(args.metrics) as page:
             PAGE.update(text=page.read(), scale=args.metrics_scale, queue=args.metrics_queue)

@@ -9,13 +9,16 @@ stops it from aborting a stream when the next request arrives (its default).
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from pytest_tokperf import driver, launcher, workloads
-from pytest_tokperf.engines import load_engine
+from pytest_tokperf.engines import Request, load_engine
 
 pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server]")
 pytest.importorskip("aiohttp", reason="needs the 'openai' extra")
@@ -104,7 +107,9 @@ def test_the_plugin_launches_the_server_and_attaches_its_log(pytester: pytest.Py
     (payload,) = json.loads((pytester.path / "out.json").read_text())["tests"]
     endpoint = "server tokenize endpoint /extras/tokenize/count"
     assert payload["token_counting"] == {endpoint: 10} and payload["failed"] == 0
-    assert payload["engine"]["settings"]["token_counting"] == f"usage; without usage: {endpoint}"
+    assert payload["engine"]["settings"]["token_counting"] == (
+        f"usage; without usage: {endpoint}, after the run"
+    )
     result.stdout.fnmatch_lines(
         [
             "tokperf: profile cpu (default), engine openai, model first served at *",
@@ -142,3 +147,77 @@ def test_server_scenario_over_http_reports_latency_percentiles(server: launcher.
     issues = sorted(r.issue_ns for r in result.records)
     assert issues[-1] - issues[0] > 1_000_000_000
     assert all(r.scheduled_ns is not None for r in result.records)
+
+
+TAP = Path(__file__).with_name("sse_tap.py")
+MS = 1_000_000
+# distinct prompts: the tap knows a request by its prompt
+PROMPTS = [
+    "Name three colours.",
+    "What is the capital of France?",
+    "Count from one to ten.",
+    "Write a haiku about the sea.",
+    "What do bees make?",
+    "Describe a cat in one sentence.",
+    "Why is the sky blue?",
+    "Give me a word that rhymes with moon.",
+    "What is two plus two?",
+    "Say hello in Spanish.",
+    "List four fruits.",
+    "What is the opposite of hot?",
+]
+
+
+@pytest.mark.parametrize("counting", ["server endpoint", "gguf"])
+def test_each_request_is_timed_as_an_independent_client_sees_its_stream(
+    server: launcher.Server, tmp_path: Path, counting: str
+) -> None:
+    """The plugin against the test's own raw-socket client (`sse_tap.py`, a relay
+    between the two, so both see the same streams), concurrency 2 on a server that
+    sends no usage: per request, the first token and the end agree within the time a
+    relayed read takes to reach the plugin, and so does TTFT. A count awaited before
+    the end is stamped (a tokenize round trip queued behind the other request's
+    generation) shows here as an end hundreds of ms late."""
+    from pytest_tokperf.engines.llamacpp import shipped_model_path
+
+    log = tmp_path / "tap.jsonl"
+    tap = launcher.start(
+        f"{sys.executable} {TAP} --port {{port}} --upstream {server.base_url} --log {log}",
+        ready_timeout_s=30,
+    )
+    settings: dict[str, object] = {"base_url": tap.base_url, "extra_body": GREEDY, **QUEUE_OK}
+    if counting == "gguf":
+        settings["tokenizer"] = str(shipped_model_path())
+    requests = [Request(f"r{i}", p, 48, detokenize=False) for i, p in enumerate(PROMPTS)]
+    loop = driver.new_loop()
+    try:
+        engine = load_engine("openai", settings)
+        plan = driver.Plan("concurrency", concurrency=2, texts=False)
+        driven = driver.run_plan(engine, requests, plan, loop=loop)
+        loop.run_until_complete(engine.aclose())
+        deadline = time.monotonic() + 10  # the tap logs a response just after passing it on
+        while len(log.read_text().splitlines()) < len(PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        loop.close()
+        tap.stop()
+    by = (
+        "server tokenize endpoint /extras/tokenize/count"
+        if counting == "server endpoint"
+        else "GGUF tokenizer SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    assert dict(driven.token_counting) == {by: len(PROMPTS)}, [r.error for r in driven.records]
+    seen = {t["prompt"]: t for t in map(json.loads, log.read_text().splitlines())}
+    ends, firsts, ttfts = [], [], []
+    for record, request in zip(driven.records, requests, strict=True):
+        assert record.ok and record.first_chunk_ns is not None, record.error
+        tapped = seen[request.prompt]
+        ends.append(record.end_ns - tapped["end_ns"])
+        firsts.append(record.first_chunk_ns - tapped["first_ns"])
+        ttft = record.first_chunk_ns - record.issue_ns
+        ttfts.append(ttft - (tapped["first_ns"] - tapped["request_ns"]))
+    for name, gaps in (("end", ends), ("first token", firsts), ("TTFT", ttfts)):
+        # the plugin reads each relayed read after the tap: a fraction of a ms, more
+        # when the 2 cores are busy (scheduling noise); a count in the way is 100s of ms
+        assert -MS < statistics.median(gaps) <= 5 * MS, (name, gaps)
+        assert max(gaps) <= 30 * MS, (name, gaps)

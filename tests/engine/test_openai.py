@@ -211,7 +211,7 @@ def test_a_tokenizer_json_counts_when_the_server_sends_no_usage(
     engine = _engine(fake, tokenizer=str(path))
     assert (
         engine.info.settings["token_counting"]
-        == "usage; without usage: Hugging Face tokenizer tokenizer.json"
+        == "usage; without usage: Hugging Face tokenizer tokenizer.json, after the run"
     )
     loop = driver.new_loop()
     try:
@@ -293,3 +293,57 @@ def test_a_timed_out_request_is_not_sent_again(fake: launcher.Server) -> None:
     assert "first-token timeout of 2 s" in (recs["slowfirst once"].error or "")
     with urllib.request.urlopen(fake.base_url + "/seen") as response:
         assert json.loads(response.read())["sent slowfirst once"] == 1
+
+
+def test_without_usage_the_served_models_own_gguf_counts() -> None:
+    # a server listing its model's path (vLLM's `root`): the GGUF there counts, before
+    # the server's tokenize endpoint (this one has none), and the result says which
+    from pytest_tokperf.engines.llamacpp import shipped_model_path
+
+    gguf = shipped_model_path()
+    cmd = f"{sys.executable} {FAKE} --port {{port}} --root {gguf}"
+    server = launcher.start(cmd, ready_timeout_s=60)
+    try:
+        engine = _engine(server)
+        by = f"GGUF tokenizer {gguf.name} (the served model's)"
+        counting = engine.info.settings["token_counting"]
+        assert counting == f"usage; without usage: {by}, after the run"
+        loop = driver.new_loop()
+        try:
+            plan = driver.Plan("offline", texts=False)
+            driven = driver.run_plan(engine, [Request("nousage", "nousage", 8)], plan, loop=loop)
+        finally:
+            loop.run_until_complete(engine.aclose())
+            loop.close()
+    finally:
+        server.stop()
+    (rec,) = driven.records
+    assert rec.ok and rec.output_tokens == 3  # "one two three" in SmolLM2's vocabulary
+    assert dict(driven.token_counting) == {by: 1}
+
+
+def test_the_served_models_tokenizer_is_found_by_path_or_in_the_hub_cache(
+    tmp_path: Path,
+) -> None:
+    from pytest_tokperf.engines.openai import find_tokenizer
+
+    hub = tmp_path / "hub"
+    gguf = tmp_path / "m.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("{}")
+    snapshots = hub / "models--org--name" / "snapshots"
+    for rev in ("aaa", "bbb"):
+        (snapshots / rev).mkdir(parents=True)
+        (snapshots / rev / "tokenizer.json").write_text("{}")
+    (hub / "models--org--name" / "refs").mkdir()
+    (hub / "models--org--name" / "refs" / "main").write_text("bbb\n")
+    assert find_tokenizer([None, str(gguf)], hub) == str(gguf)
+    assert find_tokenizer([str(folder)], hub) == str(folder / "tokenizer.json")
+    assert find_tokenizer(["alias", "org/name"], hub) == str(snapshots / "bbb" / "tokenizer.json")
+    (hub / "models--org--name" / "refs" / "main").unlink()
+    assert find_tokenizer(["org/name"], hub) == str(snapshots / "aaa" / "tokenizer.json")
+    # an alias, a relative path (the server's cwd is not ours), a file of another kind
+    (tmp_path / "notes.txt").write_text("")
+    assert find_tokenizer(["smollm2", "model", str(tmp_path / "notes.txt")], hub) is None

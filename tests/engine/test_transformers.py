@@ -72,7 +72,8 @@ def tiny() -> Any:
 
 def test_the_kv_cache_loop_decodes_what_a_full_recompute_decodes(tiny) -> None:
     ids, text, sizes = collect(tiny, Request("a", "The capital of France is", 24))
-    assert sizes == [1] * 24  # streamed token by token
+    # streamed token by token, the text decoded once after the last (no token's time waits)
+    assert sizes == [1] * 24 + [0]
     assert ids == reference_greedy(ByteTokenizer().encode("The capital of France is"), 24)
     assert text == ByteTokenizer().decode(ids)
     # greedy and seeded: the same answer again, and from a freshly built engine

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import pickle
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from pytest_tokperf.driver import Plan, RequestRecord, _Live, run, run_plan
-from pytest_tokperf.engines import Chunk, EngineInfo, Request
+from pytest_tokperf.engines import Chunk, Completion, EngineInfo, Request
 
 
 class Scripted:
@@ -94,3 +95,67 @@ def test_a_record_made_by_the_driver_is_a_real_record() -> None:
     assert {f.name for f in dataclasses.fields(RequestRecord)} == set(vars(made))
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.error = None  # type: ignore[misc]
+
+
+class Reads:
+    """A ReadEngine that streams `max_tokens` one-event reads 1 ms apart and [DONE] in
+    a read of its own, reports that read as the end, and defers its count (`count_s`
+    long, blocking, as a tokenize round trip is) to a closure returning `factor` x."""
+
+    info = EngineInfo("reads", "m", "f16", 1)
+
+    def __init__(self, count_s: float = 0.0, factor: int = 1, fail: bool = False) -> None:
+        self.count_s, self.factor, self.fail = count_s, factor, fail
+        self.ends: dict[str, int] = {}
+        self.counted: list[str] = []
+
+    async def stream_reads(
+        self, request: Request, times: list[int], counts: list[int], texts: bool
+    ) -> Completion:
+        for _ in range(request.max_tokens):
+            await asyncio.sleep(0.001)
+            times.append(time.perf_counter_ns())
+            counts.append(1)
+        await asyncio.sleep(0.001)
+        times.append(time.perf_counter_ns())
+        counts.append(1)  # [DONE]
+        self.ends[request.id] = end = time.perf_counter_ns()
+
+        def count() -> int:
+            time.sleep(self.count_s)
+            self.counted.append(request.id)
+            if self.fail:
+                raise RuntimeError("tokenize endpoint answered 500")
+            return request.max_tokens * self.factor
+
+        return Completion(None, 1, "", "tokenizer T", end, count)
+
+    async def stream(self, request: Request) -> AsyncIterator[Chunk]:
+        raise NotImplementedError
+        yield Chunk(0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_deferred_count_waits_for_the_end_of_the_run_and_the_end_is_the_engines() -> None:
+    engine = Reads(count_s=0.2, factor=2)
+    reqs = [Request(f"r{i}", "ok", 4) for i in range(3)]
+    driven = run_plan(engine, reqs, Plan("concurrency", concurrency=1))
+    recs = driven.records
+    for rec in recs:  # the end the engine stamped in the read that ended the stream
+        assert rec.ok and rec.end_ns == engine.ends[rec.id]
+        assert rec.output_tokens == 8 and len(rec.chunk_ns) == 4  # settled to the count
+    for before, after in itertools.pairwise(recs):
+        # the closed loop issued the next request at once, not after a 0.2 s count
+        assert after.issue_ns - before.end_ns < 50_000_000
+    assert engine.counted == ["r0", "r1", "r2"]
+    assert dict(driven.token_counting) == {"tokenizer T": 3}
+
+
+def test_a_deferred_count_that_fails_fails_its_request() -> None:
+    driven = run_plan(Reads(fail=True), [Request("r", "ok", 3)], Plan("offline"))
+    (rec,) = driven.records
+    assert rec.error == "RuntimeError: tokenize endpoint answered 500"
+    assert rec.output_tokens == 3  # the events, as the count never came
+    assert dict(driven.token_counting) == {}
