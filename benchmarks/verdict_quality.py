@@ -223,7 +223,10 @@ def timescale_run(cell: Timescale, factor: float, seed: int, confidence: float) 
     settings = parse_settings({**cell.settings, "seed": seed})
     floors = {"min_tokens_per_s": cell.truth * factor}
     stop = sequential.Sequential(cell.max_s, floors, 1, confidence, min_duration_s=cell.min_s)
-    records, end = closed_loop(settings, stop, cell.max_s, stop.times, cell.lanes)
+    # asked as often as the driver asks (every max / 64): a look due before the minimum
+    # is taken at the minimum
+    asked = [cell.max_s * i / 64 for i in range(1, 64)]
+    records, end = closed_loop(settings, stop, cell.max_s, asked, cell.lanes)
     result = metrics.summarize(
         records, INFO, scenario="concurrency", workload="sim", max_tokens=TOKENS,
         concurrency=cell.lanes, window_end_ns=end,
@@ -272,6 +275,21 @@ def driver_run(
     v = verdict.judge(result, runner.floors, confidence=confidence, looks=runner.looks[-1])
     decided = result.duration_s * time_scale if v.status in ("PASS", "FAIL") else None
     return Outcome(f"driver {engine} x{factor:.2f}", v.status, decided)  # fmt: skip
+
+
+def driver_timescale_run(cell: Timescale, factor: float, seed: int, scale: float) -> Outcome:
+    """A timescale cell through the real plugin path (`Tokperf.run` on the sim engine at
+    `scale` x time, its minimum and maximum in wall seconds): the issue's own setup."""
+    settings = parse_settings({**cell.settings, "seed": seed, "time_scale": scale})
+    profile = replace(BUILTIN["sim"], warmup=0, min_duration_s=cell.min_s / scale)
+    runner = Tokperf(load_engine("sim", settings, 1), profile)
+    runner.floors = {"min_tokens_per_s": cell.truth * factor * scale}
+    runner.judged = True
+    result = runner.run("concurrency", concurrency=cell.lanes, max_tokens=TOKENS,
+                        max_duration_s=cell.max_s / scale, seed=seed)  # fmt: skip
+    v = verdict.judge(result, runner.floors, looks=runner.looks[-1])
+    decided = result.duration_s * scale if v.status in ("PASS", "FAIL") else None
+    return Outcome(f"driver {cell.name} x{factor:.2f}", v.status, decided)
 
 
 def wilson_upper(k: int, n: int, z: float = 1.96) -> float:
@@ -361,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timescale-seeds", type=int, default=50,
                         help="seeded runs per cell of the slow-to-show engines")  # fmt: skip
     parser.add_argument("--only-timescales", action="store_true")
+    parser.add_argument("--driver-timescales", type=int, default=0,
+                        help="seeds of the 30 s phases cell through the real driver")  # fmt: skip
     args = parser.parse_args(argv)
     started = time.perf_counter()
     rows = []
@@ -380,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
             how = "early stopping decides it too" if decide else "stopping on the floor alone"
             cell = f"unchanged {name} engine vs its baseline, easy floor, {how}"
             rows.append(row(cell, "FAIL", outs))
+    for factor in TIMESCALES[0].factors if args.driver_timescales else ():
+        outs = [driver_timescale_run(TIMESCALES[0], factor, s, 10.0)
+                for s in range(args.driver_timescales)]  # fmt: skip
+        wrong = "FAIL" if factor < 1 else "PASS"
+        rows.append(row(f"driver at 10x: {TIMESCALES[0].name}, x{factor:.2f}", wrong, outs))
     if args.only_timescales:
         print_table(rows)
         return 0

@@ -45,9 +45,9 @@ def test_offline_throughput_per_node_longer_answers(tokperf):
 
 @pytest.mark.throughput_floor(per_gpu=PER_GPU)
 def test_customer_support_prompts(tokperf):
-    """A project's own prompts, from JSONL, each with its own max_tokens: each of the 8
-    twice, since an Offline floor is judged on at least 10 requests."""
-    result = tokperf.run(workload=SUPPORT, requests=16)
+    """A project's own prompts, from JSONL, each with its own max_tokens, as many times
+    over as the profile's run size (and its minimum duration) asks."""
+    result = tokperf.run(workload=SUPPORT)
     assert {r.id.split("#")[0] for r in result.records} == {f"support-0{i}" for i in range(1, 9)}
 
 

@@ -41,13 +41,14 @@ def test_interactive_mlperf_slos(tokperf):
 @pytest.mark.latency_slo(
     ttft_p50_ms={"cpu": 1_000, "sim": 1_000}, tpot_p50_ms={"cpu": 80, "sim": 40}
 )
-# 8 requests a second apart leave windows without tokens: too short to compare tokens/s
-# with a baseline (its interval spans -50%..+100%), so only the SLOs gate it
+# a dozen requests a second apart leave windows without tokens: too short to compare
+# tokens/s with a baseline (its interval spans -50%..+100%), so only the SLOs gate it
 @pytest.mark.no_regression(tokens_per_s=None)
 def test_server_smoke_on_small_machines(tokperf):
-    """One request a second, 8 short answers: TTFT and TPOT percentiles, gated at p50."""
-    result = tokperf.run("server", qps=1, requests=8, max_tokens=8)
-    assert result.ttft.count == 8
+    """One request a second for 12 s (a judged run lasts the profile's 10 s at least),
+    short answers: TTFT and TPOT percentiles, gated at p50 (7 requests suffice)."""
+    result = tokperf.run("server", qps=1, duration_s=12, max_tokens=8)
+    assert result.ttft.count >= 7
 
 
 @pytest.mark.throughput_floor(

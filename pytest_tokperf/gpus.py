@@ -903,6 +903,7 @@ class Sampler:
         nvml: Nvml | None,
         uuids: Sequence[str],
         interval_s: float = SAMPLE_INTERVAL_S,
+        root: int | None = None,
     ) -> None:
         self._nvml = nvml
         self._handles: dict[str, Any] = {}
@@ -915,6 +916,7 @@ class Sampler:
         self._cpu0 = self._cpu1 = 0.0
         self._t0 = self._t1 = 0
         self._machine: list[machine.Reading | None] = []
+        self.root = root  # the process whose tree is this run's own (None: this one)
         self._cotenants: tuple[int, ...] = ()
 
     def _read_all(self) -> None:
@@ -927,7 +929,7 @@ class Sampler:
             self._read_all()
 
     def __enter__(self) -> Sampler:
-        self._machine = [machine.read()]  # before the clock starts: it walks /proc
+        self._machine = [machine.read(self.root)]  # before the clock starts: it walks /proc
         self._t0, self._cpu0 = time.perf_counter_ns(), _cpu_seconds()
         if self._handles:
             self._read_all()
@@ -943,7 +945,7 @@ class Sampler:
             self._thread.join()
             self._read_all()
         self._t1, self._cpu1 = time.perf_counter_ns(), _cpu_seconds()
-        self._machine.append(machine.read())
+        self._machine.append(machine.read(self.root))
         self._cotenants = self._others_on_gpus()
 
     def _others_on_gpus(self) -> tuple[int, ...]:

@@ -15,7 +15,17 @@ from typing import Any
 
 import pytest
 
-from pytest_tokperf import driver, gpus, launcher, procs, rack, records, reference, settings
+from pytest_tokperf import (
+    driver,
+    gpus,
+    launcher,
+    machine,
+    procs,
+    rack,
+    records,
+    reference,
+    settings,
+)
 from pytest_tokperf.engines import Engine, EngineError, load_engine
 
 
@@ -53,6 +63,10 @@ class Harness:
         self.reference_servers: list[launcher.Server] = []
         self.references: dict[str, Engine] = {}  # reference engines by precision, lazily
         self.spawn: procs.Spawn | None = None  # how a client process loads the engine
+        # whose process tree a run's own CPU is counted in (machine.py): under xdist or
+        # MPI the parent's, whose other workers or ranks share the machine on purpose
+        shared = hasattr(config, "workerinput") or self.world.size > 1
+        self.tree_root = machine.tree_root(shared)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -2,8 +2,8 @@
 
 Read from Linux's /proc at the run's start and end (never during it): the machine's
 busy and stolen CPU time (/proc/stat) and this run's own process tree (the pytest
-process, or under xdist and MPI its parent's tree, so that sibling workers and ranks
-the session planned for count as its own), each process's time including the
+process, or for an xdist worker or an MPI rank its parent's tree, so that the sibling
+workers and ranks the session planned for count as its own), each process's time including the
 children it waited for (/proc/PID/stat utime, stime, cutime, cstime). What the machine
 did beyond the tree was done by others: a noisy neighbour. On other systems nothing
 is read and nothing is judged.
@@ -31,11 +31,11 @@ class Reading:
     tree_pids: frozenset[int] = frozenset()  # its processes (a GPU's may be only these)
 
 
-def tree_root() -> int:
-    """The process whose descendants are this run's own: the session's, also under xdist
-    (its workers share the machine on purpose) and MPI (ranks on one host likewise)."""
-    planned = ("PYTEST_XDIST_WORKER", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
-    return os.getppid() if any(os.environ.get(v) for v in planned) else os.getpid()
+def tree_root(shared: bool) -> int:
+    """The process whose descendants are this run's own: this one, or its parent when
+    it `shared` the machine on purpose with its siblings (an xdist worker, an MPI rank:
+    the session planned for them)."""
+    return os.getppid() if shared else os.getpid()
 
 
 def _stat_fields(pid: str) -> list[str] | None:
@@ -69,12 +69,13 @@ def _tree(root: int) -> tuple[int, frozenset[int]]:
     return total, frozenset(seen)
 
 
-def read() -> Reading | None:
-    """The machine's and this run's CPU time now (None: no /proc to read)."""
+def read(root: int | None = None) -> Reading | None:
+    """The machine's and this run's (the tree under `root`, default this process) CPU
+    time now (None: no /proc to read)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         cpu = (PROC / "stat").read_text().splitlines()[0].split()
         user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in cpu[1:9])
-        ticks, pids = _tree(tree_root())
+        ticks, pids = _tree(os.getpid() if root is None else root)
         return Reading(user + nice + system + irq + softirq, steal, ticks, pids)
     return None
 

@@ -110,7 +110,7 @@ def tokperf(
         s.profile,
         harness.loop,
         reference=harness.reference_engine,
-        telemetry=lambda: gpus.Sampler(harness.nvml, tokperf_gpus.uuids),
+        telemetry=lambda: gpus.Sampler(harness.nvml, tokperf_gpus.uuids, root=harness.tree_root),
         gpus=tokperf_gpus.uuids,
         client_procs=s.client_procs,
         spawn=harness.spawn,

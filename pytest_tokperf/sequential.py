@@ -1,14 +1,14 @@
 """When a run bounded by `max_duration_s` may stop early: when every check is decided.
 
-Looks at 1/16, 1/8, 1/4 and 1/2 of the maximum (and the end), none before the run's
-minimum (`min_duration_s`: the profile's, 600 s on the GPU profiles), each at the
-Bonferroni share of the confidence. At a look the run stops when the floors are
-decided on a steady rate (judged on the tail after a change, as the final verdict is;
-a change without enough tail is not decided), every SLO is accepted by LoadGen's
-early-stopping rule at the look's share of its 99%, and the comparison with the
-baseline, when there is one, is decided too. A floor that FAILs decisively stops the
-run at once: its test fails whatever the rest say. An SLO is never failed at a look:
-its observed percentile on a few requests is noisy, and the final verdict decides it.
+Looks at 1/16, 1/8, 1/4 and 1/2 of the maximum (and the end); those due before the run's
+minimum (`min_duration_s`: the profile's, 600 s on the GPU profiles) are not taken, and
+the confidence is shared (Bonferroni) among the looks that are. At a look the run stops
+when the floors are decided on a steady rate (judged on the tail after a change, as the
+final verdict is; a change without enough tail is not decided), every SLO is accepted by
+LoadGen's early-stopping rule at the look's share of its 99%, and the comparison with
+the baseline, when there is one, is decided too. A floor that FAILs decisively stops the
+run at once: its test fails whatever the rest say. An SLO is never failed at a look: its
+observed percentile on a few requests is noisy, and the final verdict decides it.
 
 Doubling intervals keep the number of looks (and so the price paid in confidence per
 look) small while a clear case still stops at 1/16 of the maximum.
@@ -43,7 +43,8 @@ class Sequential:
         baseline: Baseline | None = None,
         scenario: str = "concurrency",
     ) -> None:
-        self.times = [max_duration_s * f for f in self.FRACTIONS]
+        # the looks the minimum leaves (one before it would see the fresh start only)
+        self.times = [t for f in self.FRACTIONS if (t := max_duration_s * f) >= min_duration_s]
         self.floors = dict(floors)
         self.slos = dict(slos or {})
         self.devices = devices
@@ -51,7 +52,7 @@ class Sequential:
         self.min_duration_s = min_duration_s
         self.baseline = baseline
         self.scenario = scenario
-        self.looks = len(self.FRACTIONS) + 1  # the end of the run is the last look
+        self.looks = len(self.times) + 1  # the end of the run is the last look
         self.next = 0
         self.decided_at: float | None = None
 
@@ -60,8 +61,6 @@ class Sequential:
         return verdict.per_look(self.confidence, self.looks)
 
     def __call__(self, records: Sequence[RequestRecord], elapsed_s: float) -> bool:
-        if elapsed_s < self.min_duration_s:
-            return False  # nothing is decided before the run's minimum
         if self.next >= len(self.times) or elapsed_s < self.times[self.next]:
             return False
         while self.next < len(self.times) and elapsed_s >= self.times[self.next]:

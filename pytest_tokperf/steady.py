@@ -6,11 +6,12 @@ is a verdict on whichever part happened to be measured; these tests find the cha
 so the verdict can say so (INVALID) or be taken on the steady tail.
 
 - Rate: a single change point in the run's window rates (the batches the floor's
-  interval uses; an Offline run's ten windows up to the last request's first token,
-  before its queue drains). At every split leaving three windows a side, Student's t
-  (pooled variance) of the two sides' mean rates; the largest |t| is significant when
-  it exceeds the t quantile at 1 - ALPHA / (2 x splits) (Bonferroni), and the change
-  counts only when the rate moved by more than TOLERANCE as well.
+  interval uses, unmerged; an Offline run's windows up to the last request's first
+  token, before its queue drains; five completions a window on average). At every
+  split leaving three windows a side, Student's t (pooled variance) of the two sides'
+  mean rates; the largest |t| is significant when it exceeds the t quantile at
+  1 - ALPHA / (2 x splits) (Bonferroni), and the change counts only when the rate
+  moved by more than TOLERANCE as well.
 - Latency: the requests' latency (TTFT, TPOT, ITL or E2E) in the first third of the
   run against the last third (by issue time): a Mann-Whitney U test (normal
   approximation) at ALPHA, and the medians apart by more than LATENCY_TOLERANCE.
@@ -28,7 +29,15 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 from pytest_tokperf.driver import RequestRecord
-from pytest_tokperf.metrics import BATCHES, MIN_BATCHES, NS, batch_rates, rates_between, t_quantile
+from pytest_tokperf.metrics import (
+    BATCHES,
+    MIN_BATCHES,
+    MIN_WINDOW_REQUESTS,
+    NS,
+    batch_rates,
+    rates_between,
+    t_quantile,
+)
 
 ALPHA = 0.01
 TOLERANCE = 0.10  # a rate change smaller than this is not worth a word
@@ -59,9 +68,10 @@ def windows(
 
     A run over time: at most `BATCHES` equal windows after the ramp, each as wide as
     `metrics.batch_rates` asks at least (two mean latencies, five completions), never
-    merged: a step in the rate is what merging would hide. Offline: `BATCHES` windows
-    from the first token to the last request's first token, after which the queue
-    only drains (a batching engine slows down there whatever its state).
+    merged: a step in the rate is what merging would hide. Offline: up to `BATCHES`
+    windows, five completions each on average, from the first token to the last
+    request's first token, after which the queue only drains (a batching engine slows
+    down there whatever its state).
     """
     if scenario != "offline":
         b = batch_rates(records, end_ns, merge=False)
@@ -74,9 +84,12 @@ def windows(
     if len(firsts) < 2:
         return [], 0, 0
     start, end = min(firsts), steady_end(records, end_ns, scenario) or 0
-    if end - start < BATCHES:
+    # as over time, a window holds five completions on average: fewer windows, or none
+    done = sum(1 for r in records if r.ok and start <= r.end_ns <= end)
+    k = min(BATCHES, done // MIN_WINDOW_REQUESTS)
+    if k < MIN_BATCHES or end - start < k:
         return [], start, 0
-    return rates_between(records, start, end, BATCHES), start, (end - start) // BATCHES
+    return rates_between(records, start, end, k), start, (end - start) // k
 
 
 def steady_end(records: Sequence[RequestRecord], end_ns: int | None, scenario: str) -> int | None:

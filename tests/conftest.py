@@ -11,6 +11,7 @@ Every test runs with `TOKPERF_MIN_DURATION=0` and `TOKPERF_BUSY_MACHINE=note` (s
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,14 +24,17 @@ with contextlib.suppress(ImportError):  # likewise matplotlib (the HTML report's
     import matplotlib.pyplot
 
 
-@pytest.fixture(autouse=True)
-def _short_runs_judged(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def _short_runs_judged() -> Iterator[None]:
     """The suites these tests run are short on purpose (seconds, not the 10 s a cpu or
     sim profile's judged run must last), and they run their own servers and loads
     beside the engine (a server the outer test started is no neighbour of the inner
-    run); the tests of the minimum and of a busy machine set those themselves."""
-    monkeypatch.setenv("TOKPERF_MIN_DURATION", "0")
-    monkeypatch.setenv("TOKPERF_BUSY_MACHINE", "note")
+    run); the tests of the minimum and of a busy machine set those themselves. Session
+    scope: before any module's fixture starts a run."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOKPERF_MIN_DURATION", "0")
+        mp.setenv("TOKPERF_BUSY_MACHINE", "note")
+        yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

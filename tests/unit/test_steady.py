@@ -107,7 +107,10 @@ def test_early_stopping_waits_for_the_minimum_the_slos_and_the_baseline() -> Non
     at = [r for r in recs if r.issue_ns < 16 * NS]
     floors = {"min_tokens_per_s": 1.0}
     assert Sequential(64.0, floors, 1, 0.95)(at, 16.0)  # an easy floor alone: decided
-    assert not Sequential(64.0, floors, 1, 0.95, min_duration_s=20.0)(at, 16.0)
+    held = Sequential(64.0, floors, 1, 0.95, min_duration_s=20.0)
+    assert not held(at, 16.0) and not held(recs, 31.0)  # the looks at 4, 8, 16 s: not taken
+    assert held.looks == 2 and held.per_look == pytest.approx(0.975)  # at 32 s and the end
+    assert held(recs, 32.0)
     # a p50 TTFT SLO of 10 s is met by every request, but at 5 looks LoadGen's rule needs
     # more requests than the 99% of one look
     many = Sequential(64.0, floors, 1, 0.95, slos={"ttft_p50_ms": 10_000})
