@@ -140,7 +140,7 @@ def test_three_slo_outcomes(pytester: pytest.Pytester) -> None:
             "estimate * ms) " + context.replace("[", "?"),
         ]
     )
-    result.stdout.fnmatch_lines(["*test_outcomes.py::test_invalid*TTFT p90 2*/* ms*INVALID"])
+    result.stdout.fnmatch_lines(["*test_outcomes.py::test_invalid*TTFT p90 2*/* ms*INVALID*"])
     tests = _tests(pytester)
     assert {k: t["verdict"] for k, t in tests.items()} == {
         "test_pass": "PASS",
