@@ -8,11 +8,14 @@ Each series is RUNS nightly tokens/s values, 200 tokens/s with Gaussian run-to-r
 - drift: flat to run 30, then 1% lower each run to the end (detected: a change point
   at run 28 or later; each step is inside a 5% pairwise tolerance).
 "Exit 1" is the nightly gate: the newest change point is a regression beyond the 5%
-tolerance (`history.regressed`). Run: python benchmarks/history_quality.py [SEEDS]
+tolerance (`history.regressed`). "Pairwise" is, for contrast, a gate comparing each
+night with the night before at the same 5% tolerance: how often it fired on any night.
+Run: python benchmarks/history_quality.py [SEEDS]
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import sys
 
@@ -50,18 +53,21 @@ def main(seeds: int) -> None:
         f"{seeds} seeds per row, {RUNS} runs per series, alpha {changepoints.ALPHA}, "
         f"at least {changepoints.MIN_RUNS} runs a side"
     )
-    print(f"{'pattern':8} {'CV':>4} {'rate':>22} {'exit 1 (regression >5%)':>24}")
+    print(f"{'pattern':8} {'CV':>4} {'rate':>22} {'exit 1 (regression >5%)':>24} {'pairwise':>9}")
     for cv in (0.01, 0.02):
         for pattern in ("none", "outlier", "step", "drift"):
-            hits = exits = 0
+            hits = exits = pairs = 0
             for seed in range(seeds):
                 rng = random.Random(f"{pattern}-{cv}-{seed}")
-                found = changepoints.changes(series(pattern, cv, rng))
+                values = series(pattern, cv, rng)
+                found = changepoints.changes(values)
+                pairs += any(b < a * (1 - TOLERANCE) for a, b in itertools.pairwise(values))
                 hits += hit(pattern, found)
                 exits += history.regressed(found, "tokens_per_s", TOLERANCE)
             what = "false alarms" if pattern in ("none", "outlier") else "detected"
             print(
                 f"{pattern:8} {cv:4.0%} {what + f' {hits / seeds:6.2%}':>22} {exits / seeds:24.2%}"
+                f" {pairs / seeds:9.2%}"
             )
 
 
