@@ -156,6 +156,42 @@ def regressed(found: Sequence[Any], metric: str, tolerance: float) -> bool:
     return bool(found) and worse_by(found[-1], metric) > tolerance
 
 
+def trends(
+    directory: Path, payloads: Sequence[Mapping[str, Any]], run_id: str, metric: str
+) -> dict[str, dict[str, Any]]:
+    """Node id -> its series in the history (this run's included, marked) with its
+    change points, for the HTML report; {} when the history cannot be read."""
+    from pytest_tokperf import changepoints
+
+    try:
+        found, _ = load(directory)
+    except HistoryError:
+        return {}
+    by_key = series(found, metric)
+    out: dict[str, dict[str, Any]] = {}
+    for p in payloads:
+        if p.get("kind") or "hardware" not in p:
+            continue
+        runs = by_key.get(json.dumps(baseline.key(p), sort_keys=True), [])
+        if not runs:
+            continue
+        values = [float(r["metrics"][metric]) for r in runs]
+        try:
+            points = [c.index for c in changepoints.changes(values)]
+            note = ""
+        except ModuleNotFoundError as exc:
+            points, note = [], str(exc)
+        out[p["nodeid"]] = {
+            "metric": metric,
+            "names": [r["run"]["name"] for r in runs],
+            "values": values,
+            "changes": points,
+            "current": [i for i, r in enumerate(runs) if r["run"].get("id") == run_id],
+            "note": note,
+        }
+    return out
+
+
 def _value(metric: str, v: float) -> str:
     return f"{v:,.1f}" if metric in UNITS else f"{v * 1000:,.1f} ms"
 

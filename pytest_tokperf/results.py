@@ -122,7 +122,14 @@ class Results:
             if self.html_path is not None:
                 from pytest_tokperf import html
 
-                html.write(self.html_path, self._sorted(), self.profile.name)
+                trends = None
+                if self.history is not None:
+                    from pytest_tokperf import history
+
+                    trends = history.trends(
+                        self.history, self._sorted(), str(self.run["id"]), "tokens_per_s"
+                    )
+                html.write(self.html_path, self._sorted(), self.profile.name, trends)
 
     def commit(self) -> str | None:
         """The commit under test (GITHUB_SHA, else the rootdir's git HEAD), asked once."""

@@ -35,9 +35,10 @@ def _twelve_runs(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> 
     for n in range(1, 13):
         monkeypatch.setenv("GITHUB_SHA", f"c{n:02d}abcdef")
         pytester.makefile(".toml", tokperf=PROFILE.format(rate=200 if n < 7 else 150))
+        html = ("--tokperf-html", "report.html") if n == 12 else ()
         result = pytester.runpytest(
             "--tokperf-profile", "simrate", "-p", "no:cacheprovider",
-            "--tokperf-json", f"runs/r{n:02d}.json", "--tokperf-history", "runs",
+            "--tokperf-json", f"runs/r{n:02d}.json", "--tokperf-history", "runs", *html,
         )  # fmt: skip
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines(["history: 1 appended to runs"])
@@ -77,6 +78,14 @@ def test_history_names_r07_and_no_other_run(
     drop = statistics.fmean(rates[6:]) / statistics.fmean(rates[:6]) - 1
     assert float(change[1]) == pytest.approx(drop * 100, abs=0.06)
     assert -30 < drop * 100 < -20 and float(change[2]) < 1e-6
+
+    # the last run's HTML report: the trend, r07 marked, this run (r12) highlighted
+    page = (pytester.path / "report.html").read_text()
+    figure = page[page.index('<figure class="history">') :]
+    figure = figure[: figure.index("</figure>")]
+    assert "history: 12 runs, 1 change point<" in figure
+    assert re.findall(r"r\d\d\.json", figure) == ["r07.json", "r12.json"]
+    assert "this run (r12.json)" in figure
 
     # the store alone says the same
     (pytester.path / "store").mkdir()
