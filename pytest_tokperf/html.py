@@ -140,8 +140,8 @@ def trend_figure(plt: Any, trend: Mapping[str, Any]) -> str:
     for n, at in enumerate(trend["changes"]):
         ax.axvline(at - 0.5, color="C3", linestyle="--",
                    label="change point" if n == 0 else None)  # fmt: skip
-        ax.annotate(names[at], (at - 0.5, 1), xycoords=("data", "axes fraction"),
-                    fontsize="small", color="C3", rotation=90, ha="right", va="top")  # fmt: skip
+        ax.annotate(names[at], (at - 0.5, 0.03), xycoords=("data", "axes fraction"),
+                    fontsize="small", color="C3", rotation=90, ha="right", va="bottom")  # fmt: skip
     for i in trend["current"]:
         ax.plot([i], [values[i]], marker="o", markersize=9, color="C1", linestyle="none",
                 label=f"this run ({names[i]})")  # fmt: skip
