@@ -1,11 +1,13 @@
 """Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle`, `parity`, `merge`,
-`recompute`, `calibrate` and `recover`.
+`recompute`, `calibrate`, `recover` and `history`.
 
 `python -m pytest_tokperf merge node*.json --out rack.json` judges a rack from nodes
 launched by separate jobs; `python -m pytest_tokperf recompute RECORDS --json DOC`
 recomputes every run's metrics from a records file and checks them against the JSON.
 `python -m pytest_tokperf recover PATH.journal [--out PATH]` rebuilds the JSON
 results of a session that never wrote them (killed, crashed) from its journal.
+`python -m pytest_tokperf history DIR` prints the change points of every test's
+history (a --tokperf-history folder, or a folder of results files).
 
 `python -m pytest_tokperf parity --precision q4_0` measures accuracy parity of the
 embedded engine outside a test suite, with the same code and report as the marker.
@@ -229,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rcv.add_argument("journal", help="the PATH.journal file next to --tokperf-json PATH")
     rcv.add_argument("--out", default=None, help="where to write (default: PATH)")
+    from pytest_tokperf import history
+
+    history.add_parser(commands)
     # everything after `--` goes to pytest: `calibrate examples -n 5 -- -k offline`
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -247,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return recompute(args)
     if args.command == "recover":
         return recover(args)
+    if args.command == "history":
+        return history.main(args)
     if not args.allow_pickle:
         parser.error(
             f"refusing to load {args.source}: loading a pickle runs the code inside it; "

@@ -281,6 +281,9 @@ class Gate:
             gpus=runner.gpus, runs=runner.results,
         )  # fmt: skip
         data.update(self.baselines.extras(data, result, runner.gpus))
+        # the fingerprint a history or baseline is keyed by, in every results file
+        hw = baseline.hardware(data["device_kind"], self.baselines.inventory, runner.gpus)
+        data.setdefault("hardware", hw)
         block = None
         if self.baselines.compare_dir is not None:
             block = self.baselines.compare(data, spec.no_regression)

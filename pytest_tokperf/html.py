@@ -3,6 +3,8 @@
 Per perf test: its verdict and numbers, a throughput-over-time plot (the run's rate
 in 50 windows, its mean and confidence interval, the floor) and a latency CDF (TTFT
 and TPOT, the SLO limits marked); the baseline's are overlaid when it was compared.
+With a history (`--tokperf-history`), a trend of tokens/s over the runs of the same
+key, its change points marked and this run highlighted.
 The figures need matplotlib (the `html` extra); without it the report says so and
 keeps the numbers. Reads only payloads, like every other report.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import html as _html
 import io
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,6 +128,35 @@ def latency_figure(plt: Any, p: Mapping[str, Any]) -> str:
     return text
 
 
+def trend_figure(plt: Any, trend: Mapping[str, Any]) -> str:
+    """The metric over the history's runs: change points, segment means, this run."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    values, names = trend["values"], trend["names"]
+    ax.plot(range(len(values)), values, marker="o", markersize=3, color="C0", label="runs")
+    edges = [0, *trend["changes"], len(values)]
+    for start, stop in itertools.pairwise(edges):
+        mean = sum(values[start:stop]) / (stop - start)
+        ax.hlines(mean, start - 0.4, stop - 0.6, color="C7", linestyle=":")
+    for n, at in enumerate(trend["changes"]):
+        ax.axvline(at - 0.5, color="C3", linestyle="--",
+                   label="change point" if n == 0 else None)  # fmt: skip
+        ax.annotate(names[at], (at - 0.5, 0.03), xycoords=("data", "axes fraction"),
+                    fontsize="small", color="C3", rotation=90, ha="right", va="bottom")  # fmt: skip
+    for i in trend["current"]:
+        ax.plot([i], [values[i]], marker="o", markersize=9, color="C1", linestyle="none",
+                label=f"this run ({names[i]})")  # fmt: skip
+    ax.set_xlabel("run (oldest first)")
+    ax.set_ylabel("output tokens/s" if trend["metric"] == "tokens_per_s" else trend["metric"])
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small", loc="lower left")
+    found = len(trend["changes"])
+    title = f"history: {len(values)} runs, {found} change point{'s' * (found != 1)}"
+    ax.set_title(title, fontsize="medium")
+    text = _svg(fig)
+    plt.close(fig)
+    return text
+
+
 def _numbers(p: Mapping[str, Any]) -> str:
     rows = [
         ("scenario", p["scenario"]),
@@ -141,8 +173,8 @@ def _numbers(p: Mapping[str, Any]) -> str:
     return f"<table>{cells}</table>"
 
 
-def fragment(p: Mapping[str, Any], plt: Any = None) -> str:
-    """One test's section: verdict, numbers, messages, both figures."""
+def fragment(p: Mapping[str, Any], plt: Any = None, trend: Mapping[str, Any] | None = None) -> str:
+    """One test's section: verdict, numbers, messages, the figures (and its trend)."""
     verdict = p["verdict"]
     head = (
         f'<section class="test" data-nodeid="{_html.escape(p["nodeid"])}">'
@@ -160,18 +192,26 @@ def fragment(p: Mapping[str, Any], plt: Any = None) -> str:
             f'<figure class="throughput">{throughput_figure(plt, p)}</figure>'
             f'<figure class="latency">{latency_figure(plt, p)}</figure>'
         )
+        if trend is not None:
+            figures += f'<figure class="history">{trend_figure(plt, trend)}</figure>'
+            if trend.get("note"):
+                figures += f"<p>{_html.escape(trend['note'])}</p>"
     return head + _numbers(p) + notes + figures + "</section>"
 
 
-def document(payloads: Sequence[Mapping[str, Any]], profile: str) -> str:
-    """The whole report as one HTML string."""
+def document(
+    payloads: Sequence[Mapping[str, Any]],
+    profile: str,
+    trends: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """The whole report as one HTML string (`trends`: node id -> `history.trends`)."""
     plt = _pyplot()
     perf = [p for p in payloads if p.get("kind") is None]
     counts: dict[str, int] = {}
     for p in perf:
         counts[p["verdict"]] = counts.get(p["verdict"], 0) + 1
     tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    body = "".join(fragment(p, plt) for p in perf)
+    body = "".join(fragment(p, plt, (trends or {}).get(p["nodeid"])) for p in perf)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tokperf report</title>"
         f"<style>{_STYLE}</style></head><body><h1>tokperf: profile {_html.escape(profile)}</h1>"
@@ -179,11 +219,16 @@ def document(payloads: Sequence[Mapping[str, Any]], profile: str) -> str:
     )
 
 
-def write(path: Path, payloads: Sequence[Mapping[str, Any]], profile: str) -> None:
+def write(
+    path: Path,
+    payloads: Sequence[Mapping[str, Any]],
+    profile: str,
+    trends: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
     """Write the report atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(document(payloads, profile), encoding="utf-8")
+    tmp.write_text(document(payloads, profile, trends), encoding="utf-8")
     tmp.replace(path)
 
 

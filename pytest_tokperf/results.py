@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,20 @@ class Results:
         self.records = records_writer
         self.json_path = s.json_path
         self.html_path = s.html_path
+        self.history = s.history
+        self.history_rows: int | None = None  # appended to the history, once written
+        self._commit: str | None = None
         # xdist's documented marker of a worker process: workers report, never write
         self.is_worker = hasattr(config, "workerinput")
         self.payloads: list[dict[str, Any]] = []
         self.journal: journal.Journal | None = None
         self.write_errors: list[str] = []  # results files that could not be written, and why
         self.json_written = False
-        # which run wrote a results file: `merge` refuses to count one run twice
+        # which run wrote a results file: `merge` refuses to count one run twice, and
+        # `history` counts a run once (its id: runs in one process share host and pid)
         self.run = {"host": socket.gethostname(), "pid": os.getpid(),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "id": uuid.uuid4().hex}  # fmt: skip
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if self.json_path is None or self.is_worker:
@@ -109,12 +115,39 @@ class Results:
             except OSError as exc:
                 kept = self.journal.path if self.journal else "the terminal summary below"
                 self._write_failed(self.json_path, exc, f"the results are in {kept}", now=False)
+        if self.history is not None and not self.is_worker and self.rack.rank == 0:
+            self._append_history(self.history)
         if not self.is_worker:
             summary.write_step_summary(self._sorted())
             if self.html_path is not None:
                 from pytest_tokperf import html
 
-                html.write(self.html_path, self._sorted(), self.profile.name)
+                trends = None
+                if self.history is not None:
+                    from pytest_tokperf import history
+
+                    trends = history.trends(
+                        self.history, self._sorted(), str(self.run["id"]), "tokens_per_s"
+                    )
+                html.write(self.html_path, self._sorted(), self.profile.name, trends)
+
+    def commit(self) -> str | None:
+        """The commit under test (GITHUB_SHA, else the rootdir's git HEAD), asked once."""
+        if self._commit is None:
+            from pytest_tokperf.baseline import git_commit
+
+            self._commit = git_commit(self.config.rootpath) or ""
+        return self._commit or None
+
+    def _append_history(self, directory: Path) -> None:
+        from pytest_tokperf import history
+
+        doc = {**self._document(), "run": self.run, "commit": self.commit()}
+        name = self.json_path.name if self.json_path is not None else f"run {self.run['started']}"
+        try:
+            self.history_rows = history.append(directory, doc, name)
+        except OSError as exc:
+            self._write_failed(directory, exc, "this run is not in the history", now=False)
 
     def _write_json(self, path: Path) -> None:
         """Rank 0 (or the only process) writes PATH; under MPI each rank also writes its
@@ -124,6 +157,7 @@ class Results:
             "node": {"name": self.rack.node, "rank": rank, "host": self.rack.host},
             "records": None if self.records is None else str(self.records.path.resolve()),
             "run": self.run,
+            "commit": self.commit(),
         }
         docs = [(path, rows)] if rank == 0 else []
         if self.rack.size > 1:
@@ -159,6 +193,8 @@ class Results:
             terminalreporter.write_line(line, red=True)
         if self.json_written:
             terminalreporter.write_line(f"results: {self.json_path}")
+        if self.history_rows is not None:
+            terminalreporter.write_line(f"history: {self.history_rows} appended to {self.history}")
 
     def _sorted(self) -> list[dict[str, Any]]:
         return sorted(self.payloads, key=lambda p: str(p["nodeid"]))

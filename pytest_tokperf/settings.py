@@ -117,6 +117,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("tokperf_html", "PATH",
            "write a self-contained HTML report with figures here (figures need the `html` "
            "extra, matplotlib)"),
+    Option("tokperf_history", "DIR",
+           "append each perf test's result to the history in DIR; `python -m pytest_tokperf "
+           "history DIR` finds its change points"),
 )  # fmt: skip
 
 
@@ -285,6 +288,7 @@ class Settings:
     json_path: Path | None
     records_path: Path | None
     html_path: Path | None
+    history: Path | None
     save_baseline: Path | None
     compare_baseline: Path | None
     max_regression: float
@@ -401,6 +405,7 @@ def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
         json_path=json_path,
         records_path=_path(setting(config, "tokperf_records")),
         html_path=_path(setting(config, "tokperf_html")),
+        history=_path(setting(config, "tokperf_history")),
         save_baseline=_path(setting(config, "tokperf_save_baseline")),
         compare_baseline=_path(setting(config, "tokperf_baseline")),
         max_regression=fraction(config, "tokperf_max_regression"),

@@ -2,7 +2,8 @@
 
 pytester's in-process runs drop modules first imported inside them; numpy (under
 llama_cpp) cannot be imported twice in one process, so import it here, once (and
-matplotlib, whose classes would no longer match their re-imported selves).
+matplotlib, whose classes would no longer match their re-imported selves, and scipy and
+ruptures, the history's change points, whose extensions load once too).
 Tests marked `gpu` need the real NVML and a GPU; elsewhere they skip, saying why.
 Every test runs with `TOKPERF_MIN_DURATION=0` and `TOKPERF_BUSY_MACHINE=note` (see
 `_short_runs_judged`).
@@ -22,6 +23,9 @@ with contextlib.suppress(ImportError):  # likewise matplotlib (the HTML report's
 
     matplotlib.use("Agg")
     import matplotlib.pyplot
+with contextlib.suppress(ImportError):
+    import ruptures  # noqa: F401
+    import scipy.stats  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="session")
