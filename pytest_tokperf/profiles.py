@@ -322,7 +322,7 @@ def _slos(value: object) -> dict[str, dict[str, float]]:
 def _capability(value: object) -> tuple[int, int]:
     """ "10.3" (or 10.3) -> (10, 3)."""
     match = re.fullmatch(r"(\d+)\.(\d+)", str(value))
-    if isinstance(value, bool) or match is None:
+    if isinstance(value, bool) or match is None or int(match[1]) < 1:  # CUDA's start at 1.0
         raise _Bad(f'expected "MAJOR.MINOR" such as "10.3", got {value!r}')
     return int(match[1]), int(match[2])
 

@@ -372,7 +372,9 @@ def test_any_profile_table_loads_valid_or_names_file_profile_and_key(
     assert p.rack_floor is None or positive_finite(p.rack_floor)
     re.compile(p.gpu_name)
     for key, value in table.items():  # what was given is what the profile holds
-        if key not in profiles.MERGED:
+        if key == "compute_capability":  # "10.3" or 10.3 -> (10, 3)
+            assert p.compute_capability == tuple(int(n) for n in str(value).split("."))
+        elif key not in profiles.MERGED:
             assert getattr(p, key) == value
         elif key != "engine":
             assert value.items() <= getattr(p, key).items() or key == "slos"

@@ -221,11 +221,12 @@ def test_compute_capability_and_reference_keys(tmp_path: Path) -> None:
     assert (mine.reference_model, mine.reference_precision) == ("/ckpt/fp8", "fp8")
     assert mine.parity["rouge_fraction"] == 0.999
     assert mine.parity["tokens_per_sample_low"] == 0.9  # merged with the parent's
-    (tmp_path / "tokperf.toml").write_text(
-        '[profiles.x]\nextends = "cpu"\ncompute_capability = "ten"'
-    )
-    with pytest.raises(pytest.UsageError, match=r"key 'compute_capability': expected \"MAJOR"):
-        load_user(tmp_path)
+    for bad in ('"ten"', "0.0"):  # no GPU has capability 0.x (hypothesis found 0.0 accepted)
+        (tmp_path / "tokperf.toml").write_text(
+            f'[profiles.x]\nextends = "cpu"\ncompute_capability = {bad}'
+        )
+        with pytest.raises(pytest.UsageError, match=r"key 'compute_capability': expected \"MA"):
+            load_user(tmp_path)
 
 
 def test_h200_is_fp8_without_a_default_floor() -> None:
