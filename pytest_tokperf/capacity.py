@@ -7,8 +7,9 @@ probed first, always; then the bracket [highest rate that passed, lowest above i
 that did not] is found from the saturation rate (up by `GROW` while probes pass, down
 by halves while none has) and halved until its width is within `tolerance` of its low
 end, or until the next probe would overrun the budget. It is LoadGen's
-FindPeakPerformance (a binary search over the Server target QPS) started from an
-Offline guess instead of a user's.
+FindPeakPerformance mode (mlcommons/inference loadgen/loadgen.cc: `FindBoundaries`,
+then `FindPeakPerformanceBinarySearch` on the Server target QPS) started from an
+Offline estimate instead of the user's target.
 
 Each probe is a fixed-rate Server (or Interactive) run at seeded Poisson arrivals,
 judged with `verdict`'s checks:
@@ -16,9 +17,10 @@ judged with `verdict`'s checks:
   busy machine, another process on the GPUs): it says nothing about the engine;
 - FAIL when an SLO's observed percentile misses its limit, or a request failed;
 - PASS when every SLO's early-stopping estimate is met, the engine kept up with the
-  schedule, no latency with an SLO drifted over the run, and it lasted min_duration_s;
+  schedule, no latency with an SLO climbed fast enough to miss its limit in a run
+  `HORIZON` times as long (`rising`), and it lasted min_duration_s;
 - INCONCLUSIVE otherwise (too few samples for the estimate, a run that fell behind or
-  whose latencies rose without missing a limit yet: a queue growing without bound).
+  whose latencies climb toward the limit: a queue growing without bound).
 For the search every probe but a PASS lies above the capacity.
 """
 
@@ -30,14 +32,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_tokperf import verdict
-from pytest_tokperf.metrics import PERCENTILES, RunResult
+from pytest_tokperf import steady, verdict
+from pytest_tokperf.metrics import PERCENTILES, RunResult, e2e_s, tpot_s, ttft_s
 from pytest_tokperf.verdict import Check
 
 GROW = 1.25  # the next rate up while every probe passed
 LEAST_SHARE = 1 / 64  # below this share of the saturation rate nothing is served: stop
 MOST_PROBES = 40
 SAMPLES_MARGIN = 1.2  # a probe expects this many times the samples LoadGen's minimum needs
+HORIZON = 5.0  # a probe's latency climb is projected over a run this many times as long
 
 
 @dataclass(frozen=True)
@@ -172,13 +175,46 @@ def judge_probe(
         return Probe(qps, "FAIL", "; ".join(missed), checks, result, seconds)
     client = set(verdict.run_validity(result, sustain=False))
     behind = [why for why in verdict.run_validity(result) if why not in client]
-    drift = [c.detail for c in verdict.steady_checks(result, [], {}, slos, confidence)]
+    drift = rising(result, slos)
     short = verdict.duration_check(result)
     unmet = [verdict.slo_reason(c) for c in slo if c.status != "PASS"]
     why = [*behind, *drift, *([short.detail] if short else []), *unmet]
     if why:
         return Probe(qps, "INCONCLUSIVE", "; ".join(why), checks, result, seconds)
     return Probe(qps, "PASS", "", checks, result, seconds)
+
+
+def rising(result: RunResult, slos: Mapping[str, float]) -> list[str]:
+    """Latencies with an SLO that rose so fast the limit would be missed by a run
+    `HORIZON` times as long, one reason each.
+
+    A queue that grows without bound (a rate above the capacity) shows in a short probe
+    as a latency that climbs while its percentile is still under the limit. The climb is
+    `steady.latency_change`'s (Mann-Whitney between the run's first and last thirds,
+    whose middles lie 2/3 of the run apart), continued for (HORIZON - 1) more runs'
+    length on top of the observed percentile. A stable queue near its capacity also
+    drifts between thirds, by little against the limit: that is no reason."""
+    out = []
+    for key, limit_ms in slos.items():
+        metric, pct = verdict.slo_parts(key)
+        value = _PER_REQUEST.get(metric)
+        change = None if value is None else steady.latency_change(result.records, value)
+        observed = getattr(getattr(result, metric), pct)
+        if change is None or observed is None or not change.after > change.before:
+            continue
+        climb_ms = (change.after - change.before) * 1000 * (HORIZON - 1) * 3 / 2
+        projected = observed * 1000 + climb_ms
+        if projected > limit_ms:
+            out.append(
+                f"{verdict.SLO_METRICS[metric]} rose from a median of {change.before * 1000:,.1f}"
+                f" ms in the run's first third to {change.after * 1000:,.1f} ms in its last: "
+                f"at that climb a run {HORIZON:g} times as long ends near {pct} "
+                f"{projected:,.0f} ms > limit {limit_ms:,.0f} ms (a growing queue)"
+            )
+    return out
+
+
+_PER_REQUEST = {"ttft": ttft_s, "tpot": tpot_s, "e2e": e2e_s}
 
 
 def _miss(c: Check) -> str:
