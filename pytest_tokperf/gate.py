@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Generator, Iterator, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ from pytest_tokperf import (
     accuracy,
     acknowledged,
     baseline,
+    capacity,
     driver,
     markers,
     rack,
@@ -146,6 +148,9 @@ class Gate:
         self._applies(item, spec)
         return dict(spec.floors or {})
 
+    def capacity(self, item: pytest.Item) -> dict[str, float] | None:
+        return self.spec(item).capacity
+
     def parity(self, item: pytest.Item) -> accuracy.ParitySpec | None:
         return self.spec(item).parity
 
@@ -195,7 +200,7 @@ class Gate:
         if spec.gated or spec.skip is not None:
             self._applies(item, spec)
         if runner is None:
-            if spec.gated or spec.parity is not None:
+            if spec.gated or spec.parity is not None or spec.capacity is not None:
                 pytest.fail(
                     f"{item.nodeid} is marked {', '.join(spec.places)} but does not use the "
                     "tokperf fixture, so nothing was measured: a marker added after setup "
@@ -211,9 +216,16 @@ class Gate:
                 runner.accuracy()
             except (ValueError, accuracy.ParityError) as exc:
                 pytest.fail(f"accuracy parity could not be scored: {exc}", pytrace=False)
-        if interrupted is None and spec.gated and runner.last is None:
+        if interrupted is None and spec.capacity is not None and not runner.capacities:
+            runner.capacity_floor = spec.capacity  # searched with the marker's floor and SLOs
+            try:
+                runner.capacity()
+            except ValueError as exc:
+                pytest.fail(f"capacity_floor: the capacity search could not run: {exc}",
+                            pytrace=False)  # fmt: skip
+        if interrupted is None and spec.gated and runner.last is None and not runner.capacities:
             runner.run()  # the marked test never ran a workload: run the profile's default
-        if runner.last is None and not runner.parity_results:
+        if runner.last is None and not runner.parity_results and not runner.capacities:
             return
         data, message = self._judge(item, runner, spec, interrupted, cut)
         status = data["verdict"]
@@ -238,6 +250,8 @@ class Gate:
         Every payload row is recorded here, built after `verdict.decide` from its checks.
         """
         s = self.settings
+        if runner.capacities and (spec.capacity is not None or runner.last is None):
+            return self._judge_capacity(item, runner, spec, interrupted)
         parity = [] if spec.parity is None else runner.parity_results
         checks = [
             c for i, p in enumerate(parity) for c in verdict.parity_checks(p, i)
@@ -312,6 +326,47 @@ class Gate:
         )
         for row in rows:
             item.user_properties.append((PROPERTY, json.dumps(row)))
+        return data, self._message(data)
+
+    def _judge_capacity(
+        self, item: pytest.Item, runner: Tokperf, spec: Spec, interrupted: str | None
+    ) -> tuple[dict[str, Any], str]:
+        """A capacity test's one judgment: its last search against its capacity_floor
+        (`capacity.floor_check`); without the marker the search is MEASURED. The run
+        shown is the probe at the floor, else the highest that passed, else the last."""
+        s = self.settings
+        found = runner.capacities[-1]
+        wanted = dict(spec.capacity or {})
+        least = wanted.pop("min_qps", None)
+        wanted.pop("budget_s", None)
+        checks = []
+        if interrupted is not None:
+            why = f"{interrupted} during the capacity search; the session stops"
+            checks.append(verdict.check("interrupted", "INVALID", "interrupted", why))
+        if least is not None:
+            checks.append(capacity.floor_check(found, least))
+            if wanted != found.slos:
+                why = (
+                    f"the capacity search judged SLOs {found.slos} but capacity_floor asks "
+                    f"{wanted}: call tokperf.capacity() without slos=, or with the marker's"
+                )
+                checks.append(verdict.check("capacity_slos", "INVALID", "validity", why))
+        probes = found.probes
+        passed = [p for p in probes if p.status == "PASS"]
+        shown = next(
+            (p for p in probes if least is not None and math.isclose(p.qps, least)),
+            max(passed, key=lambda p: p.qps) if passed else probes[-1],
+        )
+        result = shown.result
+        data = report.measurement(
+            item.nodeid, result, {}, s.profile, found.slos,
+            result.goodput(verdict.per_request_limits(found.slos)),
+            gpus=runner.gpus, runs=[p.result for p in probes],
+        )  # fmt: skip
+        data["capacity"] = found.to_json()
+        data["capacity_floor"] = spec.capacity
+        data = report.judged(data, verdict.verdict_of(checks, s.confidence))
+        item.user_properties.append((PROPERTY, json.dumps(data)))
         return data, self._message(data)
 
     def _slos(self, spec: Spec, scenario: str) -> dict[str, float] | None:

@@ -44,7 +44,14 @@ NO_REGRESSION_MARKER = (
     "latency percentiles (ttft/tpot/e2e _p50.._p999) are compared only when named; "
     "None turns a metric off"
 )
-HELP = (FLOOR_MARKER, PARITY_MARKER, SLO_MARKER, NO_REGRESSION_MARKER)
+CAPACITY_MARKER = (
+    "capacity_floor(min_qps=..., ttft_p99_ms=None, tpot_p99_ms=None, ...): fail the test "
+    "unless its tokperf.capacity() search (run after the body if the test made none) shows "
+    "a rate at or above min_qps requests/s meeting every latency SLO given (keywords as "
+    "latency_slo; budget_s: the seconds that search may take, default 120); each a number "
+    "or a dict keyed by profile name"
+)
+HELP = (FLOOR_MARKER, PARITY_MARKER, SLO_MARKER, NO_REGRESSION_MARKER, CAPACITY_MARKER)
 
 
 def check_keywords(
@@ -118,6 +125,23 @@ def parse_slo_marker(
     return _parse_bounds(
         "latency_slo", SLO_KEYWORDS, args, kwargs, where, profiles, "a latency limit"
     )
+
+
+def parse_capacity_marker(
+    args: Sequence[object], kwargs: Mapping[str, object], where: str, profiles: Collection[str]
+) -> dict[str, Bound]:
+    """Validate `capacity_floor(...)`: min_qps, at least one latency SLO keyword, and
+    optionally budget_s (the search the gate runs when the test made none)."""
+    bounds = _parse_bounds(
+        "capacity_floor", ["min_qps", "budget_s", *SLO_KEYWORDS], args, kwargs, where, profiles,
+        "a limit",
+    )  # fmt: skip
+    if "min_qps" not in bounds or not set(bounds) & set(SLO_KEYWORDS):
+        raise pytest.UsageError(
+            f"{where}: capacity_floor needs min_qps=<requests/s> and at least one latency SLO "
+            f"such as ttft_p99_ms=...; got {', '.join(sorted(bounds)) or 'nothing'}"
+        )
+    return bounds
 
 
 # --- accuracy_parity -------------------------------------------------------------------
@@ -219,7 +243,7 @@ def parse_no_regression_marker(
 
 # --- a test's markers, all of them, combined ------------------------------------------
 
-NAMES = ("throughput_floor", "latency_slo", "accuracy_parity", "no_regression")
+NAMES = ("throughput_floor", "latency_slo", "accuracy_parity", "no_regression", "capacity_floor")
 Placed = tuple[str, Any]  # (where the marker sits: a node id, the marker: a pytest Mark)
 
 
@@ -237,6 +261,8 @@ class Spec:
     parity: ParitySpec | None = None
     no_regression: dict[str, float | None] | None = None
     skip: str | None = None  # why the test does not apply to this profile
+    # capacity_floor: min_qps and SLO limits (ms), every marker combined (None: no marker)
+    capacity: dict[str, float] | None = None
     places: dict[str, str] = field(default_factory=dict)  # marker name -> where
 
     def slos_for(self, profile: Profile, scenario: str) -> dict[str, float] | None:
@@ -369,8 +395,17 @@ def read(
         for key, value in these.items():
             old = tolerances.get(key)
             tolerances[key] = value if old is None else (old if value is None else min(old, value))
+    cap_marks = marks.get("capacity_floor", ())
+    cap_found, _, cap_why = _bounds(
+        cap_marks, parse_capacity_marker, profile, profiles, {}, "capacity_floor"
+    )
+    capacity = None
+    if cap_marks and cap_why is None:  # the strictest: the highest rate, the lowest limits
+        capacity = _strictest(cap_found, min)
+        capacity["min_qps"] = max(found["min_qps"] for found in cap_found)
     places = {name: ms[0][0] for name, ms in marks.items() if ms}
     return Spec(
+        capacity=capacity,
         floors=floors,
         bare_floor=bare,
         rack_floor=rack_floor,
@@ -379,6 +414,6 @@ def read(
         slo_defaults=slo_bare,
         parity=parity,
         no_regression=tolerances,
-        skip=why or slo_why,
+        skip=why or slo_why or cap_why,
         places=places,
     )

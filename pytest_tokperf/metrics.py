@@ -122,6 +122,14 @@ def goodput(records: Sequence[RequestRecord], limits: Mapping[str, float]) -> fl
     return good * NS / span if span > 0 else 0.0
 
 
+def goodput_tokens(records: Sequence[RequestRecord], limits: Mapping[str, float]) -> float:
+    """Output tokens of the requests that met every SLO, per second of the run (first
+    issue to last completion): vLLM's and AIPerf's goodput, in tokens."""
+    span = span_ns(records)
+    good = sum(r.output_tokens for r in records if meets(r, limits))
+    return good * NS / span if span > 0 else 0.0
+
+
 def window_tokens_per_s(records: Sequence[RequestRecord], end_ns: int) -> float:
     """Output tokens of completed requests that arrived by `end_ns`, per second since the
     first issue: the rate while a run bounded by time applied its load."""
@@ -390,6 +398,9 @@ class RunResult:
 
     def goodput(self, limits: Mapping[str, float]) -> float:
         return goodput(self.records, limits)
+
+    def goodput_tokens(self, limits: Mapping[str, float]) -> float:
+        return goodput_tokens(self.records, limits)
 
 
 def scheduled_rate(records: Sequence[RequestRecord]) -> float | None:

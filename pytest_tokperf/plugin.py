@@ -124,6 +124,8 @@ def tokperf(
     floors = gate.floors(request.node)
     runner.floors = floors or {}
     runner.judged = floors is not None
+    runner.capacity_floor = gate.capacity(request.node)
+    runner.busy, runner.throttled = s.busy_machine, s.profile.throttled
     gate.early_stopping(request.node, runner, tokperf_gpus.uuids)
     runner.progress = _plugin(request.config, "tokperf-results", Results).progress()
     runner.before_run = harness.world.start

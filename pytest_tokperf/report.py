@@ -29,6 +29,7 @@ from pytest_tokperf.verdict import (
     Verdict,
     parity_checks,
     per_look,
+    per_request_limits,
     samples_word,
     slo_parts,
     verdict_of,
@@ -124,7 +125,7 @@ def _check_line(check: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
         runs = check.get("runs") or 1
         where = "" if runs == 1 else f"run {check['run'] + 1} of {runs}: "
         return f"{where}{num(check['observed'])} requests failed ({may})"
-    if check.get("kind") == "evidence":
+    if check.get("kind") in ("evidence", "capacity"):
         return f"{check['status']}: {check['detail']}"
     if metric in FLOOR_METRICS:
         name = metric_name(metric, kind)
@@ -279,6 +280,7 @@ def measurement(
         "server_metrics": None if result.server is None else dict(result.server),
         "stopped": result.stopped,
         "goodput_per_s": goodput,
+        "goodput_tokens_per_s": result.goodput_tokens(per_request_limits(slos)) if slos else None,
         "floors": dict(floors),
         "slos_ms": dict(slos or {}),
         "errors": result.errors,
@@ -368,6 +370,10 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
         floor = ", ".join(
             f"{num(v)}{'/dev' if k == 'per_gpu' else ''}" for k, v in sorted(floors.items())
         )
+        found = p.get("capacity")
+        if found is not None:  # a capacity test: its floor, and the capacity it found
+            least = (p.get("capacity_floor") or {}).get("min_qps")
+            floor = (f"{num(least)} qps, " if least else "") + f"found {num(found['max_qps'])} qps"
         rows.append(
             (
                 p["nodeid"],

@@ -15,6 +15,7 @@ import pytest
 
 from pytest_tokperf import (
     accuracy,
+    capacity,
     driver,
     markers,
     metrics,
@@ -34,6 +35,10 @@ Progress = Callable[[Sequence[RequestRecord], float], None]
 SERVER = ("server", "interactive")
 
 
+# a capacity probe's arrivals last this much longer than its minimum, so the run (first
+# issue to last completion) is never a hair short of it
+DURATION_MARGIN = 1.05
+BUDGET_S = 120.0  # a capacity search's default budget
 MOST_REQUESTS = 10_000_000  # per run; each is an object in memory before it is issued
 
 
@@ -112,6 +117,13 @@ class Tokperf:
         # happens when the profile's floors need a dataset that is not there
         self.dataset: str | Path | None = None
         self.dataset_missing: Callable[[], None] | None = None
+        # capacity searches (`capacity`), and the test's capacity_floor marker: its min_qps
+        # and SLOs under this profile (the plugin sets it)
+        self.capacities: list[capacity.Capacity] = []
+        self.capacity_floor: Mapping[str, float] | None = None
+        self.probing = False  # a capacity probe runs: its run is kept by the search
+        # how a probe's surroundings count (--tokperf-busy-machine, the profile's throttled)
+        self.busy, self.throttled = "invalid", "note"
 
     @property
     def last_parity(self) -> accuracy.ParityResult | None:
@@ -411,14 +423,105 @@ class Tokperf:
             client_procs=driven.procs,
             server=watch.summary(sum(r.output_tokens for r in driven.records), scenario),
         )
-        self.results.append(result)
-        self.looks.append(1 if stop is None else stop.looks)
-        self.anchors.append(anchor)
-        if self.after_run is not None:
-            self.after_run(result, anchor)
+        if not self.probing:  # a capacity probe belongs to its Capacity, not to the runs
+            self.results.append(result)
+            self.looks.append(1 if stop is None else stop.looks)
+            self.anchors.append(anchor)
+            if self.after_run is not None:
+                self.after_run(result, anchor)
         if interrupted is not None:
             raise interrupted
         return result
+
+    def capacity(
+        self,
+        scenario: str = "server",
+        max_tokens: int | None = None,
+        workload: str | Path | None = None,
+        *,
+        slos: Mapping[str, float] | None = None,
+        min_qps: float | None = None,
+        budget_s: float | None = None,
+        probe_s: float | None = None,
+        tolerance: float = 0.05,
+        seed: int = 0,
+        saturation_requests: int | None = None,
+    ) -> capacity.Capacity:
+        """The highest request rate that meets every SLO (`capacity` module: an Offline
+        estimate of the saturation rate, then bisection on the rate).
+
+        `slos` (e.g. {"ttft_p99_ms": 2000}) and `min_qps` default to the test's
+        capacity_floor marker; the marker's min_qps, and `min_qps`, are always probed.
+        Each probe lasts `probe_s` (default: min_duration_s, at least 1 s), longer when
+        its rate needs it to reach LoadGen's early-stopping minimum of samples; later
+        probes are made while they fit in `budget_s` (default: the marker's, else 120 s).
+        """
+        call = "tokperf.capacity"
+        if scenario not in SERVER:
+            raise ValueError(f"{call}(scenario={scenario!r}): a capacity is searched in server "
+                             "or interactive")  # fmt: skip
+        marker = dict(self.capacity_floor or {})
+        floor = marker.pop("min_qps", None)
+        budget_s = budget_s or marker.pop("budget_s", BUDGET_S)
+        marker.pop("budget_s", None)
+        given = dict(slos or {})
+        try:  # the marker's rules for the same values given here
+            markers.parse_slo_marker((), given, f"{call}(slos=...)", ())
+            if min_qps is not None:
+                markers.parse_capacity_marker(
+                    (), {"min_qps": min_qps, "ttft_p99_ms": 1}, f"{call}()", ()
+                )
+        except pytest.UsageError as exc:
+            raise ValueError(str(exc)) from None
+        limits = given or marker
+        if not limits:
+            raise ValueError(f"{call}() needs SLOs: slos={{'ttft_p99_ms': ...}} or a "
+                             "capacity_floor marker with them")  # fmt: skip
+        for name, seconds in (("budget_s", budget_s), ("probe_s", probe_s)):
+            _check_seconds(name, seconds, call=call)
+        if verdict.finite(tolerance) is None or not 0 < tolerance < 1:
+            raise ValueError(f"{call}(tolerance={tolerance!r}): expected a fraction in (0, 1)")
+        _check_int("seed", seed, 0)
+        _check_int("saturation_requests", saturation_requests, 1, MOST_REQUESTS)
+        floors = tuple(f for f in (floor, min_qps) if f is not None)
+        least = max(self.min_duration_s, probe_s or 1.0)
+        samples = capacity.probe_samples(limits)
+        began = time.monotonic()
+        self.probing = True
+        try:
+            offline = self.run("offline", saturation_requests or self.profile.requests,
+                               max_tokens, workload, seed=seed)  # fmt: skip
+            saturation = offline.requests_per_s
+            if not saturation > 0:
+                raise ValueError(
+                    f"{call}(): the Offline estimate served nothing "
+                    f"({offline.failed} of {offline.requests} requests failed)"
+                )
+
+            def probe(rate: float) -> capacity.Probe:
+                start = time.monotonic()
+                run = self.run(scenario, None, max_tokens, workload, qps=rate, warmup=0,
+                               duration_s=max(least, samples / rate) * DURATION_MARGIN,
+                               seed=seed + 1,
+                               min_duration_s=least)  # fmt: skip
+                spent = time.monotonic() - start
+                return capacity.judge_probe(
+                    run, limits, spent, busy=self.busy, throttled=self.throttled,
+                    confidence=self.confidence,
+                )  # fmt: skip
+
+            probes, stopped = capacity.search(
+                probe, saturation, floors=floors, budget_s=budget_s, tolerance=tolerance
+            )
+        finally:
+            self.probing = False
+        found = capacity.Capacity(
+            scenario=scenario, slos=dict(limits), saturation_qps=saturation, probes=probes,
+            floors=floors, tolerance=tolerance, budget_s=budget_s,
+            seconds=time.monotonic() - began, stopped=stopped,
+        )  # fmt: skip
+        self.capacities.append(found)
+        return found
 
 
 def filled(source: Iterator[Request], count: int, seconds: float) -> Iterator[Request]:

@@ -68,7 +68,7 @@ STATUSES = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID", "NOT MEASURED", "ACKNOWLE
 PASSING = ("PASS", "ACKNOWLEDGED")
 # kinds of check whose PASS makes a test PASS; the others (failed requests, validity,
 # evidence) can only keep it from passing: a test with no gate is MEASURED
-GATES = ("floor", "slo", "parity", "regression", "baseline", "rack", "node")
+GATES = ("floor", "slo", "parity", "regression", "baseline", "rack", "node", "capacity")
 
 # LoadGen's early-stopping estimate is taken at 99% confidence (mlcommons/inference,
 # loadgen/early_stopping.cc)
@@ -509,8 +509,11 @@ def slo_reason(check: Check) -> str:
     )
 
 
-def run_validity(result: RunResult) -> tuple[str, ...]:
-    """Why the run's measurement cannot be trusted, if it cannot; empty when it can."""
+def run_validity(result: RunResult, *, sustain: bool = True) -> tuple[str, ...]:
+    """Why the run's measurement cannot be trusted, if it cannot; empty when it can.
+
+    Without `sustain`, an engine that did not keep up with the schedule is left out: a
+    capacity probe above the capacity is expected to fall behind (`capacity`)."""
     reasons = []
     if result.scheduled_qps is not None:
         tolerance = max(LAG_MIN_S, LAG_SHARE / result.scheduled_qps)
@@ -521,7 +524,7 @@ def run_validity(result: RunResult) -> tuple[str, ...]:
                 f"{lag * 1000:,.1f} ms > tolerance {tolerance * 1000:,.1f} ms"
             )
         achieved = result.achieved_qps or 0.0
-        if achieved < ACHIEVED_SHARE * result.scheduled_qps:
+        if sustain and achieved < ACHIEVED_SHARE * result.scheduled_qps:
             reasons.append(
                 f"the engine did not sustain the offered load: it completed "
                 f"{achieved:,.2f} requests/s < {ACHIEVED_SHARE:.0%} of the schedule's "
@@ -567,13 +570,14 @@ POLICIES = ("invalid", "note")
 
 
 def validity_checks(
-    result: RunResult, *, busy: str = "invalid", throttled: str = "note"
+    result: RunResult, *, busy: str = "invalid", throttled: str = "note", sustain: bool = True
 ) -> list[Check]:
     """One INVALID check per reason the run's measurement cannot be trusted; and the
     run's surroundings, INVALID or a note (a passing check that says so) by policy: a
     busy machine (`busy`, --tokperf-busy-machine), GPUs that slowed their clocks
     (`throttled`, the profile's); another process's work on the run's GPUs is INVALID."""
-    out = [check("validity", "INVALID", "validity", why) for why in run_validity(result)]
+    reasons = run_validity(result, sustain=sustain)
+    out = [check("validity", "INVALID", "validity", why) for why in reasons]
     telemetry = result.telemetry
     if telemetry is None:
         return out

@@ -78,10 +78,15 @@ def test_latency_slos_gate_and_explain(pytester: pytest.Pytester) -> None:
     loose = tests["test_loose"]
     assert loose["slos_ms"] == {"ttft_p50_ms": 60_000, "tpot_p50_ms": 60_000}
     assert loose["goodput_per_s"] == pytest.approx(20 / loose["duration_s"])  # every request
+    # every request met the limits: goodput in tokens is every output token per second
+    assert loose["goodput_tokens_per_s"] == pytest.approx(
+        loose["output_tokens"] / loose["duration_s"]
+    )
     assert loose["itl_s"]["count"] == 20 * 3 and loose["lag_s"]["count"] == 20
     assert loose["scheduled_qps"] > 0 and loose["invalid"] == []
     impossible = tests["test_impossible"]
     assert impossible["goodput_per_s"] == 0.0
+    assert impossible["goodput_tokens_per_s"] == 0.0
     (check,) = [c for c in impossible["checks"] if c["metric"] == "ttft_p50_ms"]
     assert check["observed"] == pytest.approx(impossible["ttft_s"]["p50"] * 1000)
     # a bare marker took the profile's interactive defaults

@@ -17,6 +17,7 @@ from pytest_tokperf.metrics import (
     batch_means,
     e2e_s,
     goodput,
+    goodput_tokens,
     itl_s,
     lag_s,
     meets,
@@ -101,6 +102,11 @@ def test_goodput_counts_requests_meeting_every_limit() -> None:
     assert goodput(records, limits) == pytest.approx(2 / span)
     assert goodput(records, {"e2e": 10.0}) == pytest.approx(4 / span)
     assert goodput([], limits) == 0.0
+    # in tokens: fast (2 tokens) and one (1 token) met every limit, over the same 2 s
+    assert goodput_tokens(records, limits) == pytest.approx((2 + 1) / span)
+    # E2E <= 10 s: the four that served anything (2 + 2 + 3 + 1 tokens)
+    assert goodput_tokens(records, {"e2e": 10.0}) == pytest.approx(8 / span)
+    assert goodput_tokens([], limits) == 0.0
 
 
 def test_lag_and_schedule_rates_by_hand() -> None:

@@ -1,0 +1,121 @@
+"""capacity_floor through the gate on the sim engine of issue 23's acceptance: 4 slots,
+0.05 s + 28 tokens at 100 tokens/s = 0.33 simulated s per request, time_scale 10, so
+4 / 0.033 = about 120 requests/s saturate it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+QUIET = ("-p", "no:cacheprovider")
+ARGS = (*QUIET, "--tokperf-profile", "sim4", "--tokperf-json", "out.json")
+PROFILE = """
+[profiles.sim4]
+extends = "sim"
+max_tokens = 29
+engine = { slots = 4, ttft_s = 0.05, tokens_per_s = 100.0, jitter = 0.2, time_scale = 10.0 }
+"""
+SUITE = """
+import pytest
+
+@pytest.mark.capacity_floor(min_qps=60, ttft_p99_ms=2000, tpot_p99_ms=100)
+def test_sixty(tokperf):
+    found = tokperf.capacity(probe_s=10, budget_s=25)
+    print("capacity found:", found.max_qps)
+
+# no tokperf.capacity() in the body: the gate runs the search, within the marker's budget
+@pytest.mark.capacity_floor(min_qps=180, ttft_p99_ms=2000, tpot_p99_ms=100, budget_s=1)
+def test_one_eighty(tokperf):
+    tokperf.capacity_floor  # asks for the fixture
+"""
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TOKPERF_PROFILE", "TOKPERF_RECORDS", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TOKPERF_MIN_DURATION", "10")  # the sim profile's own minimum
+
+
+def _tests(pytester: pytest.Pytester) -> dict[str, dict]:
+    doc = json.loads((pytester.path / "out.json").read_text())
+    return {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
+
+
+def test_sixty_passes_and_one_eighty_fails_on_a_120_qps_engine(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", tokperf=PROFILE)
+    pytester.makepyfile(test_cap=SUITE)
+    result = pytester.runpytest(*ARGS, "-s")
+    result.assert_outcomes(passed=1, failed=1)
+    tests = _tests(pytester)
+    sixty, high = tests["test_sixty"], tests["test_one_eighty"]
+    assert sixty["verdict"] == "PASS" and high["verdict"] == "FAIL"
+    (check,) = [c for c in sixty["checks"] if c["kind"] == "capacity"]
+    found = sixty["capacity"]
+    assert check["status"] == "PASS" and check["limit"] == 60
+    # the probe at the floor was made, and passed on every SLO's early-stopping estimate
+    (floor,) = [p for p in found["probes"] if p["qps"] == 60]
+    assert floor["status"] == "PASS"
+    for key in ("ttft_p99_ms", "tpot_p99_ms"):
+        slo = floor["slos"][key]
+        assert slo["status"] == "PASS" and slo["count"] >= slo["needed"] >= 459
+    # at 60 requests/s for 10 s: about 600 arrivals (Poisson: 4 sigma is 100)
+    assert 500 <= floor["requests"] <= 700
+    # an Offline run of 4 slots x 1 / 0.033 s: about 120 requests/s (jitter and the last
+    # round's straggler pull it down), and no capacity above saturation plus a margin
+    assert 90 <= found["saturation_qps"] <= 125
+    assert found["max_qps"] is not None and 60 <= found["max_qps"] <= 150
+    result.stdout.fnmatch_lines(["capacity found: *"])
+    # 180 requests/s against 120: the queue grows by 60 a second, so after 10 s the last
+    # requests wait about 600 / 120 = 5 s: the observed TTFT p99 misses 2 s
+    (miss,) = [p for p in high["capacity"]["probes"] if p["qps"] == 180]
+    assert miss["status"] == "FAIL" and miss["slos"]["ttft_p99_ms"]["observed_ms"] > 2000
+    assert high["capacity"]["stopped"] == "budget" and len(high["capacity"]["probes"]) == 1
+    result.stdout.fnmatch_lines(["*capacity floor 180 requests/s not served*TTFT p99*"])
+
+
+def test_capacity_floor_usage_errors_stop_the_session(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", tokperf=PROFILE)
+    pytester.makepyfile(
+        test_bad="""
+import pytest
+
+@pytest.mark.capacity_floor(ttft_p99_ms=2000)
+def test_x(tokperf):
+    pass
+"""
+    )
+    result = pytester.runpytest(*ARGS)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*test_x: capacity_floor needs min_qps=<requests/s>*"])
+
+
+def test_a_profile_missing_from_the_dict_skips(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", tokperf=PROFILE)
+    pytester.makepyfile(
+        test_dict="""
+import pytest
+
+@pytest.mark.capacity_floor(min_qps={"cpu": 5}, ttft_p99_ms=2000)
+def test_x(tokperf):
+    raise AssertionError("never runs under sim4")
+"""
+    )
+    result = pytester.runpytest(*ARGS)
+    result.assert_outcomes(skipped=1)
+    assert _tests(pytester)["test_x"]["verdict"] == "SKIPPED"
+
+
+def test_a_capacity_without_the_marker_is_measured_not_passed(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", tokperf=PROFILE)
+    pytester.makepyfile(
+        test_free="""
+def test_x(tokperf):
+    tokperf.capacity(slos={"ttft_p99_ms": 2000}, budget_s=1, min_qps=40)
+"""
+    )
+    result = pytester.runpytest(*ARGS, "--tokperf-min-duration", "0")
+    result.assert_outcomes(passed=1)
+    test = _tests(pytester)["test_x"]
+    assert test["verdict"] == "MEASURED" and [p["qps"] for p in test["capacity"]["probes"]] == [40]
