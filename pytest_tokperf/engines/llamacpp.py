@@ -105,7 +105,7 @@ class LlamaCppWorker:
         for produced, token in enumerate(tokens_out, start=1):
             if stop():
                 return
-            if token in self._eog:
+            if token in self._eog and not request.ignore_eos:
                 break
             yield Chunk(1, decoder.decode(llm.detokenize([token])), (token,))
             if produced >= request.max_tokens:
