@@ -15,6 +15,7 @@ import pytest
 
 from pytest_tokperf import (
     accuracy,
+    cache,
     driver,
     markers,
     metrics,
@@ -202,7 +203,7 @@ class Tokperf:
         scenario: str = "offline",
         requests: int | None = None,
         max_tokens: int | None = None,
-        workload: str | Path | None = None,
+        workload: str | Path | workloads.Workload | None = None,
         *,
         qps: float | None = None,
         concurrency: int | None = None,
@@ -216,6 +217,7 @@ class Tokperf:
         allow_failures: int = 0,
         trace_speed: float = 1.0,
         trace_window: tuple[float, float] | None = None,
+        cache_hit_rate: tuple[float, float] | None = None,
     ) -> metrics.RunResult:
         """Measure a run of `scenario` cycling through `workload`.
 
@@ -232,8 +234,10 @@ class Tokperf:
         request at its trace time divided by `trace_speed`, only those inside
         `trace_window` (start_s, end_s of trace time), with the traced lengths (trace.py).
         Requests not done after `timeout_s` (default 600 s, or twice the duration
-        plus a minute) are recorded as failed. A run with a failed request fails the
-        test, unless the test allows that many (`allow_failures`).
+        plus a minute) are recorded as failed. `cache_hit_rate=(low, high)`: the run's
+        prefix-cache hit rate must lie in that band, else the run is INVALID (cache.py).
+        A run with a failed request fails the test, unless the test allows that many
+        (`allow_failures`).
         """
         if scenario not in driver.SCENARIOS:
             raise ValueError(
@@ -257,11 +261,14 @@ class Tokperf:
         ):
             _check_seconds(name, seconds)
         _check_seconds("min_duration_s", min_duration_s, zero=True)
-        if workload is not None and not isinstance(workload, (str, os.PathLike)):
+        if workload is not None and not isinstance(
+            workload, (str, os.PathLike, workloads.Workload)
+        ):
             raise ValueError(
-                f"tokperf.run(workload={workload!r}): expected a built-in set's name or a "
-                "JSONL file's path"
+                f"tokperf.run(workload={workload!r}): expected a built-in set's name, a "
+                "JSONL file's path or a workloads.Workload"
             )
+        band = cache.check_band(cache_hit_rate)
         if scenario in SERVER and qps is None:
             raise ValueError(f"tokperf.run(scenario={scenario!r}) needs qps=<requests per second>")
         replay = None
@@ -374,6 +381,7 @@ class Tokperf:
         if warm:  # apart from the measured run, so telemetry covers that run alone
             driver.run(self.engine, warm, timeout_s=timeout_s, loop=self.loop)
         self.before_run()
+        counters = cache.Counters(self.engine)  # after the warm-up: this run's hits alone
         anchor = records.anchor()
         interrupted: driver.Interrupted | None = None
         watch = server_metrics.Watch(server_metrics.url_for(info.settings, info.backend))
@@ -440,6 +448,7 @@ class Tokperf:
             token_counting=dict(driven.token_counting),
             client_procs=driven.procs,
             server=watch.summary(sum(r.output_tokens for r in driven.records), scenario),
+            cache=counters.summary(watch.samples, band),
         )
         self.results.append(result)
         self.looks.append(1 if stop is None else stop.looks)

@@ -233,16 +233,16 @@ def prompts(trace: Trace, words: Sequence[str] = WORDS, block: int = BLOCK_TOKEN
             size = min(block, e.input_length - i)
             n = i // block
             seed = f"block:{e.hash_ids[n]}" if n < len(e.hash_ids) else f"own:{index}:{n}"
-            parts.append(_cut(seed, size, block, words))
+            parts.append(words_text(seed, size, words))
         out.append("".join(parts))
     return out
 
 
-def _cut(seed: str, size: int, block: int, words: Sequence[str]) -> str:
-    """The first `size` words of the block `seed`'s `block` words."""
+def words_text(seed: str, size: int, words: Sequence[str] = WORDS) -> str:
+    """`size` words, each after a space, drawn from `words` by a generator seeded by
+    `seed`: the first k words of a seed's text are the same for every size >= k."""
     rng = random.Random(seed)
-    picks = [rng.choice(words) for _ in range(block)]
-    return "".join(" " + w for w in picks[:size])
+    return "".join(" " + rng.choice(words) for _ in range(size))
 
 
 def requests(trace: Trace, words: Sequence[str] = WORDS) -> list[Request]:

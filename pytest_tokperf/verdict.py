@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_tokperf import accuracy, early_stopping, server_metrics, steady
+from pytest_tokperf import accuracy, cache, early_stopping, server_metrics, steady
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.metrics import (
     BATCHES,
@@ -544,6 +544,9 @@ def run_validity(result: RunResult) -> tuple[str, ...]:
     server = server_metrics.disagreement(result.server)
     if server is not None:
         reasons.append(server)
+    band = cache.band_reason(result.cache)
+    if band is not None:
+        reasons.append(band)
     return tuple(reasons)
 
 

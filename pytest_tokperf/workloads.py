@@ -122,8 +122,41 @@ def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
     return tuple(prompts)
 
 
-def load(workload: str | Path | None) -> Workload:
-    """A built-in set by name (None: "default") or a JSONL file by path."""
+def shared_prefix(
+    groups: int, prefix_tokens: int, suffix_tokens: int, per_group: int = 4, seed: int = 0
+) -> Workload:
+    """`groups` shared prefixes (a system prompt, a document) of `prefix_tokens`, each
+    followed by `per_group` suffixes of `suffix_tokens` of their own: what a prefix
+    cache serves. Both are one-token words (trace.WORDS: one token each in SmolLM2's
+    and other GPT-2-style vocabularies). Prompts go round the groups (g0, g1, ..., g0,
+    ...), so consecutive requests share a prefix only with `groups=1`."""
+    from pytest_tokperf import trace
+
+    for name, value, least in (("groups", groups, 1), ("prefix_tokens", prefix_tokens, 1),
+                               ("suffix_tokens", suffix_tokens, 1),
+                               ("per_group", per_group, 1)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"workloads.shared_prefix({name}={value!r}): expected an integer >= 1")
+    prompts = tuple(
+        Prompt(
+            f"g{g}-{i}",
+            trace.words_text(f"prefix:{seed}:{g}", prefix_tokens)
+            + trace.words_text(f"suffix:{seed}:{g}:{i}", suffix_tokens),
+        )
+        for i in range(per_group)
+        for g in range(groups)
+    )
+    name = (
+        f"shared_prefix(groups={groups}, prefix_tokens={prefix_tokens}, "
+        f"suffix_tokens={suffix_tokens})"
+    )
+    return Workload(name, prompts)
+
+
+def load(workload: str | Path | Workload | None) -> Workload:
+    """A built-in set by name (None: "default"), a JSONL file by path, or a Workload."""
+    if isinstance(workload, Workload):
+        return workload
     name = "default" if workload is None else str(workload)
     if name in BUILTIN:
         text = resources.files("pytest_tokperf").joinpath(f"data/{name}.jsonl").read_text("utf-8")
