@@ -95,3 +95,29 @@ def test_the_fixture_through_pytest(pytester: pytest.Pytester) -> None:
     text = out.stdout.str()
     assert "INVALID measurement: prefix-cache hit rate" in text
     assert "outside the band the test asked for [0.90, 1.00]" in text
+
+
+def test_a_trace_on_the_embedded_engine_has_its_lengths(engine, tmp_path) -> None:
+    import json
+
+    from pytest_tokperf import trace
+
+    rows = [
+        {"timestamp": 0, "input_length": 600, "output_length": 24, "hash_ids": [1, 2]},
+        {"timestamp": 200, "input_length": 530, "output_length": 40, "hash_ids": [1, 3]},
+        {"timestamp": 400, "input_length": 60, "output_length": 16, "hash_ids": [9]},
+    ]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    requests = trace.requests(trace.load(tmp_path / "t.jsonl"), trace.engine_words(engine))
+    empty = len(engine.prompt_tokens(""))
+    # the traced input lengths, by the engine's own tokenizer (its template aside)
+    assert [len(engine.prompt_tokens(r.prompt)) - empty for r in requests] == [600, 530, 60]
+    result = Tokperf(engine, profiles.BUILTIN["cpu"]).run(
+        scenario="trace", workload=str(tmp_path / "t.jsonl"), warmup=0
+    )
+    # EOS ignored: every answer is its traced length, however early the model would stop
+    assert sorted((r.id, r.output_tokens) for r in result.records) == [
+        ("trace-0", 24), ("trace-1", 40), ("trace-2", 16)
+    ]  # fmt: skip
+    # the shared block 1 was served from the cache for the second request
+    assert result.cache is not None and result.cache["hits"] >= 512

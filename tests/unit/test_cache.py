@@ -129,3 +129,66 @@ def test_shared_prefix_workload() -> None:
     assert workloads.load(w) is w
     with pytest.raises(ValueError, match="groups=0"):
         workloads.shared_prefix(groups=0, prefix_tokens=4, suffix_tokens=1)
+
+
+class _Server:
+    """A loopback stand-in for vLLM's or SGLang's admin side: serves a recorded
+    /metrics page and records the POSTs it gets (anything else is a 404)."""
+
+    def __init__(self, page: str, flush_path: str) -> None:
+        import http.server
+        import threading
+
+        posts: list[str] = []
+        self.posts = posts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                ok = self.path == "/metrics"
+                self.send_response(200 if ok else 404)
+                self.end_headers()
+                if ok:
+                    self.wfile.write(page.encode())
+
+            def do_POST(self) -> None:
+                posts.append(self.path)
+                self.send_response(200 if self.path == flush_path else 404)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _Served:
+    def __init__(self, url: str) -> None:
+        from pytest_tokperf.engines import EngineInfo
+
+        self.info = EngineInfo("openai", "m", "bf16", 1, settings={"base_url": url})
+
+
+@pytest.mark.parametrize(
+    ("page", "path"), [("vllm.prom", "/reset_prefix_cache"), ("sglang.prom", "/flush_cache")]
+)
+def test_flushing_a_server_posts_to_its_own_endpoint(page: str, path: str) -> None:
+    server = _Server((PAGES / page).read_text(), path)
+    try:
+        c = cache.Cache(_Served(server.url), lambda prompts: None)
+        c.flush()
+        assert server.posts == [path]
+    finally:
+        server.close()
+    unknown = _Server((PAGES / "trtllm.prom").read_text(), "/nowhere")
+    try:
+        with pytest.raises(cache.CacheError, match="cannot flush the prefix cache"):
+            cache.Cache(_Served(unknown.url), lambda prompts: None).flush()
+        assert unknown.posts == []
+    finally:
+        unknown.close()
