@@ -18,24 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import statistics
+
+from client_overhead import cpu_name  # this directory's (a script's sys.path)
 
 from pytest_tokperf import cache, driver, profiles, workloads
 from pytest_tokperf.engines import Request, load_engine
 from pytest_tokperf.runner import Tokperf
 from pytest_tokperf.verdict import run_validity
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

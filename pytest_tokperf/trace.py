@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_tokperf.engines import Request
+from pytest_tokperf.workloads import json_lines
 
 BLOCK_TOKENS = 512  # Mooncake's block size: one hash id per 512 input tokens
 NS = 1_000_000_000
@@ -108,14 +108,7 @@ def _positive_int(obj: dict[str, object], key: str, where: str, least: int = 1) 
 
 def parse_mooncake(text: str, source: str) -> Trace:
     entries: list[Entry] = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{source}:{number}"
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as exc:
-            raise TraceError(f"{where}: not valid JSON ({exc})") from None
+    for number, where, obj in json_lines(text, source, TraceError):
         if not isinstance(obj, dict):
             raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         missing = [k for k in ("timestamp", "input_length", "output_length") if k not in obj]

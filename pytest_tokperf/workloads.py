@@ -95,9 +95,11 @@ def _prompt(obj: object, where: str) -> Prompt:
     return Prompt(obj["id"], obj["prompt"], max_tokens, reference)
 
 
-def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
-    prompts: list[Prompt] = []
-    seen: dict[str, int] = {}
+def json_lines(
+    text: str, source: str, error: type[ValueError] = WorkloadError
+) -> Iterator[tuple[int, str, object]]:
+    """(line number, "source:line", object) of each non-blank JSON line; `error` says
+    which line is not JSON."""
     # JSON Lines end lines at "\n" only: str.splitlines would also split inside JSON
     # strings at U+2028, U+0085 and the like, which JSON leaves unescaped
     for number, line in enumerate(text.split("\n"), start=1):
@@ -107,9 +109,16 @@ def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise WorkloadError(f"{where}: not valid JSON ({exc.msg})") from None
+            raise error(f"{where}: not valid JSON ({exc.msg})") from None
         except (ValueError, RecursionError) as exc:  # a 5,000-digit number, deep nesting
-            raise WorkloadError(f"{where}: not a usable JSON line ({exc})") from None
+            raise error(f"{where}: not a usable JSON line ({exc})") from None
+        yield number, where, obj
+
+
+def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
+    prompts: list[Prompt] = []
+    seen: dict[str, int] = {}
+    for number, where, obj in json_lines(text, source):
         prompt = _prompt(obj, where)
         if prompt.id in seen:
             raise WorkloadError(
