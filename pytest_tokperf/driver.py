@@ -6,7 +6,8 @@ run. Times are integer nanoseconds from `time.perf_counter_ns`.
 
 Scenarios (MLPerf Inference names): `offline` issues everything at once; `server`
 issues at seeded Poisson arrival times (`interactive` is the same load, judged by
-tighter SLOs); `concurrency` keeps N requests in flight (closed loop). While a
+tighter SLOs); `concurrency` keeps N requests in flight (closed loop); `trace`
+issues each request at its trace time (`Plan.offsets_ns`, see trace.py). While a
 server or concurrency run goes on, a watcher looks at a snapshot of the records
 (in-flight requests included, up to now) to report progress and to stop early.
 """
@@ -34,7 +35,8 @@ from pytest_tokperf.engines import (
 
 NS = 1_000_000_000
 _clock = time.perf_counter_ns
-SCENARIOS = ("offline", "server", "interactive", "concurrency")
+SCENARIOS = ("offline", "server", "interactive", "concurrency", "trace")
+TIMED = ("server", "interactive", "trace")  # issued at scheduled times
 LOOK_EVERY_S = 0.25  # how often the watcher wakes for progress and stop checks
 TIMED_OUT = "cancelled: the run's time limit was reached before this request completed"
 INTERRUPTED = "interrupted (SIGINT)"
@@ -498,9 +500,12 @@ async def drive(
     watcher = asyncio.create_task(watch())
     cutter = asyncio.create_task(_cut_at((deadline - clock()) / NS, flights.flying, halt))
     try:
-        if plan.scenario in ("server", "interactive"):
-            assert plan.qps is not None
-            schedule = plan.offsets_ns or poisson_offsets_ns(plan.qps, plan.seed)
+        if plan.scenario in TIMED:  # a trace brings its own times (`offsets_ns`)
+            if plan.offsets_ns is not None:
+                schedule: Iterable[int] = plan.offsets_ns
+            else:
+                assert plan.qps is not None
+                schedule = poisson_offsets_ns(plan.qps, plan.seed)
             for request, offset in zip(source, schedule, strict=False):
                 scheduled = t0 + offset
                 if scheduled >= end_issuing:

@@ -386,6 +386,8 @@ class RunResult:
     server: Mapping[str, Any] | None = None  # the server's own counters (server_metrics)
     allowed_failures: int = 0  # failed requests the test allows this run (allow_failures=)
     min_duration_s: float = 0.0  # the least this run had to last to PASS a floor or SLO
+    # the prefix cache over the run: hit_rate, hits, queries, source, band (cache.py)
+    cache: Mapping[str, Any] | None = None
 
     @property
     def errors(self) -> list[str]:

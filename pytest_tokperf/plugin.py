@@ -10,13 +10,13 @@ environment > ini > profile default.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import pytest
 
-from pytest_tokperf import gpus, markers, reference, settings
-from pytest_tokperf.engines import Engine
+from pytest_tokperf import cache, driver, gpus, markers, reference, settings
+from pytest_tokperf.engines import Engine, Request
 from pytest_tokperf.gate import RUNNER, Gate
 from pytest_tokperf.harness import Harness
 from pytest_tokperf.results import Results
@@ -137,6 +137,20 @@ def tokperf(
         )  # fmt: skip
     request.node.stash[RUNNER] = runner
     return runner
+
+
+@pytest.fixture
+def tokperf_cache(request: pytest.FixtureRequest, tokperf_engine: Engine) -> cache.Cache:
+    """The engine's prefix cache: `flush()`, `prime(workload)`, `hit_rate()` since then."""
+    harness = _harness(request.config)
+
+    def prime(prompts: Sequence[str]) -> None:
+        primer = [Request(f"prime-{i}", p, 1, detokenize=False) for i, p in enumerate(prompts)]
+        failed = [r for r in driver.run(tokperf_engine, primer, loop=harness.loop) if r.error]
+        if failed:
+            raise cache.CacheError(f"priming failed: {failed[0].id}: {failed[0].error}")
+
+    return cache.Cache(tokperf_engine, prime)
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from pytest_tokperf import workloads
+from pytest_tokperf import mlperf_models, workloads
 from pytest_tokperf.driver import SCENARIOS
 from pytest_tokperf.gpus import Inventory, Need, unsuitable
 from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS, finite
@@ -241,6 +241,28 @@ BUILTIN: dict[str, Profile] = {
         ),
     )
 }
+
+# MLPerf's LLM benchmarks after Llama-2-70B on H200s (mlperf_models.py: the limits and
+# sizes from LoadGen's mlperf.conf); no floors until a per-GPU figure is verified
+for _name, (_model, _gpus, _precision) in mlperf_models.H200.items():
+    BUILTIN[_name] = Profile(
+        name=_name,
+        description=f"MLPerf {_model} on {_gpus} x H200, {_precision} TensorRT-LLM",
+        backend="trtllm",
+        device_kind="gpu",
+        devices=_gpus,
+        precision=_precision,
+        model=_model,
+        requests=mlperf_models.SAMPLES[_model],
+        max_tokens=mlperf_models.MAX_TOKENS[_model],
+        warmup=64,
+        slos=mlperf_models.SLOS[_model],
+        gpu_name="H200",
+        min_memory_gib=130,
+        compute_capability=(9, 0),
+        tensor_parallel_size=_gpus,
+        min_duration_s=600.0,
+    )
 
 
 # --- user profiles -----------------------------------------------------------------

@@ -278,6 +278,7 @@ def measurement(
         "client_procs": [dataclasses.asdict(p) for p in result.client_procs],
         "token_counting": dict(result.token_counting),
         "server_metrics": None if result.server is None else dict(result.server),
+        "prefix_cache": None if result.cache is None else dict(result.cache),
         "stopped": result.stopped,
         "goodput_per_s": goodput,
         "goodput_tokens_per_s": result.goodput_tokens(per_request_limits(slos)) if slos else None,

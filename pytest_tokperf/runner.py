@@ -15,6 +15,7 @@ import pytest
 
 from pytest_tokperf import (
     accuracy,
+    cache,
     capacity,
     driver,
     markers,
@@ -27,6 +28,7 @@ from pytest_tokperf import (
     workloads,
 )
 from pytest_tokperf import gpus as gpus_module
+from pytest_tokperf import trace as trace_module
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import Engine, LogitsEngine, PreparingEngine, Request
 from pytest_tokperf.profiles import Profile
@@ -213,7 +215,7 @@ class Tokperf:
         scenario: str = "offline",
         requests: int | None = None,
         max_tokens: int | None = None,
-        workload: str | Path | None = None,
+        workload: str | Path | workloads.Workload | None = None,
         *,
         qps: float | None = None,
         concurrency: int | None = None,
@@ -225,6 +227,9 @@ class Tokperf:
         warmup: int | None = None,
         timeout_s: float | None = None,
         allow_failures: int = 0,
+        trace_speed: float = 1.0,
+        trace_window: tuple[float, float] | None = None,
+        cache_hit_rate: tuple[float, float] | None = None,
     ) -> metrics.RunResult:
         """Measure a run of `scenario` cycling through `workload`.
 
@@ -237,9 +242,14 @@ class Tokperf:
         completed requests); a test with floors or SLOs cannot PASS on a run shorter
         than that minimum. `max_tokens`
         overrides each prompt's own; `warmup` requests run first, unmeasured.
+        `trace` replays the Mooncake (.jsonl) or BurstGPT (.csv) trace `workload`: each
+        request at its trace time divided by `trace_speed`, only those inside
+        `trace_window` (start_s, end_s of trace time), with the traced lengths (trace.py).
         Requests not done after `timeout_s` (default 600 s, or twice the duration
-        plus a minute) are recorded as failed. A run with a failed request fails the
-        test, unless the test allows that many (`allow_failures`).
+        plus a minute) are recorded as failed. `cache_hit_rate=(low, high)`: the run's
+        prefix-cache hit rate must lie in that band, else the run is INVALID (cache.py).
+        A run with a failed request fails the test, unless the test allows that many
+        (`allow_failures`).
         """
         if scenario not in driver.SCENARIOS:
             raise ValueError(
@@ -263,13 +273,26 @@ class Tokperf:
         ):
             _check_seconds(name, seconds)
         _check_seconds("min_duration_s", min_duration_s, zero=True)
-        if workload is not None and not isinstance(workload, (str, os.PathLike)):
+        if workload is not None and not isinstance(
+            workload, (str, os.PathLike, workloads.Workload)
+        ):
             raise ValueError(
-                f"tokperf.run(workload={workload!r}): expected a built-in set's name or a "
-                "JSONL file's path"
+                f"tokperf.run(workload={workload!r}): expected a built-in set's name, a "
+                "JSONL file's path or a workloads.Workload"
             )
+        band = cache.check_band(cache_hit_rate)
         if scenario in SERVER and qps is None:
             raise ValueError(f"tokperf.run(scenario={scenario!r}) needs qps=<requests per second>")
+        replay = None
+        if scenario == "trace":
+            replay = trace_module.checked(
+                workload, trace_speed, trace_window, requests=requests, max_tokens=max_tokens,
+                bounds=(duration_s, max_duration_s),
+            )  # fmt: skip
+        elif trace_speed != 1.0 or trace_window is not None:
+            raise ValueError(
+                f"tokperf.run(trace_speed=, trace_window=) apply to trace, not {scenario}"
+            )
         if scenario not in SERVER and qps is not None:
             raise ValueError(
                 f"tokperf.run(qps=...) applies to server and interactive, not {scenario}"
@@ -301,17 +324,26 @@ class Tokperf:
         )  # fmt: skip
         if timeout_s is None:
             longest = bound if bound is not None else (min_duration_s if fill else None)
+            if replay is not None:  # the trace's span, and its last requests' time to finish
+                longest = replay.entries[-1].at_s
             timeout_s = 600.0 if longest is None else max(600.0, 2 * longest + 60)
         elif bound is not None and timeout_s <= bound:
             raise ValueError(f"tokperf.run(timeout_s={timeout_s}) must exceed the duration {bound}")
 
         if workload is None and self.dataset_missing is not None:
             self.dataset_missing()  # skips or fails: the profile's floors need its dataset
-        load = workloads.load(workload if workload is not None else self.dataset)
+        load = workloads.load(
+            None if replay else workload if workload is not None else self.dataset
+        )  # a trace's warm-up requests are the built-in prompts: none of its prefixes
         default = self.profile.max_tokens
         measured: Iterable[Request]
+        offsets = None
         # a throughput run needs token counts, not text (accuracy runs keep text)
-        if requests is None and bound is not None:
+        if replay is not None:
+            count = len(replay.entries)
+            measured = trace_module.requests(replay, trace_module.engine_words(self.engine))
+            offsets = replay.offsets_ns()
+        elif requests is None and bound is not None:
             measured = load.endless(max_tokens, default, detokenize=False)
         else:
             count = requests or self.profile.requests
@@ -322,7 +354,8 @@ class Tokperf:
         n_warmup = self.profile.warmup if warmup is None else warmup
         warm = load.requests(n_warmup, max_tokens, default, detokenize=False) if n_warmup else []
         if isinstance(self.engine, PreparingEngine):  # tokenize before, not during, the run
-            self.engine.prepare([p.prompt for p in load.prompts])
+            self.engine.prepare([p.prompt for p in load.prompts] if replay is None
+                                else [r.prompt for r in measured])  # fmt: skip
         plan = driver.Plan(
             scenario="concurrency" if fill else scenario,  # a full queue, refilled
             qps=qps,
@@ -334,6 +367,7 @@ class Tokperf:
             timeout_s=timeout_s,
             look_every_s=min(driver.LOOK_EVERY_S, (bound or 60.0) / 64),
             texts=False,  # a perf run keeps timestamps and counts, not the answers
+            offsets_ns=offsets,
         )
         stop = None
         slos = self.slos(scenario)
@@ -342,6 +376,7 @@ class Tokperf:
             {"scenario": scenario, "workload": load.name, "max_tokens": max_tokens, "qps": qps,
              "concurrency": concurrency, "engine": {"model": info.model,
                                                      "precision": info.precision}}
+            | ({"trace_speed": trace_speed, "trace_window": trace_window} if replay else {})
         )  # fmt: skip
         # a run saved as a baseline is the yardstick of later comparisons: its whole length
         if max_duration_s is not None and (self.floors or slos or base) and not self.saving:
@@ -358,6 +393,7 @@ class Tokperf:
         if warm:  # apart from the measured run, so telemetry covers that run alone
             driver.run(self.engine, warm, timeout_s=timeout_s, loop=self.loop)
         self.before_run()
+        counters = cache.Counters(self.engine)  # after the warm-up: this run's hits alone
         anchor = records.anchor()
         interrupted: driver.Interrupted | None = None
         watch = server_metrics.Watch(server_metrics.url_for(info.settings, info.backend))
@@ -373,6 +409,8 @@ class Tokperf:
             self.client_procs == 0 and self.spawn.backend not in procs.SPAWNABLE
         ):
             n = 1  # auto never splits an engine a child process cannot load again
+        if replay is not None:
+            n = 1  # one process issues the whole trace at its times
         if concurrency is not None:
             n = min(n, concurrency)  # each process keeps a stream: never more than asked
         with self.telemetry() as sampler, watch:
@@ -406,7 +444,7 @@ class Tokperf:
             driven.records,
             self.engine.info,
             scenario=scenario,
-            workload=load.name,
+            workload=load.name if replay is None else replay.name,
             max_tokens=max_tokens,
             qps=qps,
             concurrency=concurrency,
@@ -422,6 +460,7 @@ class Tokperf:
             token_counting=dict(driven.token_counting),
             client_procs=driven.procs,
             server=watch.summary(sum(r.output_tokens for r in driven.records), scenario),
+            cache=counters.summary(watch.samples, band),
         )
         if not self.probing:  # a capacity probe belongs to its Capacity, not to the runs
             self.results.append(result)

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_tokperf import accuracy, early_stopping, server_metrics, steady
+from pytest_tokperf import accuracy, cache, early_stopping, server_metrics, steady
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.metrics import (
     BATCHES,
@@ -518,17 +518,23 @@ def run_validity(result: RunResult, *, sustain: bool = True) -> tuple[str, ...]:
     if result.scheduled_qps is not None:
         tolerance = max(LAG_MIN_S, LAG_SHARE / result.scheduled_qps)
         lag = result.lag.p99
+        traced = result.scenario == "trace"
         if lag is not None and lag > tolerance:
             reasons.append(
-                f"the driver fell behind its seeded arrival schedule: p99 issue lag "
-                f"{lag * 1000:,.1f} ms > tolerance {tolerance * 1000:,.1f} ms"
+                f"the driver fell behind its {'trace' if traced else 'seeded'} arrival "
+                f"schedule: p99 issue lag {lag * 1000:,.1f} ms > tolerance "
+                f"{tolerance * 1000:,.1f} ms"
             )
         achieved = result.achieved_qps or 0.0
         if sustain and achieved < ACHIEVED_SHARE * result.scheduled_qps:
+            target, fix = (
+                ("the trace's rate", "lower trace_speed") if traced
+                else (f"target qps {result.qps:g}", "lower qps")
+            )  # fmt: skip
             reasons.append(
                 f"the engine did not sustain the offered load: it completed "
                 f"{achieved:,.2f} requests/s < {ACHIEVED_SHARE:.0%} of the schedule's "
-                f"{result.scheduled_qps:,.2f} (target qps {result.qps:g}); lower qps"
+                f"{result.scheduled_qps:,.2f} ({target}); {fix}"
             )
     # a CPU share over a blink (a run whose requests all failed at once) is start-up noise
     timed = result.duration_s >= CLIENT_CPU_MIN_S
@@ -547,6 +553,9 @@ def run_validity(result: RunResult, *, sustain: bool = True) -> tuple[str, ...]:
     server = server_metrics.disagreement(result.server)
     if server is not None:
         reasons.append(server)
+    band = cache.band_reason(result.cache)
+    if band is not None:
+        reasons.append(band)
     return tuple(reasons)
 
 

@@ -95,9 +95,11 @@ def _prompt(obj: object, where: str) -> Prompt:
     return Prompt(obj["id"], obj["prompt"], max_tokens, reference)
 
 
-def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
-    prompts: list[Prompt] = []
-    seen: dict[str, int] = {}
+def json_lines(
+    text: str, source: str, error: type[ValueError] = WorkloadError
+) -> Iterator[tuple[int, str, object]]:
+    """(line number, "source:line", object) of each non-blank JSON line; `error` says
+    which line is not JSON."""
     # JSON Lines end lines at "\n" only: str.splitlines would also split inside JSON
     # strings at U+2028, U+0085 and the like, which JSON leaves unescaped
     for number, line in enumerate(text.split("\n"), start=1):
@@ -107,9 +109,16 @@ def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise WorkloadError(f"{where}: not valid JSON ({exc.msg})") from None
+            raise error(f"{where}: not valid JSON ({exc.msg})") from None
         except (ValueError, RecursionError) as exc:  # a 5,000-digit number, deep nesting
-            raise WorkloadError(f"{where}: not a usable JSON line ({exc})") from None
+            raise error(f"{where}: not a usable JSON line ({exc})") from None
+        yield number, where, obj
+
+
+def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
+    prompts: list[Prompt] = []
+    seen: dict[str, int] = {}
+    for number, where, obj in json_lines(text, source):
         prompt = _prompt(obj, where)
         if prompt.id in seen:
             raise WorkloadError(
@@ -122,8 +131,41 @@ def parse_jsonl(text: str, source: str) -> tuple[Prompt, ...]:
     return tuple(prompts)
 
 
-def load(workload: str | Path | None) -> Workload:
-    """A built-in set by name (None: "default") or a JSONL file by path."""
+def shared_prefix(
+    groups: int, prefix_tokens: int, suffix_tokens: int, per_group: int = 4, seed: int = 0
+) -> Workload:
+    """`groups` shared prefixes (a system prompt, a document) of `prefix_tokens`, each
+    followed by `per_group` suffixes of `suffix_tokens` of their own: what a prefix
+    cache serves. Both are one-token words (trace.WORDS: one token each in SmolLM2's
+    and other GPT-2-style vocabularies). Prompts go round the groups (g0, g1, ..., g0,
+    ...), so consecutive requests share a prefix only with `groups=1`."""
+    from pytest_tokperf import trace
+
+    for name, value, least in (("groups", groups, 1), ("prefix_tokens", prefix_tokens, 1),
+                               ("suffix_tokens", suffix_tokens, 1),
+                               ("per_group", per_group, 1)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"workloads.shared_prefix({name}={value!r}): expected an integer >= 1")
+    prompts = tuple(
+        Prompt(
+            f"g{g}-{i}",
+            trace.words_text(f"prefix:{seed}:{g}", prefix_tokens)
+            + trace.words_text(f"suffix:{seed}:{g}:{i}", suffix_tokens),
+        )
+        for i in range(per_group)
+        for g in range(groups)
+    )
+    name = (
+        f"shared_prefix(groups={groups}, prefix_tokens={prefix_tokens}, "
+        f"suffix_tokens={suffix_tokens})"
+    )
+    return Workload(name, prompts)
+
+
+def load(workload: str | Path | Workload | None) -> Workload:
+    """A built-in set by name (None: "default"), a JSONL file by path, or a Workload."""
+    if isinstance(workload, Workload):
+        return workload
     name = "default" if workload is None else str(workload)
     if name in BUILTIN:
         text = resources.files("pytest_tokperf").joinpath(f"data/{name}.jsonl").read_text("utf-8")

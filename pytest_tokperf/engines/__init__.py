@@ -27,12 +27,16 @@ class Request:
 
     `detokenize` False says the caller needs token counts only (a throughput run):
     an engine that can skip turning tokens into text on the hot path does.
+    `ignore_eos` asks for exactly `max_tokens` (a trace's output length): the embedded
+    engine and the sim honour it; the openai engine sends it only when its settings'
+    `extra_body` does (`ignore_eos = true`, for servers that accept it).
     """
 
     id: str
     prompt: str
     max_tokens: int
     detokenize: bool = True
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 SHIPPED_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SETTINGS = {"model_path", "n_ctx", "n_threads", "n_batch", "precision", "extra_bufts"}
+SETTINGS = {"model_path", "n_ctx", "n_threads", "n_batch", "precision", "extra_bufts",
+            "prefix_cache"}  # fmt: skip
+SAVED_STATES = 16  # prefix cache: the model states kept (least recently used dropped)
 
 # llama.cpp's llama_ftype values (general.file_type in GGUF metadata)
 FILE_TYPES = {
@@ -76,6 +78,9 @@ class LlamaCppWorker:
         self._eog = frozenset(
             t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)
         )
+        self._prefix_cache = bool(info.settings.get("prefix_cache"))
+        self._states: list[tuple[tuple[int, ...], bytes]] = []  # (tokens, saved KV state)
+        self._hits = self._queries = 0  # prompt tokens reused from the cache / asked
         self._formatter = Jinja2ChatFormatter(
             template=template,
             eos_token=llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace"),
@@ -97,15 +102,21 @@ class LlamaCppWorker:
                 f"prompt of {len(tokens)} tokens + max_tokens {request.max_tokens} exceeds the "
                 f"context window of {n_ctx} tokens; lower max_tokens or raise n_ctx"
             )
-        llm.reset()  # no prefix reuse: same input, same output, whatever ran before
+        if self._prefix_cache:  # llama-cpp-python reuses the common prefix (reset=True)
+            self._restore(tokens)
+            self._hits += _reused(_evaluated(llm), tokens)
+            self._queries += len(tokens)
+        else:
+            llm.reset()  # no prefix reuse: same input, same output, whatever ran before
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens_out = llm.generate(
-            tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=False
-        )
+            tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+            reset=self._prefix_cache,
+        )  # fmt: skip
         for produced, token in enumerate(tokens_out, start=1):
             if stop():
                 return
-            if token in self._eog:
+            if token in self._eog and not request.ignore_eos:
                 break
             yield Chunk(1, decoder.decode(llm.detokenize([token])), (token,))
             if produced >= request.max_tokens:
@@ -113,6 +124,35 @@ class LlamaCppWorker:
         tail = decoder.decode(b"", final=True)  # a character cut off by max_tokens
         if tail:
             yield Chunk(0, tail)
+
+    def _restore(self, tokens: list[int]) -> None:
+        """Before a request: save the model's state when the request would overwrite
+        part of it, then load the saved state sharing the longest prefix with `tokens`
+        (the saving is in this request's TTFT, as a server's cache bookkeeping is)."""
+        llm = self._llm
+        current = _evaluated(llm)
+        if _common(current, tokens) < len(current) and all(k != current for k, _ in self._states):
+            self._states.append(_save(llm))  # this request will overwrite part of it
+            del self._states[:-SAVED_STATES]
+        best = max(self._states, key=lambda s: _common(s[0], tokens), default=None)
+        if best is None or _common(best[0], tokens) <= _common(current, tokens):
+            return
+        self._states.remove(best)
+        self._states.append(best)  # most recently used last
+        del self._states[:-SAVED_STATES]
+        _load(llm, *best)
+
+    def flush_cache(self) -> None:
+        self._states.clear()
+        self._llm.reset()
+
+    def cache_counters(self) -> tuple[int, int]:
+        if not self._prefix_cache:
+            raise EngineError(
+                "the embedded engine keeps no prefix cache unless its settings say "
+                "prefix_cache = true (engine = { prefix_cache = true } in the profile)"
+            )
+        return self._hits, self._queries
 
     def logits(self, prompt: str, continuation: Sequence[int]) -> np.ndarray:
         """Teacher-forced next-token logits: row i is the distribution that predicts
@@ -150,6 +190,13 @@ class LlamaCppWorker:
 class LlamaCppEngine(ChildEngine):
     """The embedded engine as the pytest process sees it: llama.cpp runs in a child."""
 
+    def flush_cache(self) -> None:
+        self.call("flush_cache")
+
+    def cache_counters(self) -> tuple[int, int]:
+        hits, queries = self.call("cache_counters")
+        return int(hits), int(queries)
+
     def prompt_tokens(self, prompt: str) -> list[int]:
         tokens: list[int] = self.call("prompt_tokens", prompt)
         return tokens
@@ -174,6 +221,11 @@ def load(settings: Mapping[str, Any], devices: int) -> LlamaCppEngine:
     if not path.is_file():
         raise EngineError(f"model file {path} does not exist")
     extra_bufts_setting(settings.get("extra_bufts", "auto"))  # a bad value fails here
+    if not isinstance(settings.get("prefix_cache", False), bool):
+        raise EngineError(
+            f"llamacpp engine setting prefix_cache: expected true or false, got "
+            f"{settings['prefix_cache']!r}"
+        )
     return LlamaCppEngine(f"{__name__}:build", {**settings, "model_path": str(path)})
 
 
@@ -230,9 +282,59 @@ def build(settings: Mapping[str, Any]) -> LlamaCppWorker:
             "extra_bufts": extra_bufts,
             "extra_bufts_why": why,
             "process": "child",
+            "prefix_cache": bool(settings.get("prefix_cache", False)),
         },
     )
     return LlamaCppWorker(llm, info)
+
+
+def _evaluated(llm: Any) -> tuple[int, ...]:
+    """The tokens in the model's KV cache (`input_ids` holds n_ctx slots)."""
+    return tuple(int(t) for t in llm.input_ids[: llm.n_tokens])
+
+
+def _save(llm: Any) -> tuple[tuple[int, ...], bytes]:
+    """The KV cache as llama.cpp saves it (`llama_state_get_data`), with its tokens.
+    Not `Llama.save_state`: that also copies a logits row per token (70 MB for 358
+    tokens of SmolLM2's 49,152-word vocabulary), which a prefix reuse never reads (the
+    prompt's last token is always evaluated again)."""
+    import ctypes
+
+    import llama_cpp
+
+    size = llama_cpp.llama_state_get_size(llm.ctx)
+    buffer = (ctypes.c_uint8 * int(size))()
+    used = llama_cpp.llama_state_get_data(llm.ctx, buffer, size)
+    return _evaluated(llm), bytes(buffer)[: int(used)]
+
+
+def _load(llm: Any, tokens: tuple[int, ...], data: bytes) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    if llama_cpp.llama_state_set_data(llm.ctx, buffer, len(data)) != len(data):
+        raise RuntimeError("llama.cpp could not load a saved prefix-cache state")
+    llm.input_ids[: len(tokens)] = tokens
+    llm.n_tokens = len(tokens)
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _reused(evaluated: Sequence[int], tokens: Sequence[int]) -> int:
+    """The prompt tokens llama-cpp-python's `generate(reset=True)` takes from the KV
+    cache: the common prefix, less one when it is the whole prompt (that token is
+    evaluated again for fresh logits)."""
+    n = _common(evaluated, tokens)
+    return n - 1 if n == len(tokens) and n > 0 else n
 
 
 def extra_bufts_setting(value: Any) -> bool | None:
