@@ -305,7 +305,9 @@ class Rack:
         if not started:
             kind, why = self._meet(status)
             return ("skip", why) if kind == "skip" else ("fail", why)
-        failed = {"verdict": "FAIL", "error": status, "checks": []}
+        ended = verdict.check("error", "FAIL", "requests", status)  # the test raised
+        failed = {"verdict": verdict.decide([ended]), "error": status,
+                  "checks": [dataclasses.asdict(ended)]}  # fmt: skip
         row, _ = self._settle_nodes("", failed, Timeline(0, 0, ()), None, 0.95, None)
         return "fail", rackjudge.message(row) if row.get("rack") else status
 

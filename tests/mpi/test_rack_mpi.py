@@ -319,3 +319,25 @@ def test_embedded_engine_one_thread_per_rank(rack_dir: pytest.Pytester):
     assert rack["requests"] == 4 and rack["engine"]["backend"] == "llamacpp"
     assert rack["failed"] == 0 and rack["output_tokens"] > 0
     assert (seen[0]["test_rack"][0] == "passed") == (rack["verdict"] == "PASS")
+
+
+def test_a_rank_whose_test_raises_after_its_run_fails_the_rack_on_every_rank(
+    rack_dir: pytest.Pytester,
+):
+    rack_dir.makepyfile(
+        test_rack="""
+        import os
+        import pytest
+
+        @pytest.mark.throughput_floor(per_rack=1.0)
+        def test_rack(tokperf):
+            tokperf.run()
+            if os.environ["PMI_RANK"] == "1":
+                raise RuntimeError("the answers were wrong on this node")
+        """
+    )
+    done, _ = mpirun(rack_dir, [{}] * 2, "test_rack.py", "--tokperf-profile", "rack-sim")
+    ranks = [outcomes(rack_dir, rank)["test_rack"] for rank in (0, 1)]
+    assert [outcome for outcome, _ in ranks] == ["failed", "failed"], done.stdout
+    assert "the answers were wrong on this node" in ranks[1][1]
+    assert "rank 1" in ranks[0][1], ranks[0][1]  # the others say which node failed it
