@@ -50,7 +50,7 @@ def test_sixty_passes_and_one_eighty_fails_on_a_120_qps_engine(pytester: pytest.
     result.assert_outcomes(passed=1, failed=1)
     tests = _tests(pytester)
     sixty, high = tests["test_sixty"], tests["test_one_eighty"]
-    assert sixty["verdict"] == "PASS" and high["verdict"] == "FAIL"
+    assert sixty["verdict"] == "PASS" and high["verdict"] in ("FAIL", "INVALID")
     (check,) = [c for c in sixty["checks"] if c["kind"] == "capacity"]
     found = sixty["capacity"]
     assert check["status"] == "PASS" and check["limit"] == 60
@@ -70,8 +70,11 @@ def test_sixty_passes_and_one_eighty_fails_on_a_120_qps_engine(pytester: pytest.
     # 180 requests/s against 120: the queue grows by 60 a second, so after 10 s the last
     # requests wait about 600 / 120 = 5 s: the observed TTFT p99 misses 2 s
     (miss,) = [p for p in high["capacity"]["probes"] if p["qps"] == 180]
-    assert miss["status"] == "FAIL" and miss["slos"]["ttft_p99_ms"]["observed_ms"] > 2000
     assert high["capacity"]["stopped"] == "budget" and len(high["capacity"]["probes"]) == 1
+    if high["verdict"] == "INVALID":  # a loaded 2-core machine could not issue 180/s
+        assert miss["status"] == "INVALID" and "fell behind" in miss["why"], miss["why"]
+        return
+    assert miss["status"] == "FAIL" and miss["slos"]["ttft_p99_ms"]["observed_ms"] > 2000
     result.stdout.fnmatch_lines(["*capacity floor 180 requests/s not served*TTFT p99*"])
 
 
