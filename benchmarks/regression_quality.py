@@ -14,7 +14,8 @@ and, over pairs whose current engine is 20% slower, how often the verdict is FAI
 Run:
 
     python benchmarks/regression_quality.py               # about 3 minutes on 2 cores
-    python benchmarks/regression_quality.py --pairs 100   # the README's figures
+    # the figures in docs/baselines-ci.md:
+    python benchmarks/regression_quality.py --pairs 60 --power-pairs 10 --sim-s 40 --time-scale 40
 """
 
 from __future__ import annotations
