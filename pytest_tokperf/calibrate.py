@@ -11,13 +11,17 @@ from the noncentral t distribution:
 so that, at the stated confidence, at least `probability` of future runs lie on the
 passing side. It also proposes a `no_regression` tolerance from the between-run drift:
 the drop of one run against another that the unchanged system stays within with that
-probability. The result is a `tokperf.toml` snippet (a profile extending the suite's
+probability, and at least the drop the comparison's own interval reaches when each
+run is compared with the one before it (as `--tokperf-compare-baseline` would judge
+it): a tolerance narrower than that interval leaves an unchanged engine INCONCLUSIVE.
+The result is a `tokperf.toml` snippet (a profile extending the suite's
 with the lowest per-test floor, and a `[calibrated."<test id>"]` table per test).
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import platform
@@ -29,6 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
+
+from pytest_tokperf import regression
+
+COMPARED_AT = 0.95  # the plugin's default --tokperf-confidence
 
 LATENCY_KEYS = (("ttft_s", "p99", "ttft_p99_ms"), ("tpot_s", "p99", "tpot_p99_ms"))
 
@@ -117,6 +125,11 @@ def propose(
                 limits[keyword] = math.exp(lm + k * ls) * 1000
         # one run against another: log ratio sd = sqrt(2) sd
         drop = 1 - math.exp(-k * math.sqrt(2) * sd)
+        # each run against the one before: the low end of the comparison's interval
+        for before, after in itertools.pairwise(payloads):
+            for check in regression.compare(after, before, {regression.THROUGHPUT: 0}, COMPARED_AT):
+                if check.low is not None:
+                    drop = max(drop, 1 - check.low)
         out.append(
             Proposal(
                 test,
@@ -178,8 +191,10 @@ def run_suite(
         out = folder / f"run-{i}.json"
         cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider",
                "--tokperf-json", str(out), *extra]  # fmt: skip
-        if baseline is not None and i == runs - 1:
-            cmd += ["--tokperf-save-baseline", baseline]
+        # a baseline saved every run puts the window rates in its JSON (the comparison's
+        # interval needs them); the last run's, when asked, is the one kept
+        keep = baseline if baseline is not None and i == runs - 1 else None
+        cmd += ["--tokperf-save-baseline", keep or str(folder / f"base-{i}")]
         print(f"calibrate: run {i + 1}/{runs}: {' '.join(cmd[1:])}", file=sys.stderr)
         subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
         if out.is_file():

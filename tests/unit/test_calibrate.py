@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import sys
@@ -68,3 +69,28 @@ def test_toml_snippet_parses_and_extends_the_profile() -> None:
     assert table["latency_slo"]["ttft_p99_ms"] > 0.05 * 100 / 95.0 * 1000
     assert "tpot_p99_ms" not in table["latency_slo"]  # no samples in some run
     assert 0 < table["no_regression"]["tokens_per_s"] < 0.5
+
+
+def test_the_tolerance_covers_the_comparisons_own_interval() -> None:
+    """Runs whose rates agree to 0.1% but whose windows scatter: the drift alone would
+    propose a tolerance of a fraction of a percent, under which each run compared with
+    the one before is INCONCLUSIVE; the proposal reaches the interval's low end."""
+    rng = random.Random(11)
+    docs = []
+    for rate in (100.0, 100.1, 99.9, 100.05, 99.95):
+        windows = [rate * rng.gauss(1, 0.15) for _ in range(10)]
+        docs.append({"tests": [_payload(rate) | {"windows_per_s": windows}]})
+    (with_windows,) = propose(docs, 0.95, 0.90)
+    (drift_only,) = propose([{"tests": [_payload(p["tokens_per_s"])]} for d in docs
+                             for p in d["tests"]], 0.95, 0.90)  # fmt: skip
+    assert drift_only.max_regression < 0.01
+    # the widest interval of the four pairs, computed here from its definition
+    lows = []
+    for a, b in itertools.pairwise(docs):
+        wa, wb = a["tests"][0]["windows_per_s"], b["tests"][0]["windows_per_s"]
+        d = [math.log(x / y) for x, y in zip(wb, wa, strict=True)]
+        sd = math.sqrt(sum((v - sum(d) / 10) ** 2 for v in d) / 9)
+        ratio = sum(wb) / sum(wa)
+        lows.append(ratio * math.exp(-2.2622 * sd / math.sqrt(10)))  # t(0.975, 9)
+    assert with_windows.max_regression == pytest.approx(1 - min(lows), rel=1e-3)
+    assert with_windows.max_regression > 0.05
