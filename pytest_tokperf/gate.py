@@ -28,6 +28,7 @@ from pytest_tokperf import (
     baseline,
     capacity,
     driver,
+    goodput,
     markers,
     rack,
     rackjudge,
@@ -281,6 +282,9 @@ class Gate:
         )
         first, *rest = last.checks  # the last run's failed requests, numbered in the test
         checks += [dataclasses.replace(first, run=n - 1, runs=n), *rest]
+        if spec.goodput_floor is not None:
+            each = verdict.per_look(s.confidence, runner.looks[-1])
+            checks.append(goodput.floor_check(result, spec.goodput_floor, slos or {}, each))
         if interrupted is not None:  # a cut run is no measurement, whatever it shows
             done = result.requests - result.failed
             when = f"{result.duration_s:.1f} s" if cut else "its last run"
