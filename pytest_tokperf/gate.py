@@ -36,6 +36,7 @@ from pytest_tokperf import (
     report,
     sequential,
     summary,
+    sweep,
     verdict,
 )
 from pytest_tokperf.gpus import Inventory
@@ -298,6 +299,7 @@ class Gate:
             item.nodeid, result, spec.floors or {}, s.profile, slos, good,
             gpus=runner.gpus, runs=runner.results,
         )  # fmt: skip
+        sweep.attach(data, runner)
         data.update(self.baselines.extras(data, result, runner.gpus))
         # the fingerprint a history or baseline is keyed by, in every results file
         hw = baseline.hardware(data["device_kind"], self.baselines.inventory, runner.gpus)
@@ -367,6 +369,7 @@ class Gate:
             result.goodput(verdict.per_request_limits(found.slos)),
             gpus=runner.gpus, runs=[p.result for p in probes],
         )  # fmt: skip
+        sweep.attach(data, runner)
         data["capacity"] = found.to_json()
         data["capacity_floor"] = spec.capacity
         data = report.judged(data, verdict.verdict_of(checks, s.confidence))
