@@ -26,6 +26,7 @@ from pytest_tokperf import (
     server_metrics,
     verdict,
     workloads,
+    worst,
 )
 from pytest_tokperf import gpus as gpus_module
 from pytest_tokperf import sweep as sweep_module
@@ -479,6 +480,12 @@ class Tokperf:
         the other keywords as `run`'s (requests, max_tokens, workload, duration_s, seed,
         warmup). The report draws the throughput-vs-latency curve and the Pareto plot."""
         return sweep_module.sweep(self, scenario, **kwargs)
+
+    def search_worst(self, slo: Mapping[str, float], **kwargs: Any) -> worst.Worst:
+        """The smallest workload shape (prompt_tokens=, output_tokens=, qps=: values or
+        hypothesis strategies) whose short Server run breaks `slo`, shrunk by hypothesis
+        within `budget_s` and written as a workload file (`worst` module)."""
+        return worst.search_worst(self, slo, **kwargs)
 
     def capacity(
         self,

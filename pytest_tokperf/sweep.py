@@ -42,6 +42,8 @@ class Sweep(Sequence[RunResult]):
     loads: tuple[float, ...]
     results: tuple[RunResult, ...]
     slos: dict[str, float] = field(default_factory=dict)  # ms, the test's for the scenario
+    busy: str = "invalid"  # how a busy machine counts (--tokperf-busy-machine)
+    throttled: str = "note"  # how slowed GPU clocks count (the profile's)
 
     @overload
     def __getitem__(self, i: int) -> RunResult: ...
@@ -58,7 +60,10 @@ class Sweep(Sequence[RunResult]):
 
     def statuses(self) -> list[str]:
         """Each point's verdict against the SLOs alone (MEASURED without SLOs)."""
-        return [verdict.judge(r, {}, self.slos).status for r in self.results]
+        return [
+            verdict.judge(r, {}, self.slos, busy=self.busy, throttled=self.throttled).status
+            for r in self.results
+        ]
 
     def to_json(self, capacity_qps: float | None = None) -> dict[str, Any]:
         points = []
@@ -142,7 +147,7 @@ def sweep(
     slos = dict(runner.slos(scenario)) or {
         k: v for k, v in marker.items() if k in verdict.SLO_KEYWORDS
     }
-    found = Sweep(axis, scenario, loads, tuple(results), slos)
+    found = Sweep(axis, scenario, loads, tuple(results), slos, runner.busy, runner.throttled)
     runner.sweeps.append(found)
     return found
 

@@ -37,3 +37,14 @@ def test_pareto_frontier_keeps_the_points_nothing_beats_on_both() -> None:
     points = [(10.0, 100.0), (20.0, 80.0), (15.0, 70.0), (30.0, 20.0), (5.0, 100.0)]
     # (15, 70) is beaten by (20, 80); (5, 100) by (10, 100)
     assert figures.frontier(points) == [(10.0, 100.0), (20.0, 80.0), (30.0, 20.0)]
+
+
+def test_sim_prefill_knob_grows_ttft_with_the_prompt_words() -> None:
+    from pytest_tokperf.engines import Request
+    from pytest_tokperf.engines.sim import parse_settings, request_timeline
+
+    s = parse_settings({"ttft_s": 0.02, "prefill_s_per_token": 0.0001, "jitter": 0.0})
+    times, _ = request_timeline(s, Request("r", " ".join(["w"] * 1500), 3))
+    assert times[0] == pytest.approx(0.02 + 1500 * 0.0001)
+    plain, _ = request_timeline(parse_settings({"jitter": 0.0}), Request("r", "a b c", 3))
+    assert plain[0] == pytest.approx(0.05)  # the knob's default leaves TTFT as it was
