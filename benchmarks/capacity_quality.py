@@ -132,7 +132,7 @@ def driver_trial(seed: int, floors: Sequence[float]) -> capacity.Capacity:
     min_qps, as a test with the marker calling capacity(min_qps=...) would)."""
     engine = load_engine("sim", {**ENGINE, "seed": seed}, 1)
     runner = Tokperf(engine, replace(BUILTIN["sim"], warmup=0, max_tokens=TOKENS))
-    runner.busy = "note"  # other jobs share this machine: said in the README
+    runner.busy = "note"  # other jobs share this machine: said in docs/verdicts.md
     runner.capacity_floor = {"min_qps": floors[0], **SLOS}
     return runner.capacity(min_qps=floors[1], budget_s=BUDGET_S, tolerance=TOLERANCE, seed=seed)
 

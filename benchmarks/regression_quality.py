@@ -14,7 +14,8 @@ and, over pairs whose current engine is 20% slower, how often the verdict is FAI
 Run:
 
     python benchmarks/regression_quality.py               # about 3 minutes on 2 cores
-    python benchmarks/regression_quality.py --pairs 100   # the README's figures
+    # the figures in docs/baselines-ci.md:
+    python benchmarks/regression_quality.py --pairs 60 --power-pairs 10 --sim-s 40 --time-scale 40
 """
 
 from __future__ import annotations
@@ -49,14 +50,20 @@ def payload(noise: str, seed: int, speed: float, args: argparse.Namespace) -> di
     settings["tokens_per_s"] = BASE["tokens_per_s"] * speed
     engine = load_engine("sim", settings, 1)
     runner = Tokperf(engine, replace(BUILTIN["sim"], warmup=0))
-    result = runner.run(
-        "concurrency",
-        concurrency=4,
-        max_tokens=64,
-        duration_s=args.sim_s / args.time_scale,
-        seed=seed,
-    )
-    return {"tokens_per_s": result.tokens_per_s, **extras(result, {}, latencies=False)}
+    if args.scenario == "offline":  # the same requests every run: windows of equal work
+        result = runner.run("offline", requests=args.requests, max_tokens=64, seed=seed)
+    else:
+        result = runner.run(
+            "concurrency",
+            concurrency=4,
+            max_tokens=64,
+            duration_s=args.sim_s / args.time_scale,
+            seed=seed,
+        )
+    out = {"tokens_per_s": result.tokens_per_s, **extras(result, {}, latencies=False)}
+    if args.time_windows:  # the equal-time pairing, for a side-by-side comparison
+        out.pop("token_windows_per_s", None)
+    return out
 
 
 def wilson_upper(k: int, n: int, z: float = 1.96) -> float:
@@ -72,7 +79,11 @@ def wilson_upper(k: int, n: int, z: float = 1.96) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=30, help="pairs per noise level")
-    parser.add_argument("--power-pairs", type=int, default=10, help="pairs at a 20%% slowdown")
+    parser.add_argument("--power-pairs", type=int, default=10, help="pairs at the slowdown")
+    parser.add_argument("--slowdown", type=float, default=0.8, help="the slower engine's speed")
+    parser.add_argument("--scenario", choices=("concurrency", "offline"), default="concurrency")
+    parser.add_argument("--requests", type=int, default=64, help="per Offline run")
+    parser.add_argument("--time-windows", action="store_true", help="pair windows of equal time")
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--tolerance", type=float, default=regression.DEFAULT_TOLERANCE)
     parser.add_argument("--sim-s", type=float, default=60.0, help="run length, simulated s")
@@ -81,16 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tol = {regression.THROUGHPUT: args.tolerance}
     print(
-        f"sim {json.dumps(BASE)}, concurrency 4 x 64 tokens, {args.sim_s:g} simulated s per "
-        f"run, time_scale {args.time_scale:g}; confidence {args.confidence}, tolerance "
+        f"sim {json.dumps(BASE)}, "
+        + (
+            f"Offline {args.requests} x 64 tokens"
+            if args.scenario == "offline"
+            else f"concurrency 4 x 64 tokens, {args.sim_s:g} simulated s per run"
+        )
+        + f", time_scale {args.time_scale:g}; confidence {args.confidence}, tolerance "
         f"{args.tolerance:.0%}; {args.pairs} unchanged pairs and {args.power_pairs} pairs at "
-        "0.8x per noise level",
+        f"{args.slowdown:g}x per noise level",
         flush=True,
     )
     rows = []
     started = time.perf_counter()
     for noise in NOISE:
-        fails = misses = n = caught = 0
+        fails = misses = n = caught = passed = 0
+        method = ""
         widths = []
         for i in range(args.pairs):
             base = payload(noise, 2 * i, 1.0, args)
@@ -103,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             widths.append(check.high - check.low)
         for i in range(args.power_pairs):
             base = payload(noise, 1000 + 2 * i, 1.0, args)
-            cur = payload(noise, 1001 + 2 * i, 0.8, args)
+            cur = payload(noise, 1001 + 2 * i, args.slowdown, args)
             (check,) = regression.compare(cur, base, tol, args.confidence)
             caught += check.status == "FAIL"
+            passed += check.status in ("PASS", "IMPROVED")  # beyond the tolerance: wrong
+            method = check.method
         row = {
             "noise": noise,
             **NOISE[noise],
@@ -117,13 +136,16 @@ def main(argv: list[str] | None = None) -> int:
             "median_ci_width": sorted(widths)[len(widths) // 2],
             "slowdown_pairs": args.power_pairs,
             "slowdown_caught": caught,
+            "slowdown_passed": passed,
+            "method": method,
         }
         rows.append(row)
         print(
             f"{noise:6}  jitter {row['jitter']:.1f} stalls {row['stall_prob']:.3f}: "
             f"false FAIL {fails}/{n} (95% upper {row['false_fail_upper95']:.1%}), interval "
             f"missed 1.0 in {misses}/{n} ({row['miscovered_upper95']:.1%}), median CI width "
-            f"{row['median_ci_width']:.3f}; 20% slowdown FAILed {caught}/{args.power_pairs}",
+            f"{row['median_ci_width']:.3f}; {args.slowdown:g}x FAILed {caught}/{args.power_pairs}, "
+            f"PASSed {passed} ({method})",
             flush=True,
         )
     print(f"{time.perf_counter() - started:.0f} s wall")

@@ -346,8 +346,8 @@ def _stored(records: Sequence[RequestRecord], end: int) -> dict[str, Any]:
 def regression_run(
     engine: dict[str, float], seed: int, confidence: float, decide_regression: bool
 ) -> Outcome:
-    """The README's CI recipe: a baseline run with an easy floor (0.5 x truth), then the
-    unchanged engine (another seed) compared with it at a 5% tolerance. When
+    """The CI recipe (docs/baselines-ci.md): a baseline run with an easy floor (0.5 x
+    truth), then the unchanged engine (another seed) compared with it at a 5% tolerance. When
     `decide_regression`, early stopping decides the comparison too and the baseline
     run, the yardstick, runs its whole length; else (as before) both stop with the
     floor."""

@@ -1,5 +1,5 @@
 """Command line: `convert-openorca IN.pkl OUT.jsonl --allow-pickle`, `parity`, `merge`,
-`recompute`, `calibrate`, `recover` and `history`.
+`recompute`, `calibrate`, `recover`, `history` and `options-doc`.
 
 `python -m pytest_tokperf merge node*.json --out rack.json` judges a rack from nodes
 launched by separate jobs; `python -m pytest_tokperf recompute RECORDS --json DOC`
@@ -234,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pytest_tokperf import history
 
     history.add_parser(commands)
+    commands.add_parser("options-doc", help="print the options reference (docs/options.md)")
     # everything after `--` goes to pytest: `calibrate examples -n 5 -- -k offline`
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -254,6 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return recover(args)
     if args.command == "history":
         return history.main(args)
+    if args.command == "options-doc":
+        from pytest_tokperf import optionsdoc
+
+        sys.stdout.write(optionsdoc.markdown())
+        return 0
     if not args.allow_pickle:
         parser.error(
             f"refusing to load {args.source}: loading a pickle runs the code inside it; "

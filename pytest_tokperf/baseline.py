@@ -66,14 +66,17 @@ def _round(values: Sequence[float], digits: int = 6) -> list[float]:
 
 
 def extras(result: RunResult, hw: Mapping[str, Any], latencies: bool) -> dict[str, Any]:
-    """Additive payload keys: the hardware fingerprint, the batch-means window rates,
-    a finer timeline for figures, and (when asked) every request's latencies in ms."""
+    """Additive payload keys: the hardware fingerprint, the batch-means window rates (an
+    Offline run's also in windows of equal work), a finer timeline for figures, and
+    (when asked) every request's latencies in ms."""
     end = result.window_end_ns
     out: dict[str, Any] = {
         "hardware": dict(hw),
         "windows_per_s": _round(metrics.window_rates(result.records, metrics.BATCHES, end)),
         "timeline_per_s": _round(metrics.window_rates(result.records, TIMELINE_WINDOWS, end), 4),
     }
+    if result.scenario == "offline":  # the same requests each time: windows of equal work
+        out["token_windows_per_s"] = _round(metrics.token_windows(result.records, metrics.BATCHES))
     if latencies:
         ok = [r for r in result.records if r.ok]
         out["latencies_ms"] = {

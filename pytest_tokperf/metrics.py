@@ -207,6 +207,31 @@ def window_rates(
     return [t / width_s for t in tokens]
 
 
+def token_windows(records: Sequence[RequestRecord], batches: int) -> list[float]:
+    """Output tokens/s in `batches` windows of equal *work*: window j runs from the chunk
+    that brought the output to j/batches of its tokens to the one that brought it to
+    (j+1)/batches (window 0 from the first issue). Two runs of the same requests then
+    compare the same tokens window by window, whatever their speed: a window boundary
+    never cuts a prefill or a burst differently in the two. Completed requests only;
+    [] when a chunk too large to split leaves a window empty."""
+    chunks = sorted(
+        (at, n) for r in records if r.ok for at, n in zip(r.chunk_ns, r.chunk_tokens, strict=True)
+    )
+    total = sum(n for _, n in chunks)
+    if batches < 1 or total < batches:
+        return []
+    rates: list[float] = []
+    start, count, done = min(r.issue_ns for r in records), 0, 0
+    for at, n in chunks:
+        count += n
+        if count * batches >= (len(rates) + 1) * total:  # reached the next boundary
+            if at <= start or count * batches >= (len(rates) + 2) * total:
+                return []  # a window without time, or a chunk spanning two windows
+            rates.append((count - done) / ((at - start) / NS))
+            start, done = at, count
+    return rates
+
+
 @dataclass(frozen=True)
 class Interval:
     """A two-sided confidence interval around an estimate."""

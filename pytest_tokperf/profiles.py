@@ -91,6 +91,9 @@ class Profile:
     # GPUs that slowed their clocks during a run (thermal, power): "note" (the
     # deployment's own behaviour, which a long enough run includes) or "invalid"
     throttled: str = "note"
+    # allowed drop of tokens/s against a baseline when neither the marker nor
+    # --tokperf-max-regression says (None: 0.05); a machine's run-to-run noise sets it
+    max_regression: float | None = None
 
     def need(self, count: int | None = None) -> Need:
         """What this profile asks of the GPUs; `count` overrides `devices`."""
@@ -155,6 +158,9 @@ BUILTIN: dict[str, Profile] = {
             reference_precision="f16",
             slos=CPU_SLOS,
             min_duration_s=10.0,
+            # an unchanged rerun on 2 cores: 95% intervals of about +/-5% (Offline, 10 s)
+            # and speeds 2-7% apart between runs: 5% would flag the engine against itself
+            max_regression=0.10,
         ),
         Profile(
             name="sim",
@@ -293,6 +299,13 @@ def _float(value: object, minimum: float, strict: bool) -> float:
     return number
 
 
+def _fraction(value: object) -> float:
+    number = _float(value, 0, strict=False)
+    if number >= 1:
+        raise _Bad(f"expected a fraction from 0 up to 1, such as 0.1, got {value!r}")
+    return number
+
+
 def _choice(value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise _Bad(f"expected one of {', '.join(choices)}, got {value!r}")
@@ -381,6 +394,7 @@ KEYS: dict[str, Any] = {
     "reference_model": _str,
     "min_duration_s": lambda v: _float(v, 0, strict=False),
     "throttled": lambda v: _choice(v, ("note", "invalid")),
+    "max_regression": _fraction,
 }
 MERGED = ("floors", "engine", "slos", "parity")  # tables merge key by key with `extends`
 REQUIRED = tuple(

@@ -8,7 +8,11 @@ Pure functions, no I/O. Two intervals of the ratio current / baseline:
   the prompt mix, the drain) cancels in d_j = log(current_j / baseline_j); the
   interval is ratio x exp(+/- t(k-1) sd(d) / sqrt(k)) around the ratio of the two
   tokens/s (the delta method: log of the ratio of means ~ mean of d). Windows are the
-  batches the floor verdicts already use, so one noise model serves both. When the
+  batches the floor verdicts already use, so one noise model serves both. Offline runs
+  (the same requests each time) pair **windows of equal work** instead
+  (`metrics.token_windows`: window j holds the j-th tenth of each run's output tokens),
+  so a window boundary never cuts a prefill or a burst differently in the two runs; on
+  the embedded engine that halves the interval of an unchanged rerun. When the
   runs' windows cannot be paired (different counts, an empty window) it falls back to
   an unpaired **log-ratio t interval with Welch's degrees of freedom**.
 - Latency percentiles: **distribution-free order-statistic intervals** (binomial) of each
@@ -40,6 +44,7 @@ LATENCIES = ("ttft", "tpot", "e2e")  # the per-request latencies a baseline keep
 KEYWORDS: tuple[str, ...] = (THROUGHPUT, *(f"{m}_{p}" for m in LATENCIES for p in PERCENTILES))
 DEFAULT_TOLERANCE = 0.05
 THROUGHPUT_METHOD = "paired log-ratio t interval over aligned batch-means windows"
+TOKEN_METHOD = "paired log-ratio t interval over batch-means windows of equal work"
 UNPAIRED_METHOD = "log-ratio t interval, Welch df, over batch-means windows"
 LATENCY_METHOD = "order-statistic (binomial) percentile intervals, Bonferroni-combined"
 
@@ -61,16 +66,20 @@ def _mean_var(values: Sequence[float]) -> tuple[float, float]:
 
 
 def throughput_ratio(
-    current: Sequence[float], baseline: Sequence[float], confidence: float
+    current: Sequence[float],
+    baseline: Sequence[float],
+    confidence: float,
+    estimate: float | None = None,
 ) -> Ratio | None:
     """Interval of mean(current) / mean(baseline) from two runs' window rates: paired
-    when the windows align, else unpaired (Welch)."""
+    when the windows align, else unpaired (Welch). `estimate`, when given, is the ratio
+    the paired interval is centred on (windows of equal work: the runs' rates)."""
     if len(current) != len(baseline) or min([*current, *baseline], default=0) <= 0:
         return welch_ratio(current, baseline, confidence)
     k = len(current)
     if k < 2:
         return None
-    ratio = sum(current) / sum(baseline)
+    ratio = sum(current) / sum(baseline) if estimate is None else estimate
     d = [math.log(c / b) for c, b in zip(current, baseline, strict=True)]
     _, var = _mean_var(d)
     half = t_quantile((1 + confidence) / 2, k - 1) * math.sqrt(var / k)
@@ -182,13 +191,12 @@ def compare(
     checks = []
     for metric, tolerance in tolerances.items():
         if metric == THROUGHPUT:
-            cur_w = _floats(current.get("windows_per_s"))
-            base_w = _floats(baseline.get("windows_per_s"))
-            ratio = throughput_ratio(cur_w, base_w, confidence)
+            cur_w, base_w, method = _windows(current, baseline)
             observed = float(current.get(THROUGHPUT) or 0.0)  # type: ignore[arg-type]
             base = float(baseline.get(THROUGHPUT) or 0.0)  # type: ignore[arg-type]
-            paired = len(cur_w) == len(base_w) and min([*cur_w, *base_w], default=0) > 0
-            method = THROUGHPUT_METHOD if paired else UNPAIRED_METHOD
+            # windows of equal work do not average to the rate: the runs' rates give it
+            given = observed / base if method == TOKEN_METHOD and base > 0 else None
+            ratio = throughput_ratio(cur_w, base_w, confidence, given)
         else:
             what, pct = metric.split("_")
             cur_l = _floats(_get(current.get("latencies_ms"), what))
@@ -229,6 +237,21 @@ def compare(
             )
         )
     return checks
+
+
+def _windows(
+    current: Mapping[str, object], baseline: Mapping[str, object]
+) -> tuple[list[float], list[float], str]:
+    """The two runs' windows to pair, and the interval's name: windows of equal work
+    when both have them (Offline), else of equal time."""
+    cur_t = _floats(current.get("token_windows_per_s"))
+    base_t = _floats(baseline.get("token_windows_per_s"))
+    if cur_t and len(cur_t) == len(base_t):
+        return cur_t, base_t, TOKEN_METHOD
+    cur_w = _floats(current.get("windows_per_s"))
+    base_w = _floats(baseline.get("windows_per_s"))
+    paired = len(cur_w) == len(base_w) and min([*cur_w, *base_w], default=0) > 0
+    return cur_w, base_w, THROUGHPUT_METHOD if paired else UNPAIRED_METHOD
 
 
 def _get(table: object, key: str) -> object:

@@ -109,8 +109,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("tokperf_save_baseline", "DIR", "store each perf test's result as a baseline in DIR"),
     Option("tokperf_baseline", "DIR", "compare each perf test with its baseline in DIR",
            flag="--tokperf-compare-baseline"),
-    Option("tokperf_max_regression", "FRACTION", "allowed drop of tokens/s against the baseline",
-           str(DEFAULT_TOLERANCE)),
+    Option("tokperf_max_regression", "FRACTION",
+           "allowed drop of tokens/s against the baseline (default: the profile's "
+           f"max_regression, else {DEFAULT_TOLERANCE}; the cpu profile's is "
+           f"{profiles.BUILTIN['cpu'].max_regression})"),
     Option("tokperf_baseline_missing", "POLICY",
            "with --tokperf-compare-baseline, what a test without a matching baseline is: "
            "fail, inconclusive or pass (pass: reported as not measured, never PASS)", "fail"),
@@ -408,7 +410,9 @@ def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
         history=_path(setting(config, "tokperf_history")),
         save_baseline=_path(setting(config, "tokperf_save_baseline")),
         compare_baseline=_path(setting(config, "tokperf_baseline")),
-        max_regression=fraction(config, "tokperf_max_regression"),
+        max_regression=fraction(
+            config, "tokperf_max_regression", profile.max_regression or DEFAULT_TOLERANCE
+        ),
         baseline_missing=policy(config, "tokperf_baseline_missing", MISSING_POLICIES),
         busy_machine=policy(config, "tokperf_busy_machine", ("invalid", "note")),
     )

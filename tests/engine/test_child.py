@@ -3,7 +3,7 @@
 Each fault is real: a signal sent to the real child with os.kill, a child that
 crashes itself through the documented test hook, a real truncated GGUF file. Run
 with `-s` to see how long each fault took until the engine answered again (the
-figures in the README's "What happens when things break").
+figures in docs/faults.md, "What happens when things break").
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ def test_baseline_catches_a_drop_and_passes_unchanged(
     assert doc["provenance"]["commit"] == "abc1234def"
     assert doc["provenance"]["engine_settings"]["tokens_per_s"] == 200
     assert len(doc["payload"]["windows_per_s"]) == 10
+    assert len(doc["payload"]["token_windows_per_s"]) == 10  # an Offline run: equal work
     assert len(doc["payload"]["latencies_ms"]["ttft"]) == 24
     base_rate = doc["payload"]["tokens_per_s"]
     assert 170 < base_rate < 230  # one slot at 200 tokens/s, measured on a busy machine
@@ -94,6 +95,7 @@ def test_baseline_catches_a_drop_and_passes_unchanged(
     assert test["verdict"] == "FAIL" and test["regression"]["status"] == "FAIL"
     (check,) = test["regression"]["checks"]
     assert check["ratio"] == pytest.approx(test["tokens_per_s"] / base_rate, rel=1e-5)
+    assert "windows of equal work" in check["method"]
 
     same = _run(pytester, 200, "--tokperf-compare-baseline", "base")
     same.assert_outcomes(passed=1)
@@ -220,3 +222,23 @@ def test_pytest_html_gets_the_figures_as_extras(pytester: pytest.Pytester) -> No
     result.assert_outcomes(passed=1)
     page = (pytester.path / "ph.html").read_text()
     assert "throughput over time" in page and "latency CDF" in page
+
+
+def test_the_profiles_tolerance_applies_unless_the_option_says(pytester: pytest.Pytester) -> None:
+    """A profile's `max_regression` is the default tolerance; the option overrides it."""
+    pytester.makepyfile(
+        test_base="def test_rate(tokperf):\n    tokperf.run(requests=24, max_tokens=40, warmup=0)\n"
+    )
+    lax = PROFILE + "max_regression = 0.3\n"
+    pytester.makefile(".toml", tokperf=lax.format(rate=200))
+    pytester.runpytest(*ARGS, "--tokperf-save-baseline", "base").assert_outcomes(passed=1)
+    pytester.makefile(".toml", tokperf=lax.format(rate=160))  # 20% slower
+    pytester.runpytest(*ARGS, "--tokperf-compare-baseline", "base").assert_outcomes(passed=1)
+    (check,) = _test(pytester)["regression"]["checks"]
+    assert check["tolerance"] == 0.3 and check["low"] > 0.7 and check["high"] < 1
+    strict = pytester.runpytest(
+        *ARGS, "--tokperf-compare-baseline", "base", "--tokperf-max-regression", "0.05"
+    )
+    strict.assert_outcomes(failed=1)
+    (check,) = _test(pytester)["regression"]["checks"]
+    assert check["tolerance"] == 0.05 and check["status"] == "FAIL"

@@ -3,7 +3,7 @@ read-only or full disk for --tokperf-json, a bad setting under --help.
 
 Real processes and real signals on the sim engine (`--tokperf-profile sim`), whose
 runs take a known time. Each test prints what it measured (time until the session
-went on); the README's fault table quotes those lines (`pytest -s`).
+went on); docs/faults.md's fault table quotes those lines (`pytest -s`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from pytest_tokperf.metrics import (
     summarize,
     t_quantile,
     throughput_interval,
+    token_windows,
     tpot_s,
     ttft_s,
     window_rates,
@@ -185,6 +186,40 @@ def test_window_rates_by_hand() -> None:
     assert window_tokens_per_s([r], NS // 2) == pytest.approx(3 / 0.5)
     failed = rec(0, [NS // 10], error="x")
     assert window_rates([r, failed], 4) == window_rates([r], 4)
+
+
+def test_token_windows_by_hand() -> None:
+    # 8 tokens in 4 windows of 2 tokens: boundaries at the chunks bringing 2, 4, 6, 8
+    r = rec(0, [NS // 10, NS // 5, NS // 2, NS, 2 * NS], tokens=[1, 1, 2, 2, 2])
+    # [0, 0.2 s]: 2 tokens; [0.2, 0.5]: 2; [0.5, 1.0]: 2; [1.0, 2.0]: 2
+    assert token_windows([r], 4) == pytest.approx([2 / 0.2, 2 / 0.3, 2 / 0.5, 2 / 1.0])
+    # a chunk of 4 tokens fills two windows at one instant: no windows of equal work
+    assert token_windows([rec(0, [NS, 2 * NS], tokens=[4, 4])], 4) == []
+    assert token_windows([r, rec(0, [NS // 20], error="x")], 4) == token_windows([r], 4)
+
+
+@given(runs(), st.integers(1, 12))
+def test_token_windows_hold_equal_work(recs: list[RequestRecord], k: int) -> None:
+    """Every window's tokens x its time add up to the run's tokens and time, and each
+    holds at least its share of the tokens (never a boundary inside a chunk)."""
+    rates = token_windows(recs, k)
+    if not rates:
+        return
+    chunks = sorted(
+        (at, n) for r in recs if r.ok for at, n in zip(r.chunk_ns, r.chunk_tokens, strict=True)
+    )
+    total = sum(n for _, n in chunks)
+    # the window's boundaries from the cumulative sum, independently of the function
+    ends, count = [], 0
+    for at, n in chunks:
+        count += n
+        if count * k >= (len(ends) + 1) * total:
+            ends.append((at, count))
+    start, done = min(r.issue_ns for r in recs), 0
+    for rate, (end, reached) in zip(rates, ends, strict=True):
+        assert rate * (end - start) / NS == pytest.approx(reached - done)
+        start, done = end, reached
+    assert len(rates) == k and done == total
 
 
 def test_time_bounded_run_rates_over_its_window() -> None:

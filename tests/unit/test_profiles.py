@@ -140,6 +140,10 @@ def test_tokperf_toml_defines_a_whole_profile(tmp_path: Path) -> None:
             '[tool.tokperf.profiles.x]\nextends = "cpu"\nwarmup = true',
             "key 'warmup': expected an integer >= 0, got True",
         ),
+        (
+            '[tool.tokperf.profiles.x]\nextends = "cpu"\nmax_regression = 5',
+            "key 'max_regression': expected a fraction from 0 up to 1, such as 0.1, got 5",
+        ),
         ('[tool.tokperf.profiles.x]\nmodel = "m"', "profile 'x': missing keys description,"),
         ("[tool.tokperf.profiles.cpu]\nwarmup = 1", "profile 'cpu' is a built-in profile"),
         ("[tool.tokperf.profiles.x\n", "not valid TOML"),

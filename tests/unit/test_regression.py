@@ -122,3 +122,51 @@ def test_compare_reads_payload_windows_and_latencies() -> None:
     assert by["ttft_p50"].status == "PASS"
     assert math.isclose(by["ttft_p50"].observed * 1000, sorted(cur["latencies_ms"]["ttft"])[1000])
     assert regression.overall([c.status for c in checks]) == "FAIL"
+
+
+def _sequential_offline(speed: float, rng: random.Random) -> list:
+    """16 requests queued at 0 and served one at a time: a prefill pause, then tokens
+    at 50 tokens/s with 2% jitter, all of it `speed` times faster. The same prompts and
+    lengths every run (a fixed Random for the work), only the speed and its jitter differ."""
+    from pytest_tokperf.driver import RequestRecord
+
+    work = random.Random(7)
+    out, now = [], 0.0
+    for i in range(16):
+        now += work.uniform(0.05, 0.4) / speed  # prefill: no tokens
+        chunks = []
+        for _ in range(work.randint(10, 48)):
+            now += rng.gauss(1, 0.02) / (50 * speed)
+            chunks.append(int(now * 1e9))
+        out.append(RequestRecord(f"r{i}", 0, chunks[-1], tuple(chunks), (1,) * len(chunks)))
+    return out
+
+
+def _offline_payload(records: list) -> dict:
+    from pytest_tokperf import metrics
+
+    return {
+        "scenario": "offline",
+        "tokens_per_s": metrics.output_tokens_per_s(records),
+        "windows_per_s": metrics.window_rates(records, metrics.BATCHES),
+        "token_windows_per_s": metrics.token_windows(records, metrics.BATCHES),
+    }
+
+
+@pytest.mark.parametrize("speed", [1.0, 0.97, 0.85])
+def test_offline_runs_pair_windows_of_equal_work(speed: float) -> None:
+    """The same requests at a known speed ratio: windows of equal work give an interval
+    around the true ratio that is narrower than windows of equal time, whose boundaries
+    cut the prefill pauses differently in the two runs."""
+    rng = random.Random(3)
+    base = _offline_payload(_sequential_offline(1.0, rng))
+    cur = _offline_payload(_sequential_offline(speed, rng))
+    (work,) = regression.compare(cur, base, {"tokens_per_s": 0.05}, 0.95)
+    timed = {k: v for k, v in cur.items() if k != "token_windows_per_s"}
+    (time,) = regression.compare(timed, base, {"tokens_per_s": 0.05}, 0.95)
+    assert work.method == regression.TOKEN_METHOD and time.method == regression.THROUGHPUT_METHOD
+    assert work.ratio == pytest.approx(cur["tokens_per_s"] / base["tokens_per_s"])
+    assert work.low is not None and work.high is not None and time.low is not None
+    assert work.low < speed < work.high  # the same work at `speed`: the true ratio
+    assert work.high - work.low < (time.high - time.low) / 2
+    assert work.status == {1.0: "PASS", 0.97: "PASS", 0.85: "FAIL"}[speed]
