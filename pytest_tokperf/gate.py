@@ -28,6 +28,7 @@ from pytest_tokperf import (
     baseline,
     capacity,
     driver,
+    goodput,
     markers,
     rack,
     rackjudge,
@@ -35,6 +36,7 @@ from pytest_tokperf import (
     report,
     sequential,
     summary,
+    sweep,
     verdict,
 )
 from pytest_tokperf.gpus import Inventory
@@ -281,6 +283,9 @@ class Gate:
         )
         first, *rest = last.checks  # the last run's failed requests, numbered in the test
         checks += [dataclasses.replace(first, run=n - 1, runs=n), *rest]
+        if spec.goodput_floor is not None:
+            each = verdict.per_look(s.confidence, runner.looks[-1])
+            checks.append(goodput.floor_check(result, spec.goodput_floor, slos or {}, each))
         if interrupted is not None:  # a cut run is no measurement, whatever it shows
             done = result.requests - result.failed
             when = f"{result.duration_s:.1f} s" if cut else "its last run"
@@ -294,6 +299,7 @@ class Gate:
             item.nodeid, result, spec.floors or {}, s.profile, slos, good,
             gpus=runner.gpus, runs=runner.results,
         )  # fmt: skip
+        sweep.attach(data, runner)
         data.update(self.baselines.extras(data, result, runner.gpus))
         # the fingerprint a history or baseline is keyed by, in every results file
         hw = baseline.hardware(data["device_kind"], self.baselines.inventory, runner.gpus)
@@ -363,6 +369,7 @@ class Gate:
             result.goodput(verdict.per_request_limits(found.slos)),
             gpus=runner.gpus, runs=[p.result for p in probes],
         )  # fmt: skip
+        sweep.attach(data, runner)
         data["capacity"] = found.to_json()
         data["capacity_floor"] = spec.capacity
         data = report.judged(data, verdict.verdict_of(checks, s.confidence))

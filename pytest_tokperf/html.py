@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_tokperf import metrics, report, summary
+from pytest_tokperf.figures import sweep_figures
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -192,6 +193,7 @@ def fragment(p: Mapping[str, Any], plt: Any = None, trend: Mapping[str, Any] | N
             f'<figure class="throughput">{throughput_figure(plt, p)}</figure>'
             f'<figure class="latency">{latency_figure(plt, p)}</figure>'
         )
+        figures += sweep_figures(plt, p)  # a test's sweeps: curve and Pareto plot
         if trend is not None:
             figures += f'<figure class="history">{trend_figure(plt, trend)}</figure>'
             if trend.get("note"):

@@ -16,14 +16,16 @@ import pytest
 
 from pytest_tokperf import regression
 from pytest_tokperf.accuracy import ParitySpec
+from pytest_tokperf.goodput import KEY as GOODPUT
 from pytest_tokperf.profiles import Profile
 from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS, Bound, finite, floors_for
 
 FLOOR_MARKER = (
-    "throughput_floor(min_tokens_per_s=None, per_gpu=None, per_rack=None): fail the test "
-    "unless its last tokperf run reaches these output tokens/s floors (per_rack: all MPI "
-    "ranks together); each a number or a dict keyed by profile name (a profile missing "
-    "from the dict skips the test)"
+    "throughput_floor(min_tokens_per_s=None, per_gpu=None, per_rack=None, "
+    "min_goodput_tokens_per_s=None): fail the test unless its last tokperf run reaches "
+    "these output tokens/s floors (per_rack: all MPI ranks together; goodput: tokens of "
+    "requests that met every latency_slo limit); each a number or a dict keyed by "
+    "profile name (a profile missing from the dict skips the test)"
 )
 PARITY_MARKER = (
     "accuracy_parity(reference=None, rouge_ratio=0.99, tokens_per_sample=(0.9, 1.1), "
@@ -114,8 +116,9 @@ def parse_floor_marker(
 ) -> dict[str, Bound]:
     """Validate `throughput_floor(...)` arguments; `where` names the test for errors."""
     return _parse_bounds(
-        "throughput_floor", [*FLOOR_METRICS, "per_rack"], args, kwargs, where, profiles, "a floor"
-    )
+        "throughput_floor", [*FLOOR_METRICS, "per_rack", GOODPUT], args, kwargs, where,
+        profiles, "a floor",
+    )  # fmt: skip
 
 
 def parse_slo_marker(
@@ -263,6 +266,7 @@ class Spec:
     skip: str | None = None  # why the test does not apply to this profile
     # capacity_floor: min_qps and SLO limits (ms), every marker combined (None: no marker)
     capacity: dict[str, float] | None = None
+    goodput_floor: float | None = None  # throughput_floor(min_goodput_tokens_per_s=...)
     places: dict[str, str] = field(default_factory=dict)  # marker name -> where
 
     def slos_for(self, profile: Profile, scenario: str) -> dict[str, float] | None:
@@ -379,6 +383,7 @@ def read(
     )
     floors = _strictest(found, max) if floor_marks and why is None else None
     rack_floor = None if floors is None else floors.pop("per_rack", None)
+    goodput_floor = None if floors is None else floors.pop(GOODPUT, None)
     rack_nodes = profile.nodes if profile.nodes > 1 else None
     if bare and rack_floor is None and profile.nodes > 1 and profile.rack_floor is not None:
         rack_floor = profile.rack_floor  # a bare floor on a rack profile: the rack's too
@@ -404,7 +409,14 @@ def read(
         capacity = _strictest(cap_found, min)
         capacity["min_qps"] = max(found["min_qps"] for found in cap_found)
     places = {name: ms[0][0] for name, ms in marks.items() if ms}
+    if goodput_floor is not None and not slo_marks:
+        raise pytest.UsageError(
+            f"{places['throughput_floor']}: throughput_floor({GOODPUT}=...) counts the tokens "
+            "of requests that met every SLO, and the test has none: add a latency_slo(...) "
+            "marker (e.g. ttft_p99_ms=2000, tpot_p99_ms=100)"
+        )
     return Spec(
+        goodput_floor=goodput_floor,
         capacity=capacity,
         floors=floors,
         bare_floor=bare,

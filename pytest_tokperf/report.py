@@ -125,7 +125,7 @@ def _check_line(check: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
         runs = check.get("runs") or 1
         where = "" if runs == 1 else f"run {check['run'] + 1} of {runs}: "
         return f"{where}{num(check['observed'])} requests failed ({may})"
-    if check.get("kind") in ("evidence", "capacity"):
+    if check.get("kind") in ("evidence", "capacity", "goodput"):
         return f"{check['status']}: {check['detail']}"
     if metric in FLOOR_METRICS:
         name = metric_name(metric, kind)

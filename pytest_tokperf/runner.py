@@ -26,8 +26,10 @@ from pytest_tokperf import (
     server_metrics,
     verdict,
     workloads,
+    worst,
 )
 from pytest_tokperf import gpus as gpus_module
+from pytest_tokperf import sweep as sweep_module
 from pytest_tokperf import trace as trace_module
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import Engine, LogitsEngine, PreparingEngine, Request
@@ -126,6 +128,7 @@ class Tokperf:
         self.probing = False  # a capacity probe runs: its run is kept by the search
         # how a probe's surroundings count (--tokperf-busy-machine, the profile's throttled)
         self.busy, self.throttled = "invalid", "note"
+        self.sweeps: list[sweep_module.Sweep] = []  # `sweep`: one run per load point
 
     @property
     def last_parity(self) -> accuracy.ParityResult | None:
@@ -471,6 +474,18 @@ class Tokperf:
         if interrupted is not None:
             raise interrupted
         return result
+
+    def sweep(self, scenario: str | None = None, **kwargs: Any) -> sweep_module.Sweep:
+        """One run per load point: `qps=[...]` (server, interactive) or `concurrency=[...]`;
+        the other keywords as `run`'s (requests, max_tokens, workload, duration_s, seed,
+        warmup). The report draws the throughput-vs-latency curve and the Pareto plot."""
+        return sweep_module.sweep(self, scenario, **kwargs)
+
+    def search_worst(self, slo: Mapping[str, float], **kwargs: Any) -> worst.Worst:
+        """The smallest workload shape (prompt_tokens=, output_tokens=, qps=: values or
+        hypothesis strategies) whose short Server run breaks `slo`, shrunk by hypothesis
+        within `budget_s` and written as a workload file (`worst` module)."""
+        return worst.search_worst(self, slo, **kwargs)
 
     def capacity(
         self,

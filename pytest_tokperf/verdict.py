@@ -68,7 +68,7 @@ STATUSES = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID", "NOT MEASURED", "ACKNOWLE
 PASSING = ("PASS", "ACKNOWLEDGED")
 # kinds of check whose PASS makes a test PASS; the others (failed requests, validity,
 # evidence) can only keep it from passing: a test with no gate is MEASURED
-GATES = ("floor", "slo", "parity", "regression", "baseline", "rack", "node", "capacity")
+GATES = ("floor", "slo", "parity", "regression", "baseline", "rack", "node", "capacity", "goodput")
 
 # LoadGen's early-stopping estimate is taken at 99% confidence (mlcommons/inference,
 # loadgen/early_stopping.cc)

@@ -16,7 +16,8 @@ starting fast at its first request, each lasting an exponential time of mean
 by `slow_factor`. With `throttle_factor` other than 1, the engine's speed changes for
 good `throttle_after_s` simulated seconds after its first request: 0.6 is a GPU that
 heats up and throttles, 2 an engine that warms up (slow first). Phases and throttle
-belong to the engine, shared by all its requests.
+belong to the engine, shared by all its requests. With `prefill_s_per_token` the mean
+TTFT grows by that much per prompt token (the sim counts whitespace-separated words).
 Each request draws from its own generator seeded by (`seed`, request id), so a run
 is reproducible whatever the interleaving. Chunks are released at absolute target
 times, so the event loop's own overhead does not accumulate into the simulated rate.
@@ -52,6 +53,7 @@ DEFAULTS: dict[str, float] = {
     "max_model_len": 131_072,  # a longer answer fails, as a real server rejects it
     "throttle_after_s": 0.0,  # simulated seconds after the first request ...
     "throttle_factor": 1.0,  # ... from which the engine runs at this speed (1: never)
+    "prefill_s_per_token": 0.0,  # TTFT grows by this per prompt token (a whitespace word)
 }
 POSITIVE = ("tokens_per_s", "time_scale", "slots", "chunk_tokens", "devices", "slow_factor",
             "max_model_len", "throttle_factor")  # fmt: skip
@@ -105,7 +107,8 @@ def request_timeline(settings: Mapping[str, float], request: Request) -> tuple[l
     rng = random.Random(f"{int(s['seed'])}:{request.id}")
     count = int(s["output_tokens"]) or request.max_tokens
     fails = rng.random() < s["fail_prob"]
-    at = _gap(rng, s["ttft_s"], s["jitter"])
+    prefill = s["prefill_s_per_token"] * len(request.prompt.split())
+    at = _gap(rng, s["ttft_s"] + prefill, s["jitter"])
     times = [at]
     for _ in range(count - 1):
         at += _gap(rng, 1 / s["tokens_per_s"], s["jitter"])
