@@ -293,6 +293,7 @@ class Batches:
     start_ns: int = 0  # the first window's start (the end of the ramp)
     width_ns: int = 0
     merges: int = 0  # halvings of the window count until lag-1 was insignificant
+    lag1: float | None = None  # still correlated where a halving would leave too few
 
 
 def rates_between(records: Sequence[RequestRecord], start: int, end: int, k: int) -> list[float]:
@@ -317,7 +318,7 @@ def batch_rates(
     window spans at least `MIN_WINDOW_LATENCIES` mean latencies and, on average,
     `MIN_WINDOW_REQUESTS` completions, so one request's tokens rarely straddle many
     windows; while the window rates are correlated at lag 1, adjacent windows are
-    merged (the count halved). Fewer than `MIN_BATCHES` rates left: no interval.
+    merged (`independent`). Fewer than `MIN_BATCHES` rates left: no interval.
     Requests count as completed when they ended before the window's end (`end_ns`, or
     the last end: a snapshot's in-flight requests end there and are not completions).
     """
@@ -335,21 +336,57 @@ def batch_rates(
     if span <= 0 or completions == 0:
         return Batches(())
     width = max(MIN_WINDOW_LATENCIES * latency, MIN_WINDOW_REQUESTS * span / completions)
-    k = int(span // width)
+    return independent(records, ramp_end, end, int(span // width), merge=merge)
+
+
+def independent(
+    records: Sequence[RequestRecord], start: int, end: int, k: int, *, merge: bool = True
+) -> Batches:
+    """The rates of `k` equal windows of [start, end], adjacent windows merged (the count
+    halved) while they are correlated at lag 1 and a halving leaves `MIN_BATCHES`; still
+    correlated then, they keep their lag-1, which widens the interval (`interval_of`)."""
     merges = 0
-    rates = rates_between(records, ramp_end, end, k) if k else []
+    rates = rates_between(records, start, end, k) if k else []
     while merge and len(rates) >= MIN_BATCHES and correlated(rates):
+        if k // 2 < MIN_BATCHES:
+            return Batches(tuple(rates), start, (end - start) // k, merges, lag1(rates))
         k //= 2
         merges += 1
-        rates = rates_between(records, ramp_end, end, k)
-    return Batches(tuple(rates), ramp_end, span // max(k, 1), merges)
+        rates = rates_between(records, start, end, k)
+    return Batches(tuple(rates), start, (end - start) // max(k, 1), merges)
 
 
 def interval_of(batches: Batches, confidence: float) -> Interval | None:
-    """Batch-means interval, or None when fewer than `MIN_BATCHES` batches remain."""
+    """Batch-means interval, or None when fewer than `MIN_BATCHES` batches remain; batches
+    still correlated at lag 1 get the wider interval of `correlated_means`."""
     if len(batches.rates) < MIN_BATCHES:
         return None
+    if batches.lag1 is not None:
+        return correlated_means(batches.rates, batches.lag1, confidence)
     return batch_means(batches.rates, confidence)
+
+
+def correlated_means(values: Sequence[float], r1: float, confidence: float) -> Interval | None:
+    """Interval of the mean of `values` correlated at lag 1, as an AR(1) series.
+
+    A series with lag-1 autocorrelation r has Var(mean) = sigma^2 c / k, with
+    c = 1 + 2 sum_{j<k} (1 - j/k) r^j, and its sample variance s^2 estimates
+    sigma^2 (k - c) / (k - 1), not sigma^2; so Var(mean) is estimated by
+    s^2 c (k - 1) / (k (k - c)), with k / c - 1 degrees of freedom (the effective count
+    of independent values, less one). r is the estimate plus 1/k (a lag-1 estimate from
+    k values is biased low by about that), at most 0.9. Fewer than 2 degrees of freedom
+    (or c >= k): None, no interval.
+    """
+    k = len(values)
+    r = min(max(r1 + 1 / k, 0.0), 0.9)
+    c = 1 + 2 * sum((1 - j / k) * r**j for j in range(1, k))
+    df = int(k / c) - 1
+    if c >= k or df < 2:
+        return None
+    mean = sum(values) / k
+    s2 = sum((v - mean) ** 2 for v in values) / (k - 1)
+    half = t_quantile((1 + confidence) / 2, df) * math.sqrt(s2 * c * (k - 1) / (k * (k - c)))
+    return Interval(mean, mean - half, mean + half, confidence, k)
 
 
 def throughput_interval(

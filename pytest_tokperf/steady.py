@@ -34,7 +34,9 @@ from pytest_tokperf.metrics import (
     MIN_BATCHES,
     MIN_WINDOW_REQUESTS,
     NS,
+    Batches,
     batch_rates,
+    independent,
     rates_between,
     t_quantile,
 )
@@ -55,6 +57,8 @@ class Change:
     t: float  # the test statistic (Welch's t, or the Mann-Whitney z)
     width_ns: int = 0  # a rate change: its windows' width ...
     end_ns: int | None = None  # ... and where the steady part of the run ends
+    batch_ns: int = 0  # the narrowest window a floor's interval may use (`batch_rates`)
+    start_ns: int = 0  # where the windows begin (after the ramp)
 
     @property
     def fell(self) -> bool:
@@ -63,8 +67,9 @@ class Change:
 
 def windows(
     records: Sequence[RequestRecord], end_ns: int | None, scenario: str
-) -> tuple[list[float], int, int]:
-    """(window rates, start ns, window width ns) the rate test looks at.
+) -> tuple[list[float], int, int, int]:
+    """(window rates, start ns, window width ns, batch width ns) the rate test looks at;
+    the batch width is the narrowest window a floor's interval may use.
 
     A run over time: at most `BATCHES` equal windows after the ramp, each as wide as
     `metrics.batch_rates` asks at least (two mean latencies, five completions), never
@@ -76,20 +81,22 @@ def windows(
     if scenario != "offline":
         b = batch_rates(records, end_ns, merge=False)
         if not b.rates:
-            return [], 0, 0
+            return [], 0, 0, 0
         span = b.width_ns * len(b.rates)
         k = min(BATCHES, len(b.rates))
-        return rates_between(records, b.start_ns, b.start_ns + span, k), b.start_ns, span // k
+        rates = rates_between(records, b.start_ns, b.start_ns + span, k)
+        return rates, b.start_ns, span // k, b.width_ns
     firsts = [r.chunk_ns[0] for r in records if r.ok and r.chunk_ns]
     if len(firsts) < 2:
-        return [], 0, 0
+        return [], 0, 0, 0
     start, end = min(firsts), steady_end(records, end_ns, scenario) or 0
     # as over time, a window holds five completions on average: fewer windows, or none
     done = sum(1 for r in records if r.ok and start <= r.end_ns <= end)
     k = min(BATCHES, done // MIN_WINDOW_REQUESTS)
     if k < MIN_BATCHES or end - start < k:
-        return [], start, 0
-    return rates_between(records, start, end, k), start, (end - start) // k
+        return [], start, 0, 0
+    width = (end - start) // k
+    return rates_between(records, start, end, k), start, width, width
 
 
 def steady_end(records: Sequence[RequestRecord], end_ns: int | None, scenario: str) -> int | None:
@@ -142,7 +149,7 @@ def rate_change(
     records: Sequence[RequestRecord], end_ns: int | None, scenario: str
 ) -> Change | None:
     """Where the run's output rate changed for good, if it did (see the module doc)."""
-    rates, start, width = windows(records, end_ns, scenario)
+    rates, start, width, batch = windows(records, end_ns, scenario)
     found = change_point(rates)
     if found is None or not records:
         return None
@@ -150,19 +157,25 @@ def rate_change(
     at = start + s * width
     first = min(r.issue_ns for r in records)
     end = steady_end(records, end_ns, scenario)
-    return Change(at, (at - first) / NS, before, after, t, width, end)
+    return Change(at, (at - first) / NS, before, after, t, width, end, batch, start)
 
 
-def rates_after(
-    records: Sequence[RequestRecord], at_ns: int, end_ns: int | None, width_ns: int
-) -> list[float]:
-    """The window rates of the tail after `at_ns`, windows as wide as the run's own
-    (at least `BATCHES` of them for an Offline run's tail)."""
-    end = max(r.end_ns for r in records) if end_ns is None else end_ns
-    if end <= at_ns:
-        return []
-    k = max(1, int((end - at_ns) // width_ns)) if width_ns > 0 else BATCHES
-    return rates_between(records, at_ns, end, k)
+def tail_batches(records: Sequence[RequestRecord], change: Change) -> Batches:
+    """The batches of the tail after the change, for the floors' interval: windows as
+    narrow as the run's own batches may be, merged like them (`metrics.independent`)."""
+    end = max(r.end_ns for r in records) if change.end_ns is None else change.end_ns
+    if end <= change.at_ns:
+        return Batches(())
+    k = max(1, int((end - change.at_ns) // change.batch_ns)) if change.batch_ns > 0 else BATCHES
+    return independent(records, change.at_ns, end, k)
+
+
+def head_batches(records: Sequence[RequestRecord], change: Change) -> Batches:
+    """The batches before the change (from the end of the ramp), cut like `tail_batches`."""
+    if change.batch_ns <= 0 or change.at_ns <= change.start_ns:
+        return Batches(())
+    k = int((change.at_ns - change.start_ns) // change.batch_ns)
+    return independent(records, change.start_ns, change.at_ns, k)
 
 
 def latency_change(

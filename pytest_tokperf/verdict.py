@@ -35,6 +35,7 @@ from pytest_tokperf.metrics import (
     BATCHES,
     MIN_BATCHES,
     PERCENTILES,
+    Batches,
     Interval,
     RunResult,
     batch_means,
@@ -351,22 +352,36 @@ def steady_checks(
             f"the rate {'fell' if change.fell else 'rose'} from {change.before:,.0f} to "
             f"{change.after:,.0f} tokens/s at {change.at_s:,.1f} s"
         )
-        tail = steady.rates_after(records, change.at_ns, change.end_ns, change.width_ns)
-        interval = batch_means(tail, confidence) if len(tail) >= MIN_BATCHES else None
+        tail = steady.tail_batches(records, change)
+        interval = interval_of(tail, confidence)
         if interval is None:
+            few = (
+                f"too few to judge on (at least {MIN_BATCHES})"
+                if len(tail.rates) < MIN_BATCHES
+                else "too correlated to judge on"
+            )
             why = (
-                f"{moved}: not steady, and the {len(tail)} windows after the change are too "
-                f"few to judge on (at least {MIN_BATCHES}); run longer"
+                f"{moved}: not steady, and the {len(tail.rates)} windows after the change are "
+                f"{few}; run longer"
             )
             out.append(check("steady_rate", "INVALID", "validity", why))
         else:
-            rate = interval.estimate
-            observed = {"min_tokens_per_s": rate, "per_gpu": rate / result.engine.devices}
+            tails = _part(result, floors, tail, interval, confidence, "the tail after", change)
+            head = steady.head_batches(records, change)
+            heads = _part(
+                result, floors, head, interval_of(head, confidence), confidence, "the part before",
+                change,
+            )  # fmt: skip
             detail = f"judged on the tail after {change.at_s:,.1f} s and on the whole run ({moved})"
-            tails = _against(
-                floors, observed, interval, result.engine.devices, confidence, len(tail), detail
-            )
-            out = [_both(w, t, change.fell) for w, t in zip(out, tails, strict=True)]
+            if not change.fell:
+                detail = (
+                    f"judged on the tail after {change.at_s:,.1f} s, on the part before it and "
+                    f"on the whole run ({moved})"
+                )
+            out = [
+                dataclasses.replace(_both(w, t, h, change.fell), detail=detail)
+                for w, t, h in zip(out, tails, heads, strict=True)
+            ]
     for key in slos:
         metric, _ = slo_parts(key)
         moved_latency = steady.latency_change(records, _LATENCY[metric])
@@ -383,19 +398,37 @@ def steady_checks(
 _WORSE = ("FAIL", "INVALID", "INCONCLUSIVE", "PASS")
 
 
-def _both(whole: Check, tail: Check, fell: bool) -> Check:
+def _part(
+    result: RunResult,
+    floors: Mapping[str, float],
+    batches: Batches,
+    interval: Interval | None,
+    confidence: float,
+    name: str,
+    change: steady.Change,
+) -> list[Check]:
+    """The floors judged on one part of a run whose rate changed (its batches only)."""
+    rate = interval.estimate if interval is not None else 0.0
+    observed = {"min_tokens_per_s": rate, "per_gpu": rate / result.engine.devices}
+    detail = f"judged on {name} {change.at_s:,.1f} s"
+    devices = result.engine.devices
+    return _against(floors, observed, interval, devices, confidence, len(batches.rates), detail)
+
+
+def _both(whole: Check, tail: Check, head: Check, fell: bool) -> Check:
     """A floor judged on a run whose rate changed: the tail's numbers, and a status from
-    both the tail and the whole run. After a fall (a GPU that throttled) the slower
-    tail is the engine from now on: the worse of the two counts. After a rise the
-    faster tail may be a fast phase rather than the end of a warm-up: only a verdict
-    both agree on counts, INCONCLUSIVE where one cannot decide, INVALID where they
-    contradict each other."""
-    statuses = {whole.status, tail.status}
+    the tail and the rest. After a fall (a GPU that throttled) the slower tail is the
+    engine from now on: the worse of the tail and the whole run counts. After a rise the
+    faster tail may be a fast phase rather than the end of a warm-up: a verdict counts
+    when the tail and either the whole run or the slower part before the change agree
+    on it (both parts passing, the engine passes at either speed; the whole run rarely
+    has an interval of its own, its windows correlated by the very change); INVALID
+    where the tail and the whole run contradict each other, else INCONCLUSIVE."""
     if fell:
-        status = min(statuses, key=_WORSE.index)
-    elif len(statuses) == 1:
+        status = min({whole.status, tail.status}, key=_WORSE.index)
+    elif tail.status in ("PASS", "FAIL") and tail.status in (whole.status, head.status):
         status = tail.status
-    elif statuses == {"PASS", "FAIL"}:
+    elif {tail.status, whole.status} == {"PASS", "FAIL"}:
         status = "INVALID"
     else:
         status = "INCONCLUSIVE"

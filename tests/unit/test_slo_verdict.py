@@ -10,7 +10,6 @@ from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import EngineInfo
 from pytest_tokperf.markers import parse_slo_marker
 from pytest_tokperf.metrics import (
-    MIN_BATCHES,
     NS,
     Interval,
     batch_rates,
@@ -312,11 +311,14 @@ def test_batch_windows_leave_out_the_ramp_and_span_requests() -> None:
     assert lag1([1.0, 1.0, 1.0]) is None
 
 
-def test_correlated_windows_are_merged_until_too_few_remain() -> None:
-    # a slow second half: window rates 20, 20, 20, 10, 10, 10 ... are correlated at lag 1
+def test_windows_correlated_at_the_last_count_give_no_interval_when_too_few_are_effective() -> None:
+    # a slow second half: window rates 20, 20, 20, 10, 10, 10 ... are correlated at lag 1;
+    # halving 11 windows would leave 5, so they are kept, with their lag-1 (0.78), whose
+    # AR(1) variance leaves fewer than 3 effective windows: no interval
     shifted = _closed_loop(40, slow_from=20)
     batches = batch_rates(shifted)
-    assert batches.merges >= 1 and len(batches.rates) < MIN_BATCHES
+    assert batches.merges == 0 and len(batches.rates) == 11
+    assert batches.lag1 == pytest.approx(lag1(batches.rates)) and batches.lag1 > 0.7
     assert throughput_interval(shifted, 0.95) is None
     res = summarize(shifted, INFO, scenario="concurrency", workload="w", max_tokens=None)
     v = judge(res, {"min_tokens_per_s": 5.0})

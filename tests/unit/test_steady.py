@@ -73,6 +73,32 @@ def test_a_throttled_run_is_judged_on_its_slow_tail_never_on_its_fresh_start() -
     assert floor.detail.startswith("judged on the tail after ")
 
 
+def test_the_tail_after_a_change_is_cut_as_finely_as_the_runs_own_batches() -> None:
+    # 60 s at 0.85 then 1.0 speed (a warm-up ending at 30 s): the change test's 10 windows
+    # leave about 5 after the change, but the floor's batches are 2 s (two 1 s latencies),
+    # so the tail has about 15 and an easy floor is decided on it, not "run longer"
+    recs = _loop(60, lambda t: 0.85 if t < 30 else 1.0)
+    change = steady.rate_change(recs, None, "concurrency")
+    assert change is not None and not change.fell
+    batch = metrics.batch_rates(recs, merge=False)
+    assert change.batch_ns == batch.width_ns and change.width_ns > 2 * change.batch_ns
+    tail = steady.tail_batches(recs, change)
+    end = max(r.end_ns for r in recs)
+    assert len(tail.rates) == (end - change.at_ns) // batch.width_ns >= 12
+    first = sum(  # the first tail window's tokens, counted from the records by hand
+        n
+        for r in recs
+        for at, n in zip(r.chunk_ns, r.chunk_tokens, strict=True)
+        if change.at_ns <= at < change.at_ns + tail.width_ns
+    )
+    assert tail.rates[0] == pytest.approx(first * NS / tail.width_ns, rel=0.02)
+    res = metrics.summarize(recs, INFO, scenario="concurrency", workload="w", max_tokens=None)
+    v = verdict.judge(res, {"min_tokens_per_s": 10.0})
+    (floor,) = [c for c in v.checks if c.kind == "floor"]
+    assert v.status == "PASS" and floor.detail.startswith("judged on the tail after ")
+    assert floor.batches == len(tail.rates)
+
+
 def test_a_latency_that_grows_through_the_run_is_not_steady() -> None:
     recs = [
         RequestRecord(f"r{i}", i * NS, i * NS + NS, (i * NS + (10 + i) * NS // 1000,), (1,))
