@@ -366,20 +366,17 @@ def steady_checks(
             )
             out.append(check("steady_rate", "INVALID", "validity", why))
         else:
-            tails = _part(result, floors, tail, interval, confidence, "the tail after", change)
-            head = steady.head_batches(records, change)
-            heads = _part(
-                result, floors, head, interval_of(head, confidence), confidence, "the part before",
-                change,
-            )  # fmt: skip
-            detail = f"judged on the tail after {change.at_s:,.1f} s and on the whole run ({moved})"
-            if not change.fell:
-                detail = (
-                    f"judged on the tail after {change.at_s:,.1f} s, on the part before it and "
-                    f"on the whole run ({moved})"
-                )
+            tails = _part(result, floors, tail, interval, confidence)
+            if change.fell:  # the part before cannot make a slower tail pass
+                heads: list[Check | None] = [None] * len(tails)
+                parts = " and on the whole run"
+            else:
+                head = steady.head_batches(records, change)
+                heads = list(_part(result, floors, head, interval_of(head, confidence), confidence))
+                parts = ", on the part before it and on the whole run"
+            detail = f"judged on the tail after {change.at_s:,.1f} s{parts} ({moved})"
             out = [
-                dataclasses.replace(_both(w, t, h, change.fell), detail=detail)
+                dataclasses.replace(_both(w, t, h), detail=detail)
                 for w, t, h in zip(out, tails, heads, strict=True)
             ]
     for key in slos:
@@ -404,18 +401,15 @@ def _part(
     batches: Batches,
     interval: Interval | None,
     confidence: float,
-    name: str,
-    change: steady.Change,
 ) -> list[Check]:
     """The floors judged on one part of a run whose rate changed (its batches only)."""
     rate = interval.estimate if interval is not None else 0.0
-    observed = {"min_tokens_per_s": rate, "per_gpu": rate / result.engine.devices}
-    detail = f"judged on {name} {change.at_s:,.1f} s"
     devices = result.engine.devices
-    return _against(floors, observed, interval, devices, confidence, len(batches.rates), detail)
+    observed = {"min_tokens_per_s": rate, "per_gpu": rate / devices}
+    return _against(floors, observed, interval, devices, confidence, len(batches.rates), "")
 
 
-def _both(whole: Check, tail: Check, head: Check, fell: bool) -> Check:
+def _both(whole: Check, tail: Check, head: Check | None) -> Check:
     """A floor judged on a run whose rate changed: the tail's numbers, and a status from
     the tail and the rest. After a fall (a GPU that throttled) the slower tail is the
     engine from now on: the worse of the tail and the whole run counts. After a rise the
@@ -424,7 +418,7 @@ def _both(whole: Check, tail: Check, head: Check, fell: bool) -> Check:
     on it (both parts passing, the engine passes at either speed; the whole run rarely
     has an interval of its own, its windows correlated by the very change); INVALID
     where the tail and the whole run contradict each other, else INCONCLUSIVE."""
-    if fell:
+    if head is None:  # a fall
         status = min({whole.status, tail.status}, key=_WORSE.index)
     elif tail.status in ("PASS", "FAIL") and tail.status in (whole.status, head.status):
         status = tail.status
