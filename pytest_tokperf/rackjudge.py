@@ -240,7 +240,9 @@ def judge(
             why = f"{n.label}: {'; '.join(n.payload.get('invalid') or ['invalid'])}"
             checks.append(verdict.check("node", "INVALID", "validity", why))
         elif status in ("INCONCLUSIVE", "PASS", "ACKNOWLEDGED"):
-            why = f"{n.label}: {status}"
+            why = f"{n.label}: {status}" + (
+                f" ({node_undecided(n.payload)})" if status == "INCONCLUSIVE" else ""
+            )
             checks.append(verdict.check("node", status, "rack", why))
     count = len(nodes) + len(missing)
     nodes = [n for n in nodes if not n.payload.get("error")]  # ended early: no run to judge
@@ -364,6 +366,22 @@ def node_failure(payload: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "failed"
 
 
+def node_undecided(payload: Mapping[str, Any]) -> str:
+    """A node's undecided checks in one line: 'per_gpu: no interval: 4 windows ...'."""
+    parts = [
+        f"{c['metric']}: {c.get('detail') or _straddles(c)}"
+        for c in payload.get("checks", [])
+        if c.get("status") == "INCONCLUSIVE"
+    ]
+    return "; ".join(parts) or "undecided"
+
+
+def _straddles(c: Mapping[str, Any]) -> str:
+    if c.get("ci_low") is None or c.get("limit") is None:
+        return "undecided"
+    return f"its interval {num(c['ci_low'])}-{num(c['ci_high'])} straddles {num(c['limit'])}"
+
+
 def context(row: Mapping[str, Any]) -> str:
     engine = row.get("engine") or {}
     nodes = len(row["rack"]["nodes"]) + len(row["rack"]["missing"])
@@ -392,8 +410,11 @@ def message(row: Mapping[str, Any]) -> str:
             lines.append(f"INCONCLUSIVE: {observed} straddles floor {num(c['limit'])} {ctx}")
         else:
             lines.append(f"{observed} < floor {num(c['limit'])} {ctx}")
-    if not lines and row["verdict"] == "INCONCLUSIVE":
-        lines.append(f"INCONCLUSIVE: a node's own floor interval straddles its floor {ctx}")
+    lines += [
+        f"INCONCLUSIVE: {c['detail']} {ctx}"
+        for c in row["checks"]
+        if c["kind"] == "rack" and c["metric"] == "node" and c["status"] == "INCONCLUSIVE"
+    ]
     lines += [f"  note: {n}" for n in row["notes"]]
     return "\n".join(lines)
 

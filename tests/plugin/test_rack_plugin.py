@@ -28,6 +28,10 @@ def test_node(tokperf):
     tokperf.run()
     tokperf.run(scenario="concurrency", concurrency=2, requests=6)
 
+@pytest.mark.throughput_floor(per_gpu=1.0)
+def test_merged_node(tokperf):
+    tokperf.run()  # 16 requests: an Offline interval of its own, so each node decides
+
 @pytest.mark.throughput_floor(per_rack=10.0)
 def test_rack_alone(tokperf):
     tokperf.run()
@@ -60,6 +64,8 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
 def test_records_recompute_to_the_json_and_per_rack_alone_skips(suite: pytest.Pytester) -> None:
     result = suite.runpytest(
         *QUIET,
+        "test_suite.py::test_node",
+        "test_suite.py::test_rack_alone",
         "--tokperf-profile",
         "rack-sim",
         "-rs",
@@ -110,15 +116,13 @@ def test_merge_judges_nodes_that_ran_as_separate_jobs(suite: pytest.Pytester) ->
                 "pytest",
                 *QUIET,
                 "-q",
-                "test_suite.py::test_node",
+                "test_suite.py::test_merged_node",
                 "--tokperf-profile",
                 "rack-sim",
                 "--tokperf-json",
                 f"node{i}.json",
                 "--tokperf-records",
                 f"node{i}.jsonl",
-                "--tokperf-inconclusive",  # too short for a node interval; merge judges
-                "pass",
             ],
             cwd=suite.path,
             stdout=subprocess.DEVNULL,
@@ -134,6 +138,7 @@ def test_merge_judges_nodes_that_ran_as_separate_jobs(suite: pytest.Pytester) ->
     doc = json.loads((suite.path / "rack.json").read_text())
     (rack,) = [t for t in doc["tests"] if t["kind"] == "rack"]
     nodes = [json.loads((suite.path / f).read_text())["tests"][0] for f in files]
+    assert [n["verdict"] for n in nodes] == ["PASS"] * 3  # each node decided its own floor
     if rack["verdict"] == "INVALID":  # started by a loaded machine too far apart
         assert "ran together for" in rack["invalid"][0] and done.returncode == 1
         return
@@ -142,7 +147,7 @@ def test_merge_judges_nodes_that_ran_as_separate_jobs(suite: pytest.Pytester) ->
     # the merged rate counts inside the common window only: at most the sum of the nodes'
     assert rack["tokens_per_s"] <= sum(n["tokens_per_s"] for n in nodes) * 1.01
     assert rack["tokens_per_s"] >= sum(n["tokens_per_s"] for n in nodes) * 0.8
-    assert "test_suite.py::test_node  rack" in done.stdout
+    assert "test_suite.py::test_merged_node  rack" in done.stdout
     done = subprocess.run(
         [*cli, "--per-rack", str(rack["tokens_per_s"] * 2)],
         cwd=suite.path,

@@ -93,6 +93,26 @@ def test_a_missing_or_failing_node_fails_the_rack_by_name() -> None:
     assert "rank 1 (host1) failed its own checks: per_gpu 9 < 10 [" in rackjudge.message(row)
 
 
+def test_an_undecided_node_leaves_the_rack_undecided_and_says_why() -> None:
+    nodes = [node(0, 0.0, 5.0, 1000.0), node(1, 0.0, 5.0, 1000.0)]
+    assert rackjudge.judge("t", nodes, floor=1.0)["verdict"] == "PASS"
+    short = "4 independent batch windows after the ramp, at least 6 needed"
+    undecided = {
+        "verdict": "INCONCLUSIVE",
+        "checks": [
+            {"metric": "per_gpu", "status": "INCONCLUSIVE", "limit": 1.0, "detail": short},
+            {"metric": "ttft_p99_ms", "status": "INCONCLUSIVE", "limit": 500.0,
+             "ci_low": 420.0, "ci_high": 610.0, "detail": ""},
+        ],
+    }  # fmt: skip
+    nodes[1] = node(1, 0.0, 5.0, 1000.0, **undecided)
+    row = rackjudge.judge("t", nodes, floor=1.0)  # the rack's own floor passes by far
+    assert row["verdict"] == "INCONCLUSIVE"
+    text = rackjudge.message(row)
+    assert f"rank 1 (host1): INCONCLUSIVE (per_gpu: {short}; ttft_p99_ms: its interval " in text
+    assert "420-610 straddles 500" in text and "rank 0" not in text
+
+
 def test_too_little_overlap_different_runs_or_node_counts_are_invalid() -> None:
     apart = [node(0, 0.0, 10.0, 1000.0), node(1, 1.0, 10.0, 1000.0)]
     row = rackjudge.judge("t", apart, floor=1.0)
