@@ -22,6 +22,13 @@ judged with `verdict`'s checks:
 - INCONCLUSIVE otherwise (too few samples for the estimate, a run that fell behind or
   whose latencies climb toward the limit: a queue growing without bound).
 For the search every probe but a PASS lies above the capacity.
+
+`capacity_floor(min_concurrency=...)` searches closed-loop serving instead: each probe
+keeps a whole number of requests in flight (the concurrency scenario), the search
+doubles from 1 while probes pass and bisects to adjacent integers, and each probe
+lasts long enough for its samples at the rate its neighbours measured
+(`closed_loop_rate`). Its capacity is the most requests in flight served inside the
+SLOs, as AIPerf's max-concurrency-under-SLA search reports it.
 """
 
 from __future__ import annotations
@@ -43,22 +50,32 @@ SAMPLES_MARGIN = 1.2  # a probe expects this many times the samples LoadGen's mi
 HORIZON = 5.0  # a probe's latency climb is projected over a run this many times as long
 
 
+UNITS = {"qps": "requests/s", "concurrency": "requests in flight"}
+
+
 @dataclass(frozen=True)
 class Probe:
-    """One fixed-rate run of the search and its judgment."""
+    """One run of the search at one load and its judgment."""
 
-    qps: float
+    level: float  # the load: requests/s (axis qps) or requests in flight (concurrency)
     status: str  # PASS, FAIL, INCONCLUSIVE or INVALID (see the module docstring)
     why: str  # in words, when not PASS
     checks: tuple[Check, ...]  # its SLO, failed-request and validity checks
     result: RunResult
     seconds: float  # wall time the probe took
+    axis: str = "qps"  # qps: a fixed-rate Server run; concurrency: a closed-loop run
+
+    @property
+    def qps(self) -> float | None:
+        """The probe's scheduled rate (None for a closed-loop probe)."""
+        return self.level if self.axis == "qps" else None
 
     def to_json(self) -> dict[str, Any]:
         r = self.result
         slos = {c.metric: _slo_json(c) for c in self.checks if c.kind == "slo"}
         return {
             "qps": self.qps,
+            "concurrency": int(self.level) if self.axis == "concurrency" else None,
             "status": self.status,
             "why": self.why,
             "requests": r.requests,
@@ -88,42 +105,62 @@ def _nan(value: float | None) -> float | None:
 class Capacity:
     """A capacity search: every probe, the bracket it found, and what it cost."""
 
-    scenario: str
+    scenario: str  # server or interactive (axis qps), concurrency (axis concurrency)
     slos: dict[str, float]  # SLO keyword -> limit in ms
     saturation_qps: float  # the Offline estimate the search started from
     probes: tuple[Probe, ...]
-    floors: tuple[float, ...]  # the rates probed whatever the search did (min_qps)
+    floors: tuple[float, ...]  # the loads probed whatever the search did (min_qps)
     tolerance: float
     budget_s: float
     seconds: float  # the whole search, the Offline estimate included
     stopped: str  # converged, budget, no passing rate, most probes
     extra: dict[str, Any] = field(default_factory=dict)
+    axis: str = "qps"  # what the search varies: the request rate, or requests in flight
+
+    @property
+    def max_level(self) -> float | None:
+        """The highest load whose probe passed with no probe at or below it failing by an
+        observed percentile (a pass above a proven miss is noise, not capacity)."""
+        return bracket(self.probes)[0]
 
     @property
     def max_qps(self) -> float | None:
-        """The highest rate whose probe passed with no probe at or below it failing by an
-        observed percentile (a pass above a proven miss is noise, not capacity)."""
-        return bracket(self.probes)[0]
+        return self.max_level if self.axis == "qps" else None
+
+    @property
+    def max_concurrency(self) -> int | None:
+        low = self.max_level
+        return int(low) if self.axis == "concurrency" and low is not None else None
 
     @property
     def last_pass_qps(self) -> float | None:
         return self.max_qps
 
     @property
-    def first_fail_qps(self) -> float | None:
-        """The lowest probed rate above `max_qps` that did not pass (its status says how)."""
+    def first_fail(self) -> float | None:
+        """The lowest probed load above `max_level` that did not pass (its status says how)."""
         return bracket(self.probes)[1]
 
+    @property
+    def first_fail_qps(self) -> float | None:
+        return self.first_fail if self.axis == "qps" else None
+
     def to_json(self) -> dict[str, Any]:
+        method = "offline-bracketed bisection on the request rate"
+        if self.axis == "concurrency":
+            method = "doubling, then bisection on the integer concurrency"
         return {
-            "method": "offline-bracketed bisection on the request rate",
+            "method": method,
+            "axis": self.axis,
+            "unit": UNITS[self.axis],
             "scenario": self.scenario,
             "slos_ms": dict(self.slos),
             "saturation_qps": self.saturation_qps,
             "max_qps": self.max_qps,
-            "last_pass_qps": self.last_pass_qps,
-            "first_fail_qps": self.first_fail_qps,
-            "floors_qps": list(self.floors),
+            "max_concurrency": self.max_concurrency,
+            "last_pass": self.max_level,
+            "first_fail": self.first_fail,
+            "floors": list(self.floors),
             "tolerance": self.tolerance,
             "budget_s": self.budget_s,
             "seconds": self.seconds,
@@ -133,12 +170,12 @@ class Capacity:
 
 
 def bracket(probes: Sequence[Probe]) -> tuple[float | None, float | None]:
-    """(highest passing rate not above a failed one, lowest rate above it that did not pass)."""
-    failed = [p.qps for p in probes if p.status == "FAIL"]
+    """(highest passing load not above a failed one, lowest load above it that did not pass)."""
+    failed = [p.level for p in probes if p.status == "FAIL"]
     lowest_fail = min(failed, default=math.inf)
-    passed = [p.qps for p in probes if p.status == "PASS" and p.qps < lowest_fail]
+    passed = [p.level for p in probes if p.status == "PASS" and p.level < lowest_fail]
     low = max(passed, default=None)
-    above = [p.qps for p in probes if p.status != "PASS" and (low is None or p.qps > low)]
+    above = [p.level for p in probes if p.status != "PASS" and (low is None or p.level > low)]
     return low, min(above, default=None)
 
 
@@ -160,19 +197,20 @@ def judge_probe(
     confidence: float = 0.95,
 ) -> Probe:
     """A probe's status from the gate's own checks of its run (module docstring)."""
-    qps = float(result.qps or 0.0)
+    axis = "concurrency" if result.scenario == "concurrency" else "qps"
+    level = float((result.concurrency if axis == "concurrency" else result.qps) or 0.0)
     slo = verdict.slo_checks(result, slos)
     failed = verdict.failure_check(result)
     around = verdict.validity_checks(result, busy=busy, throttled=throttled, sustain=False)
     checks = (failed, *slo, *around)
     invalid = [c.detail for c in around if c.status == "INVALID"]
     if invalid:
-        return Probe(qps, "INVALID", "; ".join(invalid), checks, result, seconds)
+        return Probe(level, "INVALID", "; ".join(invalid), checks, result, seconds, axis)
     missed = [_miss(c) for c in slo if c.status == "FAIL"]
     if failed.status == "FAIL":
         missed.insert(0, f"{result.failed:,} of {result.requests:,} requests failed")
     if missed:
-        return Probe(qps, "FAIL", "; ".join(missed), checks, result, seconds)
+        return Probe(level, "FAIL", "; ".join(missed), checks, result, seconds, axis)
     client = set(verdict.run_validity(result, sustain=False))
     behind = [why for why in verdict.run_validity(result) if why not in client]
     drift = rising(result, slos)
@@ -180,8 +218,8 @@ def judge_probe(
     unmet = [verdict.slo_reason(c) for c in slo if c.status != "PASS"]
     why = [*behind, *drift, *([short.detail] if short else []), *unmet]
     if why:
-        return Probe(qps, "INCONCLUSIVE", "; ".join(why), checks, result, seconds)
-    return Probe(qps, "PASS", "", checks, result, seconds)
+        return Probe(level, "INCONCLUSIVE", "; ".join(why), checks, result, seconds, axis)
+    return Probe(level, "PASS", "", checks, result, seconds, axis)
 
 
 def rising(result: RunResult, slos: Mapping[str, float]) -> list[str]:
@@ -230,61 +268,93 @@ def search(
     budget_s: float,
     tolerance: float,
     clock: Callable[[], float] = time.monotonic,
+    integer: bool = False,
 ) -> tuple[tuple[Probe, ...], str]:
     """Offline-bracketed bisection (module docstring): the probes in the order made, and
     why the search stopped. The floors are probed first whatever the budget; a later
-    probe is made only while the time spent plus the longest probe so far fits."""
+    probe is made only while the time spent plus the longest probe so far fits.
+
+    `integer` searches the concurrency instead: from 1 (or the highest pass) doubling
+    while probes pass, halving while none has, then bisecting to adjacent integers."""
     start = clock()
     probes = [probe(rate) for rate in sorted(set(floors))]
     while True:
         low, high = bracket(probes)
-        if low is not None and high is not None and high - low <= tolerance * low:
+        width = 1 if integer else tolerance * (low or 0.0)
+        if low is not None and high is not None and high - low <= width:
             return tuple(probes), "converged"
-        if low is None and high is not None and high <= saturation * LEAST_SHARE:
+        least = 1 if integer else saturation * LEAST_SHARE
+        if low is None and high is not None and high <= least:
             return tuple(probes), "no passing rate"
         if len(probes) >= MOST_PROBES:
             return tuple(probes), "most probes"
         longest = max((p.seconds for p in probes), default=0.0)
         if clock() - start + longest > budget_s:
             return tuple(probes), "budget"
-        if high is None:
-            rate = saturation if low is None or low < saturation else low * GROW
-        elif low is None:
-            rate = high / 2 if high <= saturation else saturation
-        else:
-            rate = (low + high) / 2
-        probes.append(probe(rate))
+        probes.append(probe(_next_integer(low, high) if integer else _next(low, high, saturation)))
 
 
-def floor_check(found: Capacity, min_qps: float) -> Check:
-    """The capacity_floor verdict: FAIL when the probe at `min_qps` missed an SLO by its
-    observed percentile (or failed requests); else PASS when a probe at or above it met
-    every SLO; else INVALID when the floor's probe could not be issued; else INCONCLUSIVE."""
-    at = [p for p in found.probes if math.isclose(p.qps, min_qps)]
-    passed = [p for p in found.probes if p.qps >= min_qps and p.status == "PASS"]
-    cap = found.max_qps
+def closed_loop_rate(level: int, measured: Mapping[int, float], saturation: float) -> float:
+    """The requests/s a closed-loop probe at `level` in flight will serve at least, so it
+    can be long enough for its samples: by Little's law (rate = in flight / latency) and
+    a latency that does not fall as more requests share the engine, a probe at c serves
+    at least what one at l < c served, and at least c/h of what one at h > c served.
+    The tightest such bound; with nothing measured the Offline saturation rate (the most
+    it can serve: a probe that comes up short is made again at its own rate)."""
+    bounds = [rate * min(1.0, level / at) for at, rate in measured.items() if rate > 0]
+    return max(bounds, default=saturation)
+
+
+def _next(low: float | None, high: float | None, saturation: float) -> float:
+    """The next rate: the saturation rate, up by GROW, down by halves, or the middle."""
+    if high is None:
+        return saturation if low is None or low < saturation else low * GROW
+    if low is None:
+        return high / 2 if high <= saturation else saturation
+    return (low + high) / 2
+
+
+def _next_integer(low: float | None, high: float | None) -> int:
+    """The next concurrency: 1, doubled, halved, or the middle (rounded down)."""
+    if high is None:
+        return 1 if low is None else int(low) * 2
+    if low is None:
+        return max(1, int(high) // 2)
+    return (int(low) + int(high)) // 2
+
+
+def floor_check(found: Capacity, floor_level: float) -> Check:
+    """The capacity_floor verdict (min_qps, or min_concurrency for a closed-loop search):
+    FAIL when the probe at the floor missed an SLO by its observed percentile (or failed
+    requests); else PASS when a probe at or above it met every SLO; else INVALID when
+    the floor's probe could not be issued; else INCONCLUSIVE."""
+    at = [p for p in found.probes if math.isclose(p.level, floor_level)]
+    passed = [p for p in found.probes if p.level >= floor_level and p.status == "PASS"]
+    cap = found.max_level
+    unit = UNITS[found.axis]
     said = (
-        f"capacity {_qps(cap)} requests/s (last pass {_qps(found.last_pass_qps)}, first "
-        f"fail {_qps(found.first_fail_qps)}; {len(found.probes)} probes in "
+        f"capacity {_qps(cap)} {unit} (last pass {_qps(cap)}, first "
+        f"fail {_qps(found.first_fail)}; {len(found.probes)} probes in "
         f"{found.seconds:,.0f} s, stopped: {found.stopped}; Offline saturation "
         f"{_qps(found.saturation_qps)} requests/s)"
     )
-    floor = f"capacity floor {min_qps:,.4g} requests/s"
-    numbers = {"observed": cap, "limit": min_qps}
+    metric = "min_concurrency" if found.axis == "concurrency" else "min_qps"
+    floor = f"capacity floor {floor_level:,.4g} {unit}"
+    numbers = {"observed": cap, "limit": floor_level}
     if not at:
         why = f"{floor}: no probe was made at the floor; {said}"
-        return verdict.check("min_qps", "INCONCLUSIVE", "capacity", why, **numbers)
+        return verdict.check(metric, "INCONCLUSIVE", "capacity", why, **numbers)
     probe = at[0]
     if probe.status == "FAIL":
         why = f"{floor} not served: the probe at the floor missed: {probe.why}; {said}"
-        return verdict.check("min_qps", "FAIL", "capacity", why, **numbers)
+        return verdict.check(metric, "FAIL", "capacity", why, **numbers)
     if passed:
-        best = max(p.qps for p in passed)
-        why = f"{floor} met: the probe at {best:,.4g} requests/s met every SLO; {said}"
-        return verdict.check("min_qps", "PASS", "capacity", why, **numbers)
+        best = max(p.level for p in passed)
+        why = f"{floor} met: the probe at {best:,.4g} {unit} met every SLO; {said}"
+        return verdict.check(metric, "PASS", "capacity", why, **numbers)
     status = "INVALID" if probe.status == "INVALID" else "INCONCLUSIVE"
     why = f"{floor}: the probe at the floor was {probe.status}: {probe.why}; {said}"
-    return verdict.check("min_qps", status, "capacity", why, **numbers)
+    return verdict.check(metric, status, "capacity", why, **numbers)
 
 
 def _qps(value: float | None) -> str:

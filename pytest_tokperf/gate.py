@@ -344,6 +344,7 @@ class Gate:
         found = runner.capacities[-1]
         wanted = dict(spec.capacity or {})
         least = wanted.pop("min_qps", None)
+        least = wanted.pop("min_concurrency", least)
         wanted.pop("budget_s", None)
         checks = []
         if interrupted is not None:
@@ -360,8 +361,8 @@ class Gate:
         probes = found.probes
         passed = [p for p in probes if p.status == "PASS"]
         shown = next(
-            (p for p in probes if least is not None and math.isclose(p.qps, least)),
-            max(passed, key=lambda p: p.qps) if passed else probes[-1],
+            (p for p in probes if least is not None and math.isclose(p.level, least)),
+            max(passed, key=lambda p: p.level) if passed else probes[-1],
         )
         result = shown.result
         data = report.measurement(

@@ -50,8 +50,9 @@ CAPACITY_MARKER = (
     "capacity_floor(min_qps=..., ttft_p99_ms=None, tpot_p99_ms=None, ...): fail the test "
     "unless its tokperf.capacity() search (run after the body if the test made none) shows "
     "a rate at or above min_qps requests/s meeting every latency SLO given (keywords as "
-    "latency_slo; budget_s: the seconds that search may take, default 120); each a number "
-    "or a dict keyed by profile name"
+    "latency_slo; budget_s: the seconds that search may take, default 120); "
+    "min_concurrency=N instead of min_qps searches closed-loop serving (N requests in "
+    "flight); each a number or a dict keyed by profile name"
 )
 HELP = (FLOOR_MARKER, PARITY_MARKER, SLO_MARKER, NO_REGRESSION_MARKER, CAPACITY_MARKER)
 
@@ -133,17 +134,25 @@ def parse_slo_marker(
 def parse_capacity_marker(
     args: Sequence[object], kwargs: Mapping[str, object], where: str, profiles: Collection[str]
 ) -> dict[str, Bound]:
-    """Validate `capacity_floor(...)`: min_qps, at least one latency SLO keyword, and
-    optionally budget_s (the search the gate runs when the test made none)."""
-    bounds = _parse_bounds(
-        "capacity_floor", ["min_qps", "budget_s", *SLO_KEYWORDS], args, kwargs, where, profiles,
-        "a limit",
-    )  # fmt: skip
-    if "min_qps" not in bounds or not set(bounds) & set(SLO_KEYWORDS):
+    """Validate `capacity_floor(...)`: min_qps or min_concurrency (a whole number of
+    requests in flight), at least one latency SLO keyword, and optionally budget_s (the
+    search the gate runs when the test made none)."""
+    keys = ["min_qps", "min_concurrency", "budget_s", *SLO_KEYWORDS]
+    bounds = _parse_bounds("capacity_floor", keys, args, kwargs, where, profiles, "a limit")
+    floors = [k for k in ("min_qps", "min_concurrency") if k in bounds]
+    if len(floors) != 1 or not set(bounds) & set(SLO_KEYWORDS):
         raise pytest.UsageError(
-            f"{where}: capacity_floor needs min_qps=<requests/s> and at least one latency SLO "
-            f"such as ttft_p99_ms=...; got {', '.join(sorted(bounds)) or 'nothing'}"
+            f"{where}: capacity_floor needs one of min_qps=<requests/s> (Server) or "
+            "min_concurrency=<requests in flight> (closed loop), and at least one latency "
+            f"SLO such as ttft_p99_ms=...; got {', '.join(sorted(bounds)) or 'nothing'}"
         )
+    given = bounds.get("min_concurrency")
+    for value in given.values() if isinstance(given, dict) else [given] if given else []:
+        if value != int(value):
+            raise pytest.UsageError(
+                f"{where}: capacity_floor(min_concurrency={value!r}) is a count of requests "
+                "in flight: give a whole number such as 4"
+            )
     return bounds
 
 
@@ -405,9 +414,16 @@ def read(
         cap_marks, parse_capacity_marker, profile, profiles, {}, "capacity_floor"
     )
     capacity = None
-    if cap_marks and cap_why is None:  # the strictest: the highest rate, the lowest limits
+    if cap_marks and cap_why is None:  # the strictest: the highest load, the lowest limits
+        axes = {"min_qps" if "min_qps" in found else "min_concurrency" for found in cap_found}
+        if len(axes) > 1:
+            raise pytest.UsageError(
+                f"{cap_marks[0][0]}: capacity_floor markers mix min_qps and "
+                "min_concurrency: a test searches one axis; keep one of them"
+            )
         capacity = _strictest(cap_found, min)
-        capacity["min_qps"] = max(found["min_qps"] for found in cap_found)
+        (axis,) = axes
+        capacity[axis] = max(found[axis] for found in cap_found)
     places = {name: ms[0][0] for name, ms in marks.items() if ms}
     if goodput_floor is not None and not slo_marks:
         raise pytest.UsageError(

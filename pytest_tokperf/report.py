@@ -373,8 +373,12 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
         )
         found = p.get("capacity")
         if found is not None:  # a capacity test: its floor, and the capacity it found
-            least = (p.get("capacity_floor") or {}).get("min_qps")
-            floor = (f"{num(least)} qps, " if least else "") + f"found {num(found['max_qps'])} qps"
+            unit = "qps" if found.get("axis", "qps") == "qps" else "in flight"
+            wanted = p.get("capacity_floor") or {}
+            least = wanted.get("min_qps", wanted.get("min_concurrency"))
+            floor = (f"{num(least)} {unit}, " if least else "") + (
+                f"found {num(found['last_pass'])} {unit}"
+            )
         rows.append(
             (
                 p["nodeid"],

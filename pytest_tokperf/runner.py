@@ -489,12 +489,13 @@ class Tokperf:
 
     def capacity(
         self,
-        scenario: str = "server",
+        scenario: str | None = None,
         max_tokens: int | None = None,
         workload: str | Path | None = None,
         *,
         slos: Mapping[str, float] | None = None,
         min_qps: float | None = None,
+        min_concurrency: int | None = None,
         budget_s: float | None = None,
         probe_s: float | None = None,
         tolerance: float = 0.05,
@@ -502,29 +503,39 @@ class Tokperf:
         saturation_requests: int | None = None,
     ) -> capacity.Capacity:
         """The highest request rate that meets every SLO (`capacity` module: an Offline
-        estimate of the saturation rate, then bisection on the rate).
+        estimate of the saturation rate, then bisection on the rate); with
+        `scenario="concurrency"` (the default when the floor is `min_concurrency`) the
+        highest number of requests in flight, closed loop, doubling then bisecting.
 
-        `slos` (e.g. {"ttft_p99_ms": 2000}) and `min_qps` default to the test's
-        capacity_floor marker; the marker's min_qps, and `min_qps`, are always probed.
-        Each probe lasts `probe_s` (default: min_duration_s, at least 1 s), longer when
-        its rate needs it to reach LoadGen's early-stopping minimum of samples; later
-        probes are made while they fit in `budget_s` (default: the marker's, else 120 s).
+        `slos` (e.g. {"ttft_p99_ms": 2000}) and `min_qps` (or `min_concurrency`) default
+        to the test's capacity_floor marker; the marker's floor and the one given are
+        always probed. Each probe lasts `probe_s` (default: min_duration_s, at least
+        1 s), longer when its load needs it to reach LoadGen's early-stopping minimum of
+        samples; later probes are made while they fit in `budget_s` (default: the
+        marker's, else 120 s).
         """
         call = "tokperf.capacity"
-        if scenario not in SERVER:
-            raise ValueError(f"{call}(scenario={scenario!r}): a capacity is searched in server "
-                             "or interactive")  # fmt: skip
         marker = dict(self.capacity_floor or {})
-        floor = marker.pop("min_qps", None)
+        closed = "min_concurrency" in marker or min_concurrency is not None
+        scenario = scenario or ("concurrency" if closed else "server")
+        if scenario not in (*SERVER, "concurrency"):
+            raise ValueError(f"{call}(scenario={scenario!r}): a capacity is searched in server, "
+                             "interactive or concurrency")  # fmt: skip
+        if (scenario == "concurrency") != closed or (closed and min_qps is not None):
+            raise ValueError(
+                f"{call}(scenario={scenario!r}): min_qps goes with server or interactive, "
+                "min_concurrency (in the call or the capacity_floor marker) with concurrency"
+            )
+        floor = marker.pop("min_concurrency" if closed else "min_qps", None)
         budget_s = budget_s or marker.pop("budget_s", BUDGET_S)
         marker.pop("budget_s", None)
         given = dict(slos or {})
         try:  # the marker's rules for the same values given here
             markers.parse_slo_marker((), given, f"{call}(slos=...)", ())
-            if min_qps is not None:
-                markers.parse_capacity_marker(
-                    (), {"min_qps": min_qps, "ttft_p99_ms": 1}, f"{call}()", ()
-                )
+            for key, value in (("min_qps", min_qps), ("min_concurrency", min_concurrency)):
+                if value is not None:
+                    given_floor = {key: value, "ttft_p99_ms": 1}
+                    markers.parse_capacity_marker((), given_floor, f"{call}()", ())
         except pytest.UsageError as exc:
             raise ValueError(str(exc)) from None
         limits = given or marker
@@ -537,7 +548,7 @@ class Tokperf:
             raise ValueError(f"{call}(tolerance={tolerance!r}): expected a fraction in (0, 1)")
         _check_int("seed", seed, 0)
         _check_int("saturation_requests", saturation_requests, 1, MOST_REQUESTS)
-        floors = tuple(f for f in (floor, min_qps) if f is not None)
+        floors = tuple(f for f in (floor, min_qps, min_concurrency) if f is not None)
         least = max(self.min_duration_s, probe_s or 1.0)
         samples = capacity.probe_samples(limits)
         began = time.monotonic()
@@ -552,27 +563,52 @@ class Tokperf:
                     f"({offline.failed} of {offline.requests} requests failed)"
                 )
 
-            def probe(rate: float) -> capacity.Probe:
+            rates: dict[int, float] = {}  # requests/s each closed-loop probe measured
+
+            def measure(level: float, seconds: float) -> metrics.RunResult:
+                if scenario != "concurrency":
+                    return self.run(scenario, None, max_tokens, workload, qps=level, warmup=0,
+                                    duration_s=seconds, seed=seed + 1,
+                                    min_duration_s=least)  # fmt: skip
+                return self.run(scenario, None, max_tokens, workload, concurrency=int(level),
+                                warmup=0, duration_s=seconds, seed=seed + 1,
+                                min_duration_s=least)  # fmt: skip
+
+            def probe(level: float) -> capacity.Probe:
                 start = time.monotonic()
-                run = self.run(scenario, None, max_tokens, workload, qps=rate, warmup=0,
-                               duration_s=max(least, samples / rate) * DURATION_MARGIN,
-                               seed=seed + 1,
-                               min_duration_s=least)  # fmt: skip
-                spent = time.monotonic() - start
+                if scenario != "concurrency":
+                    rate = level
+                else:  # requests/s it should serve: a measured neighbour's (Little's law)
+                    rate = capacity.closed_loop_rate(int(level), rates, saturation)
+                run = measure(level, max(least, samples / rate) * DURATION_MARGIN)
+                found = judged(run, time.monotonic() - start)
+                if scenario == "concurrency":
+                    rates[int(level)] = run.requests_per_s
+                    short = run.requests < samples and found.status == "INCONCLUSIVE"
+                    if short and run.requests_per_s > 0:  # slower than its estimate: again
+                        run = measure(level, max(least, samples / run.requests_per_s)
+                                      * DURATION_MARGIN)  # fmt: skip
+                        rates[int(level)] = run.requests_per_s
+                        found = judged(run, time.monotonic() - start)
+                return found
+
+            def judged(run: metrics.RunResult, spent: float) -> capacity.Probe:
                 return capacity.judge_probe(
                     run, limits, spent, busy=self.busy, throttled=self.throttled,
                     confidence=self.confidence,
                 )  # fmt: skip
 
             probes, stopped = capacity.search(
-                probe, saturation, floors=floors, budget_s=budget_s, tolerance=tolerance
-            )
+                probe, saturation, floors=floors, budget_s=budget_s, tolerance=tolerance,
+                integer=scenario == "concurrency",
+            )  # fmt: skip
         finally:
             self.probing = False
         found = capacity.Capacity(
             scenario=scenario, slos=dict(limits), saturation_qps=saturation, probes=probes,
             floors=floors, tolerance=tolerance, budget_s=budget_s,
             seconds=time.monotonic() - began, stopped=stopped,
+            axis="concurrency" if scenario == "concurrency" else "qps",
         )  # fmt: skip
         self.capacities.append(found)
         return found

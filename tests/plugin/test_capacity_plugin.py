@@ -91,7 +91,20 @@ def test_x(tokperf):
     )
     result = pytester.runpytest(*ARGS)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*test_x: capacity_floor needs min_qps=<requests/s>*"])
+    result.stderr.fnmatch_lines(["*test_x: capacity_floor needs one of min_qps=<requests/s>*"])
+    pytester.makepyfile(
+        test_bad="""
+import pytest
+
+@pytest.mark.capacity_floor(min_qps=10, ttft_p99_ms=2000)
+@pytest.mark.capacity_floor(min_concurrency=4, ttft_p99_ms=2000)
+def test_x(tokperf):
+    pass
+"""
+    )
+    result = pytester.runpytest(*ARGS)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*capacity_floor markers mix min_qps and min_concurrency*"])
 
 
 def test_a_profile_missing_from_the_dict_skips(pytester: pytest.Pytester) -> None:
@@ -122,3 +135,56 @@ def test_x(tokperf):
     result.assert_outcomes(passed=1)
     test = _tests(pytester)["test_x"]
     assert test["verdict"] == "MEASURED" and [p["qps"] for p in test["capacity"]["probes"]] == [40]
+
+
+CLOSED = """
+[profiles.slots4]
+extends = "sim"
+max_tokens = 29
+engine = { slots = 4, ttft_s = 0.05, tokens_per_s = 100.0, jitter = 0.2, time_scale = 5.0 }
+"""
+CLOSED_SUITE = """
+import pytest
+
+@pytest.mark.capacity_floor(min_concurrency=4, ttft_p90_ms=40)
+def test_four_in_flight(tokperf):
+    found = tokperf.capacity(budget_s=12)
+    print("capacity found:", found.max_concurrency, "first fail", found.first_fail)
+
+@pytest.mark.capacity_floor(min_concurrency=16, ttft_p90_ms=40, budget_s=1)
+def test_sixteen_in_flight(tokperf):
+    tokperf.capacity_floor
+"""
+
+
+def test_min_concurrency_passes_at_the_slots_and_fails_far_above(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 slots of (0.05 + 28 / 100) / 5 = 0.066 s a request. Up to 4 in flight nobody
+    waits: TTFT is 0.05 / 5 = 10 ms. Closed loop with c > 4, a request issued when one
+    ends finds the c - 4 ahead of it and waits for about (c - 4) / 4 services: 16 in
+    flight wait about 3 x 66 = 200 ms, far over 40 ms; 8 wait about 66 ms."""
+    monkeypatch.setenv("TOKPERF_MIN_DURATION", "2")
+    pytester.makefile(".toml", tokperf=CLOSED)
+    pytester.makepyfile(test_closed=CLOSED_SUITE)
+    result = pytester.runpytest(*QUIET, "--tokperf-profile", "slots4", "--tokperf-json",
+                                "out.json", "-s")  # fmt: skip
+    result.assert_outcomes(passed=1, failed=1)
+    tests = _tests(pytester)
+    four, sixteen = tests["test_four_in_flight"], tests["test_sixteen_in_flight"]
+    found = four["capacity"]
+    assert four["verdict"] == "PASS" and found["axis"] == "concurrency"
+    (check,) = [c for c in four["checks"] if c["kind"] == "capacity"]
+    assert check["metric"] == "min_concurrency" and check["status"] == "PASS"
+    assert found["probes"][0]["concurrency"] == 4 and found["probes"][0]["status"] == "PASS"
+    assert all(p["qps"] is None and p["concurrency"] == int(p["concurrency"])
+               for p in found["probes"])  # fmt: skip
+    assert 4 <= found["max_concurrency"] <= 7 and found["first_fail"] <= 8
+    # each probe kept enough requests for LoadGen's p90 minimum
+    for p in found["probes"]:
+        slo = p["slos"]["ttft_p90_ms"]
+        assert slo["count"] >= slo["needed"] or p["status"] == "FAIL"
+    (miss,) = sixteen["capacity"]["probes"]
+    assert sixteen["verdict"] == "FAIL" and miss["status"] == "FAIL"
+    assert miss["slos"]["ttft_p90_ms"]["observed_ms"] > 100
+    result.stdout.fnmatch_lines(["*capacity floor 16 requests in flight not served*TTFT p90*"])

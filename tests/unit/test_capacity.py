@@ -167,11 +167,66 @@ def test_capacity_marker_usage_errors() -> None:
     where = "test_x.py::test_cap"
     ok = parse_capacity_marker((), {"min_qps": {"sim": 60}, "ttft_p99_ms": 2000}, where, BUILTIN)
     assert ok == {"min_qps": {"sim": 60.0}, "ttft_p99_ms": 2000.0}
+    closed = {"min_concurrency": {"sim": 4}, "tpot_p90_ms": 50}
+    assert parse_capacity_marker((), closed, where, BUILTIN)["min_concurrency"] == {"sim": 4.0}
     for kwargs, says in (
-        ({"ttft_p99_ms": 2000}, "needs min_qps"),
+        ({"ttft_p99_ms": 2000}, "needs one of min_qps"),
         ({"min_qps": 60}, "at least one latency SLO"),
         ({"min_qps": -1, "ttft_p99_ms": 1}, "must be a positive number"),
         ({"min_qps": 60, "ttft_p98_ms": 1}, "unknown keywords ttft_p98_ms"),
+        ({"min_qps": 60, "min_concurrency": 4, "ttft_p99_ms": 1}, "needs one of min_qps"),
+        ({"min_concurrency": 2.5, "ttft_p99_ms": 1}, "give a whole number"),
+        ({"min_concurrency": {"sim": 0}, "ttft_p99_ms": 1}, "must be a positive number"),
     ):
         with pytest.raises(pytest.UsageError, match=says):
             parse_capacity_marker((), kwargs, where, BUILTIN)
+
+
+@pytest.mark.parametrize("cap", [1, 3, 4, 7, 12])
+def test_a_concurrency_search_ends_on_adjacent_integers_around_the_capacity(cap: int) -> None:
+    engine = Threshold(cap)
+    probes, stopped = search(
+        engine, 999.0, floors=(2,), budget_s=1e9, tolerance=0.05, clock=engine.clock, integer=True
+    )
+    low, high = bracket(probes)
+    assert stopped == "converged" and (low, high) == (cap, cap + 1)
+    assert engine.rates[0] == 2 and all(r == int(r) >= 1 for r in engine.rates)
+    assert len(set(engine.rates)) == len(engine.rates)  # no load probed twice
+
+
+def test_a_concurrency_search_that_fails_at_one_says_so() -> None:
+    engine = Threshold(0.5)
+    probes, stopped = search(engine, 999.0, budget_s=1e9, tolerance=0.05, clock=engine.clock,
+                             integer=True)  # fmt: skip
+    assert stopped == "no passing rate" and [p.level for p in probes] == [1]
+
+
+def test_closed_loop_rate_is_a_lower_bound_on_a_serial_and_a_batching_engine() -> None:
+    """Two engines whose closed-loop rate is known in closed form: one that serves a
+    request at a time (rate 1/s whatever the concurrency) and one with 4 slots of 1 s
+    each (rate min(c, 4)/s). Every bound from a measured neighbour is at most the truth
+    and the tightest bound is exact for a neighbour on the same side of saturation."""
+    for truth in (lambda c: 1.0, lambda c: float(min(c, 4))):
+        for c in range(1, 10):
+            for at in range(1, 10):
+                bound = capacity.closed_loop_rate(c, {at: truth(at)}, saturation=99.0)
+                assert bound <= truth(c) + 1e-12
+        assert capacity.closed_loop_rate(2, {}, saturation=7.0) == 7.0
+    assert capacity.closed_loop_rate(2, {8: 4.0, 1: 1.0}, saturation=9.0) == 1.0
+    assert capacity.closed_loop_rate(6, {3: 3.0, 8: 4.0}, saturation=9.0) == 3.0
+
+
+def test_a_concurrency_floor_check_names_requests_in_flight() -> None:
+    at_two = Probe(2.0, "PASS", "", (), EMPTY, 1.0, "concurrency")
+    at_four = Probe(4.0, "FAIL", "TTFT p90 900 ms > limit 500 ms", (), EMPTY, 1.0, "concurrency")
+    found = Capacity("concurrency", SLOS, 5.0, (at_two, at_four), (2.0,), 0.05, 30.0, 2.0,
+                     "converged", axis="concurrency")  # fmt: skip
+    assert found.max_concurrency == 2 and found.max_qps is None and found.first_fail == 4.0
+    check = floor_check(found, 2.0)
+    assert check.metric == "min_concurrency" and check.status == "PASS"
+    assert "capacity floor 2 requests in flight met" in check.detail
+    assert floor_check(found, 4.0).status == "FAIL"
+    doc = found.to_json()
+    assert doc["axis"] == "concurrency" and doc["max_concurrency"] == 2
+    assert [p["concurrency"] for p in doc["probes"]] == [2, 4]
+    assert [p["qps"] for p in doc["probes"]] == [None, None]
