@@ -47,7 +47,12 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from pytest_tokperf import driver, metrics, workloads
 from pytest_tokperf.engines import Request, load_engine
-from pytest_tokperf.engines.llamacpp import LlamaCppEngine, default_threads, shipped_model_path
+from pytest_tokperf.engines.llamacpp import (
+    LlamaCppEngine,
+    default_threads,
+    plain_llama,
+    shipped_model_path,
+)
 
 # Passed explicitly to both paths (they equal the engine's defaults), so both load the
 # model identically even if the plugin's defaults change.
@@ -93,7 +98,7 @@ class BareLlama:
     """The plain llama-cpp-python loop: no asyncio, no threads, no per-token callbacks."""
 
     def __init__(self, model_path: Path, threads: int) -> None:
-        self.llm = llama_cpp.Llama(
+        self.llm = plain_llama(  # as the engine loads it (no AMX repacking on AMX CPUs)
             model_path=str(model_path),
             n_ctx=N_CTX,
             n_batch=N_BATCH,

@@ -295,7 +295,8 @@ def main() -> None:
         return
     gguf = shipped_model_path()
     cmd = (
-        f"{sys.executable} -m llama_cpp.server --model {gguf} --model_alias smollm2 "
+        f"{sys.executable} -m pytest_tokperf.engines.llamacpp_server "
+        f"--model {gguf} --model_alias smollm2 "
         "--host 127.0.0.1 --port {port} --n_ctx 2048 --n_threads 1 --n_threads_batch 1 "
         "--verbose False --interrupt_requests False"
     )

@@ -158,9 +158,13 @@ BUILTIN: dict[str, Profile] = {
             reference_precision="f16",
             slos=CPU_SLOS,
             min_duration_s=10.0,
-            # an unchanged rerun on 2 cores: 95% intervals of about +/-5% (Offline, 10 s)
-            # and speeds 2-7% apart between runs: 5% would flag the engine against itself
-            max_regression=0.10,
+            # a laptop or shared CI VM drifts more between runs than within one: an
+            # unchanged rerun of examples/ 4 minutes later on an idle 2-core Intel Xeon
+            # VM ran its Offline tests 7-15% slower (95% intervals down to -21%), and one
+            # test's rate moved 67.6 -> 59.2 -> 54 tokens/s over 30 minutes (2026-12-08;
+            # on AMD EPYC 2-7% apart). A cpu comparison catches regressions of a quarter
+            # or more; `calibrate` measures a machine's own drift for a tighter gate
+            max_regression=0.25,
         ),
         Profile(
             name="sim",

@@ -44,6 +44,9 @@ SERVER = ("server", "interactive")
 DURATION_MARGIN = 1.05
 BUDGET_S = 120.0  # a capacity search's default budget
 MOST_REQUESTS = 10_000_000  # per run; each is an object in memory before it is issued
+# requests in flight per run: each is a task and a connection (a hypothesis example of
+# concurrency=10**400 made the closed loop start tasks until the machine ran out of memory)
+MOST_CONCURRENCY = 100_000
 
 
 def _check_int(name: str, value: object, least: int, most: int | None = None) -> None:
@@ -262,7 +265,7 @@ class Tokperf:
             ("requests", requests, 1, MOST_REQUESTS),
             ("max_tokens", max_tokens, 1, None),
             ("warmup", warmup, 0, MOST_REQUESTS),
-            ("concurrency", concurrency, 1, None),
+            ("concurrency", concurrency, 1, MOST_CONCURRENCY),
             ("min_requests", min_requests, 0, None),
             ("seed", seed, 0, None),
             ("allow_failures", allow_failures, 0, None),

@@ -62,11 +62,27 @@ def check_line(check: Mapping[str, Any], confidence: float) -> str:
         better = f"better by more than {check['tolerance']:.0%}"
         return f"IMPROVED: {head} is {better}: a baseline worth updating"
     if status == "INCONCLUSIVE":
-        return f"INCONCLUSIVE: {head} straddles {allowed}; a longer run narrows the interval"
+        return f"INCONCLUSIVE: {head} straddles {allowed}; {_undecided(check)}"
     if status == "ACKNOWLEDGED":
         return f"ACKNOWLEDGED: {head} exceeds {allowed}, {check['note']}"
     line = f"{head} exceeds {allowed}"
     return f"{line} ({check['note']})" if check.get("note") else line
+
+
+def _undecided(check: Mapping[str, Any]) -> str:
+    """What to do about a comparison that straddles its tolerance. An interval narrower
+    than the tolerance band is decided by the change's size, not by too little data: a
+    longer run would move it to one side, and an unchanged engine that shows such a
+    change moved with its machine between the runs."""
+    low, high = check["low"], check["high"]
+    if low is None or high is None or high - low >= check["tolerance"]:
+        return "a longer run narrows the interval"
+    return (
+        "the change itself is near the tolerance (the interval is narrower than it): if "
+        "the engine is unchanged, the machine's speed moved between the runs; "
+        "`python -m pytest_tokperf calibrate` measures that drift and proposes a "
+        "tolerance above it (--tokperf-max-regression)"
+    )
 
 
 def regression_lines(payload: Mapping[str, Any]) -> list[str]:

@@ -393,6 +393,17 @@ def choose_extra_bufts(value: Any, cpuinfo: str | None = None) -> tuple[bool, st
     return True, "auto: no AMX in /proc/cpuinfo flags nor in llama.cpp's system info"
 
 
+def plain_llama(**kwargs: Any) -> Any:
+    """A `llama_cpp.Llama(**kwargs)` loaded with the engine's automatic choice of extra
+    buffer types (`choose_extra_bufts`), for code that drives llama.cpp itself (tests,
+    benchmarks): on an AMX Xeon a plain `Llama` segfaults in its first decode."""
+    import llama_cpp
+
+    extra_bufts, _ = choose_extra_bufts("auto")
+    with _model_params(use_extra_bufts=extra_bufts):
+        return llama_cpp.Llama(**kwargs)
+
+
 @contextlib.contextmanager
 def _model_params(**fields: Any) -> Iterator[None]:
     """Set llama_model_params fields that `Llama(...)` takes no argument for.

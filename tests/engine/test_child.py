@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 
 from pytest_tokperf.driver import run
-from pytest_tokperf.engines import Chunk, EngineError, EngineInfo, Request, child, load_engine
+from pytest_tokperf.engines import (
+    Chunk,
+    EngineError,
+    EngineInfo,
+    Request,
+    child,
+    llamacpp,
+    load_engine,
+)
 from pytest_tokperf.engines.child import FAULT_ENV, describe_exit
 from pytest_tokperf.engines.llamacpp import (
     LlamaCppEngine,
@@ -193,13 +201,19 @@ def test_describe_exit_names_signals_and_codes() -> None:
     assert describe_exit(3) == "exit code 3"
 
 
-def test_extra_bufts_are_off_where_amx_is_present() -> None:
+def test_extra_bufts_are_off_where_amx_is_present(monkeypatch: pytest.MonkeyPatch) -> None:
     amx = "flags\t\t: fpu sse avx512f amx_bf16 amx_tile amx_int8 avx512_fp16\n"
     plain = "flags\t\t: fpu sse avx512f avx512_vnni\n"
     assert cpu_amx_flags(amx) == ["amx_bf16", "amx_int8", "amx_tile"]
     off, why = choose_extra_bufts("auto", amx)
     assert not off and "amx_bf16, amx_int8, amx_tile" in why and "#20824" in why
-    on, why = choose_extra_bufts("auto", plain)  # this llama.cpp build has no AMX code
+    # a llama.cpp built on an AMX machine (-march=native) has the AMX code even where
+    # the CPU it runs on lacks it: off too, and said
+    monkeypatch.setattr(llamacpp, "backend_amx", lambda: True)
+    off, why = choose_extra_bufts("auto", plain)
+    assert not off and "no AMX flags in /proc/cpuinfo" in why and "built: True" in why
+    monkeypatch.setattr(llamacpp, "backend_amx", lambda: False)
+    on, why = choose_extra_bufts("auto", plain)  # neither the CPU nor the build has AMX
     assert on and why.startswith("auto: no AMX")
     assert choose_extra_bufts(True, amx) == (True, "engine setting extra_bufts=true")
     assert choose_extra_bufts("false", plain) == (False, "engine setting extra_bufts=false")
@@ -233,3 +247,18 @@ def test_a_hung_child_is_killed_after_a_cancel_and_nothing_waits_for_it(
         time.sleep(0.1)  # the engine's thread kills it STOP_TIMEOUT_S after the cancel
     (after,) = run(engine, [Request("a", PROMPTS[0], 8)])
     assert after.ok and after.output_tokens == 8 and engine.child_pid != pid
+
+
+def test_the_server_launcher_takes_its_own_argument_and_passes_the_rest() -> None:
+    from pytest_tokperf.engines.llamacpp_server import own_argument
+
+    args = ["--model", "m.gguf", "--extra_bufts", "false", "--port", "8000"]
+    assert own_argument(args) == ("false", ["--model", "m.gguf", "--port", "8000"])
+    assert own_argument(["--extra_bufts=true", "--n_ctx", "512"]) == ("true", ["--n_ctx", "512"])
+    assert own_argument(["--model", "m.gguf"]) == ("auto", ["--model", "m.gguf"])
+    for missing in (["--extra_bufts"], ["--extra_bufts", "--port", "8000"]):
+        with pytest.raises(SystemExit, match="--extra_bufts needs a value: auto, true or false"):
+            own_argument(missing)
+    value, _ = own_argument(["--extra_bufts", "maybe"])  # refused as the engine refuses it
+    with pytest.raises(EngineError, match="extra_bufts='maybe': use auto, true or false"):
+        choose_extra_bufts(value)

@@ -143,11 +143,12 @@ def test_the_children_find_the_plugin_where_it_is_not_installed(tmp_path: Path) 
 
 def test_the_tiny_gguf_decodes_whole_answers(tmp_path: Path) -> None:
     import tiny_gguf
-    from llama_cpp import Llama
+
+    from pytest_tokperf.engines.llamacpp import plain_llama
 
     path = tiny_gguf.write(tmp_path / "tiny.gguf")
     assert path.stat().st_size < 6e6
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=1, verbose=False, seed=0)
+    llm = plain_llama(model_path=str(path), n_ctx=512, n_threads=1, verbose=False, seed=0)
     assert llm.n_vocab() == 259 and llm.metadata["general.file_type"] == "3"  # Q4_1
     out = llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=24)
     assert out["usage"]["completion_tokens"] == 24  # EOS never wins the greedy pick

@@ -34,7 +34,8 @@ def server_command() -> str:
 
     threads = default_threads()
     return (
-        f"{sys.executable} -m llama_cpp.server --model {shipped_model_path()} "
+        f"{sys.executable} -m pytest_tokperf.engines.llamacpp_server "
+        f"--model {shipped_model_path()} "
         f"--model_alias smollm2 --host 127.0.0.1 --port {{port}} --n_ctx 2048 "
         f"--n_threads {threads} --n_threads_batch {threads} --verbose False "
         "--interrupt_requests False"

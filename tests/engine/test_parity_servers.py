@@ -60,7 +60,8 @@ def command(precision: str) -> str:
 
     model = model_for(precision, shipped_model_path())
     return (
-        f"{sys.executable} -m llama_cpp.server --model {model} --model_alias smollm2 "
+        f"{sys.executable} -m pytest_tokperf.engines.llamacpp_server "
+        f"--model {model} --model_alias smollm2 "
         "--host 127.0.0.1 --port {port} --n_ctx 1024 --n_threads 1 --n_threads_batch 1 "
         "--verbose False --interrupt_requests False"
     )

@@ -53,7 +53,8 @@ def test_a_launched_server_killed_mid_stream_fails_the_tests_with_its_log(
     pytester.makepyfile(test_faults=SUITE.format(pidfile=str(pidfile)))
     model = shipped_model_path()
     serve = (
-        f"exec {shlex.quote(sys.executable)} -m llama_cpp.server --model {model} "
+        f"exec {shlex.quote(sys.executable)} -m pytest_tokperf.engines.llamacpp_server "
+        f"--model {model} "
         "--host 127.0.0.1 --port {port} --n_ctx 2048 --verbose False "
         "--interrupt_requests False"
     )

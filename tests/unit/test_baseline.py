@@ -68,6 +68,20 @@ def test_latency_message_and_improvement() -> None:
     assert summary.check_line(better, 0.95).startswith("IMPROVED: output tokens/s 260 vs")
 
 
+def test_an_undecided_comparison_says_whether_more_data_would_help() -> None:
+    """The CI recipe's unchanged rerun on a drifting machine: -15.2%, 95% CI -20.9..-9.0%
+    against a 10% tolerance. The interval (11.9 points) is about as wide as the band's
+    10: a longer run narrows it onto the drift, so the advice names the drift."""
+    narrow = {"metric": "tokens_per_s", "observed": 65.6, "baseline": 77.3, "ratio": 0.848,
+              "low": 0.791, "high": 0.870, "tolerance": 0.10, "status": "INCONCLUSIVE",
+              "note": ""}  # fmt: skip
+    line = summary.check_line(narrow, 0.95)
+    assert line.startswith("INCONCLUSIVE: output tokens/s 65.6 vs baseline 77.3 (-15.2%")
+    assert "machine's speed moved between the runs" in line and "calibrate" in line
+    wide = {**narrow, "low": 0.70, "high": 1.02}  # 32 points: too little data
+    assert summary.check_line(wide, 0.95).endswith("; a longer run narrows the interval")
+
+
 def test_key_differences_name_each_key() -> None:
     here = baseline.key(_payload())
     there = baseline.key(
