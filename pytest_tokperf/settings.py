@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tokperf import hardware, precision, profiles, rack, reference, workloads
+from pytest_tokperf import hardware, profiles, rack, reference, workloads
 from pytest_tokperf.baseline import MISSING_POLICIES
-from pytest_tokperf.engines import BACKENDS
+from pytest_tokperf.engines import BACKENDS, precision
 from pytest_tokperf.regression import DEFAULT_TOLERANCE
 
 INCONCLUSIVE_POLICIES = ("fail", "skip", "pass")
