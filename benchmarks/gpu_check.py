@@ -368,9 +368,9 @@ def inventory(ctx: Context) -> dict[str, Any]:
         ctx.env["TOKPERF_NVML_RECORDING"] = str(ctx.work / "one-gpu.json")
         os.environ["TOKPERF_NVML_RECORDING"] = ctx.env["TOKPERF_NVML_RECORDING"]
     sys.path.insert(0, str(ROOT))
-    from pytest_tokperf import gpus
+    from pytest_tokperf.hardware.inventory import load_nvml, read_inventory
 
-    found = gpus.read_inventory(*gpus.load_nvml())
+    found = read_inventory(*load_nvml())
     print(found.describe())
     ctx.report["inventory"] = found.to_json()
     ctx.report["gpu_memory_gib"] = found.gpus[0].memory_gib if found.gpus else None

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_tokperf import acknowledged, metrics, regression, verdict
-from pytest_tokperf.gpus import Inventory
+from pytest_tokperf.hardware.inventory import Inventory
 from pytest_tokperf.metrics import RunResult
 
 SCHEMA = "pytest-tokperf/baseline/1"

@@ -39,7 +39,7 @@ from pytest_tokperf import (
     sweep,
     verdict,
 )
-from pytest_tokperf.gpus import Inventory
+from pytest_tokperf.hardware.inventory import Inventory
 from pytest_tokperf.markers import Spec
 from pytest_tokperf.runner import Tokperf
 from pytest_tokperf.settings import Settings

@@ -17,7 +17,7 @@ import pytest
 
 from pytest_tokperf import (
     driver,
-    gpus,
+    hardware,
     launcher,
     machine,
     procs,
@@ -34,9 +34,9 @@ class Harness:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.nvml, why_not = gpus.load_nvml()
+        self.nvml, why_not = hardware.load_nvml()
         # an outer scheduler's CUDA_VISIBLE_DEVICES: only those GPUs are ours to take
-        self.inventory = gpus.read_inventory(self.nvml, why_not).restrict(
+        self.inventory = hardware.read_inventory(self.nvml, why_not).restrict(
             os.environ.get("CUDA_VISIBLE_DEVICES")
         )
         # the profile may be chosen by these GPUs
@@ -58,7 +58,7 @@ class Harness:
             rank = self.world.rank if self.world.size > 1 else None
             self.records = records.Writer(s.records_path, self.world.node, rank)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.allocation: gpus.Allocation | None = None
+        self.allocation: hardware.Allocation | None = None
         self.server: launcher.Server | None = None
         self.reference_servers: list[launcher.Server] = []
         self.references: dict[str, Engine] = {}  # reference engines by precision, lazily
@@ -75,7 +75,7 @@ class Harness:
             self._loop = driver.new_loop()
         return self._loop
 
-    def allocate(self) -> gpus.Allocation:
+    def allocate(self) -> hardware.Allocation:
         """This process's GPUs for the profile (the CPU device for a cpu profile).
 
         Not enough suitable free GPUs skips the tests that need them, or fails them
@@ -85,14 +85,14 @@ class Harness:
         if s.unmatched is not None:
             pytest.fail(s.unmatched, pytrace=False)
         if s.profile.device_kind != "gpu":
-            allocation = gpus.Allocation()
+            allocation = hardware.Allocation()
         else:
             need = s.profile.need(s.gpu_count)
             try:
-                allocation = gpus.allocate(
+                allocation = hardware.allocate(
                     self.inventory, need, s.lock_dir, s.allow_busy, wait_s=s.gpu_wait
                 )
-            except gpus.Shortage as exc:
+            except hardware.Shortage as exc:
                 if s.require_hardware:
                     pytest.fail(f"{exc} (--tokperf-require-hardware)", pytrace=False)
                 pytest.skip(str(exc))
@@ -120,7 +120,7 @@ class Harness:
                 out["dtype"] = at
         return out
 
-    def open_engine(self, allocation: gpus.Allocation) -> Engine:
+    def open_engine(self, allocation: hardware.Allocation) -> Engine:
         """The engine under test on `allocation`, behind its launched server if any."""
         backend, options = self.settings.backend, self.engine_settings()
         try:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pytest_tokperf.driver import ClientProc, RequestRecord
 from pytest_tokperf.engines import EngineInfo
-from pytest_tokperf.gpus import Telemetry
+from pytest_tokperf.hardware.telemetry import Telemetry
 
 NS = 1_000_000_000
 PERCENTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99, "p999": 0.999}

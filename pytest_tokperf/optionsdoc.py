@@ -10,8 +10,8 @@ import tempfile
 
 from pytest_tokperf import settings
 from pytest_tokperf.engines.child import FAULT_ENV
-from pytest_tokperf.gpus import ENV_RECORDING
-from pytest_tokperf.precision import ENV_CACHE
+from pytest_tokperf.engines.precision import ENV_CACHE
+from pytest_tokperf.hardware.inventory import ENV_RECORDING
 from pytest_tokperf.rack import ENV_RACK
 
 COMMAND = "python -m pytest_tokperf options-doc > docs/options.md"

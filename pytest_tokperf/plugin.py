@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import pytest
 
-from pytest_tokperf import cache, driver, gpus, markers, reference, settings
+from pytest_tokperf import cache, driver, hardware, markers, reference, settings
 from pytest_tokperf.engines import Engine, Request
 from pytest_tokperf.gate import RUNNER, Gate
 from pytest_tokperf.harness import Harness
@@ -60,7 +60,7 @@ def _gate(config: pytest.Config) -> Gate:
 
 
 @pytest.fixture(scope="session")
-def tokperf_gpus(pytestconfig: pytest.Config) -> Iterator[gpus.Allocation]:
+def tokperf_gpus(pytestconfig: pytest.Config) -> Iterator[hardware.Allocation]:
     """This process's GPUs, locked for the session; CUDA_VISIBLE_DEVICES names them.
 
     Each xdist worker gets a disjoint set. Without enough suitable free GPUs the
@@ -69,14 +69,16 @@ def tokperf_gpus(pytestconfig: pytest.Config) -> Iterator[gpus.Allocation]:
     allocation = _harness(pytestconfig).allocate()
     try:
         # by UUID: NVML's order may differ from CUDA's; set before any engine loads
-        with gpus.cuda_visible(allocation):
+        with hardware.cuda_visible(allocation):
             yield allocation
     finally:
         allocation.release()
 
 
 @pytest.fixture(scope="session")
-def tokperf_engine(pytestconfig: pytest.Config, tokperf_gpus: gpus.Allocation) -> Iterator[Engine]:
+def tokperf_engine(
+    pytestconfig: pytest.Config, tokperf_gpus: hardware.Allocation
+) -> Iterator[Engine]:
     """The profile's engine on this process's allocation (once per xdist worker)."""
     harness = _harness(pytestconfig)
     engine = harness.open_engine(tokperf_gpus)
@@ -98,7 +100,7 @@ def tokperf_reference_engine(pytestconfig: pytest.Config) -> Engine:
 
 @pytest.fixture
 def tokperf(
-    request: pytest.FixtureRequest, tokperf_engine: Engine, tokperf_gpus: gpus.Allocation
+    request: pytest.FixtureRequest, tokperf_engine: Engine, tokperf_gpus: hardware.Allocation
 ) -> Tokperf:
     """Runs measured workloads: `tokperf.run(scenario="offline", requests=N, max_tokens=M)`
     (also server/interactive with qps=, concurrency with concurrency=), and accuracy
@@ -110,7 +112,9 @@ def tokperf(
         s.profile,
         harness.loop,
         reference=harness.reference_engine,
-        telemetry=lambda: gpus.Sampler(harness.nvml, tokperf_gpus.uuids, root=harness.tree_root),
+        telemetry=lambda: hardware.Sampler(
+            harness.nvml, tokperf_gpus.uuids, root=harness.tree_root
+        ),
         gpus=tokperf_gpus.uuids,
         client_procs=s.client_procs,
         spawn=harness.spawn,

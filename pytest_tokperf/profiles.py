@@ -29,7 +29,8 @@ import pytest
 
 from pytest_tokperf import mlperf_models, workloads
 from pytest_tokperf.driver import SCENARIOS
-from pytest_tokperf.gpus import Inventory, Need, unsuitable
+from pytest_tokperf.hardware.allocation import Need, unsuitable
+from pytest_tokperf.hardware.inventory import Inventory
 from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS, finite
 
 if sys.version_info >= (3, 11):

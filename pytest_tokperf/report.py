@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_tokperf.accuracy import ParityResult
-from pytest_tokperf.gpus import Inventory
+from pytest_tokperf.hardware.inventory import Inventory
 from pytest_tokperf.metrics import MIN_BATCHES, Distribution, Interval, RunResult
 from pytest_tokperf.profiles import Profile
 from pytest_tokperf.verdict import (

@@ -24,7 +24,7 @@ import pytest
 
 from pytest_tokperf import journal, metrics, rack, rackjudge, records, report, summary
 from pytest_tokperf.driver import RequestRecord
-from pytest_tokperf.gpus import Inventory
+from pytest_tokperf.hardware.inventory import Inventory
 from pytest_tokperf.runner import Progress
 from pytest_tokperf.settings import Settings
 

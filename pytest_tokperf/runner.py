@@ -28,7 +28,7 @@ from pytest_tokperf import (
     workloads,
     worst,
 )
-from pytest_tokperf import gpus as gpus_module
+from pytest_tokperf import hardware as gpus_module
 from pytest_tokperf import sweep as sweep_module
 from pytest_tokperf import trace as trace_module
 from pytest_tokperf.driver import RequestRecord

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tokperf import gpus, precision, profiles, rack, reference, workloads
+from pytest_tokperf import hardware, profiles, rack, reference, workloads
 from pytest_tokperf.baseline import MISSING_POLICIES
-from pytest_tokperf.engines import BACKENDS
+from pytest_tokperf.engines import BACKENDS, precision
 from pytest_tokperf.regression import DEFAULT_TOLERANCE
 
 INCONCLUSIVE_POLICIES = ("fail", "skip", "pass")
@@ -82,7 +82,7 @@ OPTIONS: tuple[Option, ...] = (
            "or taken"),
     Option("tokperf_lock_dir", "DIR",
            "directory of the per-GPU lock files every tokperf process on this machine shares",
-           str(gpus.DEFAULT_LOCK_DIR)),
+           str(hardware.DEFAULT_LOCK_DIR)),
     Option("tokperf_gpu_wait", "SECONDS",
            "wait up to this long for GPUs other processes hold before skipping", "0"),
     Option("tokperf_inconclusive", "POLICY",
@@ -129,7 +129,7 @@ def known_environment() -> set[str]:
     """Every TOKPERF_* variable the plugin reads: the options', and the hooks'."""
     from pytest_tokperf.engines.child import FAULT_ENV
 
-    hooks = {gpus.ENV_RECORDING, precision.ENV_CACHE, profiles.ENV_PROFILE, rack.ENV_RACK}
+    hooks = {hardware.ENV_RECORDING, precision.ENV_CACHE, profiles.ENV_PROFILE, rack.ENV_RACK}
     return {o.name.upper() for o in OPTIONS} | hooks | {FAULT_ENV}
 
 
@@ -298,7 +298,7 @@ class Settings:
     busy_machine: str  # invalid / note: a run measured while others used the machine
 
 
-def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
+def resolve(config: pytest.Config, inventory: hardware.Inventory) -> Settings:
     """Every option, each parsed once; without one, the profile is chosen for `inventory`."""
     ini_profile = config.getini("tokperf_profile")
     registry = profiles.load_user(config.rootpath)
@@ -315,14 +315,14 @@ def resolve(config: pytest.Config, inventory: gpus.Inventory) -> Settings:
         unmatched = str(exc)
         profile, profile_source = registry["cpu"], "not used"
     chosen = profile_source != "default" and not profile_source.startswith("detected")
-    broken = gpus.broken_driver(inventory)
+    broken = hardware.broken_driver(inventory)
     if broken is not None and not (chosen and profile.device_kind == "cpu"):
         unmatched = broken  # never the CPU (or a skip) in place of GPUs NVML cannot see
     gpu_wait = seconds(config, "tokperf_gpu_wait")
     gpu_count = positive_int(config, "tokperf_gpus")
     allow_busy = flag(config, "tokperf_allow_busy_gpus")
     require_hardware = flag(config, "tokperf_require_hardware")
-    lock_dir = _path(setting(config, "tokperf_lock_dir")) or gpus.DEFAULT_LOCK_DIR
+    lock_dir = _path(setting(config, "tokperf_lock_dir")) or hardware.DEFAULT_LOCK_DIR
     requests = positive_int(config, "tokperf_requests")
     max_tokens = positive_int(config, "tokperf_max_tokens")
     profile = dataclasses.replace(

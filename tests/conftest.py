@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     import pynvml
 
-    from pytest_tokperf.gpus import read_inventory
+    from pytest_tokperf.hardware.inventory import read_inventory
 
     inventory = read_inventory(pynvml)  # the real NVML, never a recording
     if inventory.gpus:

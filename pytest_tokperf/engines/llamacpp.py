@@ -235,7 +235,7 @@ def build(settings: Mapping[str, Any]) -> LlamaCppWorker:
 
     path = Path(settings["model_path"])
     if settings.get("precision"):
-        from pytest_tokperf.precision import model_for
+        from pytest_tokperf.engines.precision import model_for
 
         # built once into the cache from `path` (the shipped Q4_1 file by default)
         path = model_for(str(settings["precision"]), path)

@@ -1,7 +1,7 @@
 """Accuracy parity over HTTP: two real llama.cpp servers at different precisions.
 
 The engine under test and its reference are both `python -m llama_cpp.server`
-serving the embedded SmolLM2-135M, built at q4_0 and f16 (precision.py). Never a
+serving the embedded SmolLM2-135M, built at q4_0 and f16 (engines/precision.py). Never a
 self-comparison: without a reference server the parity test errors. Runs are tiny
 (3 prompts, 12 new tokens): CI has 2 cores.
 """
@@ -56,7 +56,7 @@ QUESTIONS = "\n".join(
 
 def command(precision: str) -> str:
     from pytest_tokperf.engines.llamacpp import shipped_model_path
-    from pytest_tokperf.precision import model_for
+    from pytest_tokperf.engines.precision import model_for
 
     model = model_for(precision, shipped_model_path())
     return (

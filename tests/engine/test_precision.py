@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tokperf import precision
-from pytest_tokperf.engines import EngineError, LogitsEngine, Request, load_engine
+from pytest_tokperf.engines import EngineError, LogitsEngine, Request, load_engine, precision
 from pytest_tokperf.engines.llamacpp import LlamaCppEngine, shipped_model_path
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs the 'embedded' extra")
@@ -21,7 +20,7 @@ np = pytest.importorskip("numpy")
 RACER = """
 import sys, time
 from pathlib import Path
-from pytest_tokperf import precision
+from pytest_tokperf.engines import precision
 
 cache, log = Path(sys.argv[1]), Path(sys.argv[2])
 real_f16, real_quantize = precision.write_f16, precision.quantize

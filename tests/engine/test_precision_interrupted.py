@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tokperf import precision
+from pytest_tokperf.engines import precision
 
 gguf = pytest.importorskip("gguf", reason="needs the 'embedded' extra")
 pytest.importorskip("filelock", reason="needs the 'embedded' extra")
@@ -24,7 +24,7 @@ llamacpp = pytest.importorskip("pytest_tokperf.engines.llamacpp")
 BUILD = """
 import sys
 from pathlib import Path
-from pytest_tokperf import precision
+from pytest_tokperf.engines import precision
 
 precision.model_for("f16", Path(sys.argv[1]), Path(sys.argv[2]))
 """

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tokperf.gpus import Need, Sampler, allocate, load_nvml, read_inventory
+from pytest_tokperf.hardware.allocation import Need, allocate
+from pytest_tokperf.hardware.inventory import load_nvml, read_inventory
+from pytest_tokperf.hardware.telemetry import Sampler
 
 pytestmark = pytest.mark.gpu
 

@@ -451,13 +451,13 @@ def test_a_misspelled_environment_variable_warns_with_the_closest_name(
 def test_nvml_that_fails_beside_nvidia_device_files_is_an_error(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from pytest_tokperf import gpus
+    from pytest_tokperf.hardware import inventory
 
     recording = tmp_path / "mismatch.json"
     recording.write_text(json.dumps({"init_error": "Driver/library version mismatch", "gpus": []}))
     (tmp_path / "nvidia0").write_text("")
     monkeypatch.setenv("TOKPERF_NVML_RECORDING", str(recording))
-    monkeypatch.setattr(gpus, "DEVICE_FILES", str(tmp_path / "nvidia[0-9]*"))
+    monkeypatch.setattr(inventory, "DEVICE_FILES", str(tmp_path / "nvidia[0-9]*"))
     pytester.makepyfile("def test_gpus(tokperf_gpus): pass")
     result = pytester.runpytest(*QUIET)
     assert result.ret == pytest.ExitCode.USAGE_ERROR

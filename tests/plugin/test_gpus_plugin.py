@@ -66,7 +66,7 @@ def test_gb300_profile_skips_here_naming_the_missing_hardware(
 
 
 def test_the_real_nvml_of_this_machine_skips_too(pytester: pytest.Pytester, recording) -> None:
-    from pytest_tokperf.gpus import load_nvml, read_inventory
+    from pytest_tokperf.hardware.inventory import load_nvml, read_inventory
 
     if read_inventory(*load_nvml()).gpus:
         pytest.skip("this machine has NVIDIA GPUs")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tokperf.gpus import try_lock
+from pytest_tokperf.hardware.allocation import try_lock
 
 pytest.importorskip("aiohttp", reason="needs the 'openai' extra")
 if not sys.platform.startswith("linux"):

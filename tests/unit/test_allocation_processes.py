@@ -18,7 +18,9 @@ from pathlib import Path
 DATA = Path(__file__).parent.parent / "data" / "nvml"
 HOLDER = """
 import pathlib, sys
-from pytest_tokperf.gpus import Need, RecordedNvml, Shortage, allocate, read_inventory
+from pytest_tokperf.hardware.allocation import Need, Shortage, allocate
+from pytest_tokperf.hardware.inventory import read_inventory
+from pytest_tokperf.hardware.recorded import RecordedNvml
 
 inventory = read_inventory(RecordedNvml.load(pathlib.Path(sys.argv[1])))
 try:
@@ -78,7 +80,9 @@ def test_processes_get_disjoint_gpus_and_a_killed_one_frees_its_own(tmp_path: Pa
 # two processes that each need 2 of the 3 GPUs a CUDA_VISIBLE_DEVICES=0,1,2 parent left
 PAIR = """
 import os, pathlib, sys
-from pytest_tokperf.gpus import Need, RecordedNvml, Shortage, allocate, read_inventory
+from pytest_tokperf.hardware.allocation import Need, Shortage, allocate
+from pytest_tokperf.hardware.inventory import read_inventory
+from pytest_tokperf.hardware.recorded import RecordedNvml
 
 inventory = read_inventory(RecordedNvml.load(pathlib.Path(sys.argv[1])))
 inventory = inventory.restrict(os.environ["CUDA_VISIBLE_DEVICES"])

@@ -143,7 +143,7 @@ def _baselines(tmp_path: Path, expires: datetime.date) -> baseline.Baselines:
         '[[regression]]\ntest = "t.py::test_a"\nmetric = "tokens_per_s"\naccepted = 150\n'
         f'reason = "known"\nexpires = {expires.isoformat()}\n'
     )
-    from pytest_tokperf.gpus import Inventory
+    from pytest_tokperf.hardware.inventory import Inventory
 
     return baseline.Baselines(None, tmp_path, 0.05, 0.95, tmp_path, Inventory(()),
                               acknowledged.load(tmp_path),

@@ -8,24 +8,22 @@ real machine. Locks are real OS file locks in a temporary directory.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from pytest_tokperf import gpus
-from pytest_tokperf.gpus import (
+from pytest_tokperf.hardware.allocation import (
     Allocation,
-    GpuSample,
-    Inventory,
     Need,
-    RecordedNvml,
-    Sampler,
     Shortage,
     allocate,
     choose,
-    read_inventory,
-    summarize_gpus,
+    cuda_visible,
 )
+from pytest_tokperf.hardware.inventory import Inventory, read_inventory
+from pytest_tokperf.hardware.recorded import RecordedNvml
+from pytest_tokperf.hardware.telemetry import GpuSample, Sampler, read_sample, summarize_gpus
 
 DATA = Path(__file__).parent.parent / "data" / "nvml"
 H100 = Need("h100-sxm", 8, r"H100.*(SXM|HBM3)", 70)
@@ -156,15 +154,15 @@ def test_cpu_allocation_is_one_device_and_leaves_cuda_alone(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "keep")
     cpu = Allocation()
     assert cpu.devices == 1
-    with gpus.cuda_visible(cpu):
-        assert gpus.os.environ["CUDA_VISIBLE_DEVICES"] == "keep"
+    with cuda_visible(cpu):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "keep"
     need = Need("gb300-nvl72", 4, "GB300")
     node = allocate(inventory("gb300-node-4.json"), need, tmp_path, False)
     assert node.devices == 4
-    with gpus.cuda_visible(node):
-        assert gpus.os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(node.uuids)
-        assert gpus.os.environ["CUDA_VISIBLE_DEVICES"].startswith("GPU-9f8e7d")
-    assert gpus.os.environ["CUDA_VISIBLE_DEVICES"] == "keep"
+    with cuda_visible(node):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(node.uuids)
+        assert os.environ["CUDA_VISIBLE_DEVICES"].startswith("GPU-9f8e7d")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "keep"
     node.release()
 
 
@@ -255,7 +253,7 @@ def test_cpu_only_sampler_has_no_gpu_part() -> None:
 def test_energy_per_token_and_tokens_per_watt_from_a_recorded_series() -> None:
     from pytest_tokperf.driver import RequestRecord
     from pytest_tokperf.engines import EngineInfo
-    from pytest_tokperf.gpus import CpuTelemetry, Telemetry
+    from pytest_tokperf.hardware.telemetry import CpuTelemetry, Telemetry
     from pytest_tokperf.metrics import NS, summarize, with_telemetry
 
     # 4 requests of 250 tokens over 2 s on a 4-GPU node: 1,000 tokens, 500 tokens/s
@@ -352,12 +350,12 @@ def test_library_mismatch_is_a_value_not_reported_never_an_escape() -> None:
 
 def test_clock_event_reasons_and_the_deprecated_name() -> None:
     nvml = recorded("gb300-node-4.json")
-    masks = [gpus.read_sample(nvml, 2).throttle_reasons for _ in range(4)]
+    masks = [read_sample(nvml, 2).throttle_reasons for _ in range(4)]
     assert masks == [
         s["throttle_reasons"] for s in raw("gb300-node-4.json")["gpus"][2]["samples"][:4]
     ]
     old = _OldPynvml(raw("gb300-node-4.json"))
-    assert gpus.read_sample(old, 0).throttle_reasons == 0x40
+    assert read_sample(old, 0).throttle_reasons == 0x40
 
 
 @pytest.mark.parametrize(

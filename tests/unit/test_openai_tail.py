@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_tokperf.engines import openai
+from pytest_tokperf.engines.openai import engine, http, stream
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -35,7 +35,7 @@ def chunked(*writes: bytes) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(w), w) for w in writes) + b"0\r\n\r\n"
 
 
-def receive(reads: list[bytes]) -> tuple[openai._Conn, list[int]]:
+def receive(reads: list[bytes]) -> tuple[http._Conn, list[int]]:
     """A connection fed these reads after sending a request; the counts it reported."""
     loop = asyncio.new_event_loop()
     counts: list[int] = []
@@ -44,7 +44,7 @@ def receive(reads: list[bytes]) -> tuple[openai._Conn, list[int]]:
         def write(self, data: bytes) -> None:
             pass
 
-    conn = openai._Conn()
+    conn = http._Conn()
     conn.transport = Transport()  # type: ignore[assignment]
 
     async def run() -> None:
@@ -59,9 +59,9 @@ def receive(reads: list[bytes]) -> tuple[openai._Conn, list[int]]:
     return conn, counts
 
 
-def full_read(conn: openai._Conn) -> tuple[int | None, int, bool]:
+def full_read(conn: http._Conn) -> tuple[int | None, int, bool]:
     """What reading every event of the body says (the path texts=True takes)."""
-    read = openai._read_events(openai._payloads(openai._dechunk(conn.body())), all_texts=True)
+    read = stream._read_events(stream._payloads(http._dechunk(conn.body())), all_texts=True)
     return read.usage, read.trailing, read.done
 
 
@@ -71,7 +71,7 @@ def test_a_burst_in_one_read_is_counted_once_from_its_first_token() -> None:
     assert conn.skip == len(HEAD) and conn.blocks == [HEAD + conn.body()]  # not copied
     assert counts == [10]  # 7 tokens, the finish event, usage, [DONE]; not the role
     assert conn.body() == chunked(ROLE + token() * 7, FINISH + USAGE + DONE)
-    settled = openai._from_tail(conn)
+    settled = engine._from_tail(conn)
     assert settled is not None and (settled.tokens, settled.trailing) == (7, 3)
     assert (settled.tokens, settled.trailing, True) == full_read(conn)
 
@@ -83,7 +83,7 @@ def test_a_head_and_a_first_line_split_over_reads() -> None:
     conn, counts = receive(reads)
     assert conn.done is not None and conn.done.done() and conn.body() == data[len(HEAD) :]
     assert sum(counts) == 9  # the role-only delta before the first token is not counted
-    settled = openai._from_tail(conn)
+    settled = engine._from_tail(conn)
     assert settled is not None and (settled.tokens, settled.trailing) == (7, 2)
 
 
@@ -96,28 +96,28 @@ def test_the_tail_says_what_reading_every_event_says(
     kinds: list[str], split: int, per_write: int
 ) -> None:
     events = {"token": token(), "role": ROLE, "finish": FINISH, "usage": USAGE}
-    stream = [events[k] for k in kinds] + [DONE]
+    sent = [events[k] for k in kinds] + [DONE]
     # servers write whole events (one chunk per write); the client's reads cut anywhere
-    writes = [b"".join(stream[i : i + per_write]) for i in range(0, len(stream), per_write)]
+    writes = [b"".join(sent[i : i + per_write]) for i in range(0, len(sent), per_write)]
     data = HEAD + chunked(*writes)
     reads = [data[i : i + split] for i in range(0, len(data), split)]
     conn, _ = receive(reads)
     assert conn.body() == data[len(HEAD) :]  # every byte kept, in order
-    settled = openai._from_tail(conn)
+    settled = engine._from_tail(conn)
     usage, trailing, done = full_read(conn)
     assert done
     if settled is None:  # the tail could not say: no usage after the last token, or that
         last = data.rfind(token())  # token is too far back: the whole body is read instead
         after = kinds[len(kinds) - kinds[::-1].index("token") :] if "token" in kinds else kinds
-        assert "usage" not in after or len(data) - last > openai.TAIL_BYTES - 2
+        assert "usage" not in after or len(data) - last > engine.TAIL_BYTES - 2
         return
     assert (settled.tokens, settled.trailing) == (usage, trailing)
 
 
 def test_an_unfinished_stream_is_an_error_from_the_tail_too() -> None:
     conn, _ = receive([HEAD + chunked(token() * 3 + USAGE)])  # no [DONE]
-    with pytest.raises(openai.StreamError, match=r"before its final 'data: \[DONE\]'"):
-        openai._from_tail(conn)
+    with pytest.raises(stream.StreamError, match=r"before its final 'data: \[DONE\]'"):
+        engine._from_tail(conn)
 
 
 def test_an_error_status_records_no_reads_and_keeps_only_times_for_the_idle_timeout() -> None:
@@ -129,7 +129,7 @@ def test_an_error_status_records_no_reads_and_keeps_only_times_for_the_idle_time
         def write(self, data: bytes) -> None:
             pass
 
-    conn = openai._Conn()
+    conn = http._Conn()
     conn.transport = Transport()  # type: ignore[assignment]
     times: list[int] = []
     counts: list[int] = []

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tokperf.gpus import RecordedNvml, read_inventory
+from pytest_tokperf.hardware.inventory import read_inventory
+from pytest_tokperf.hardware.recorded import RecordedNvml
 from pytest_tokperf.profiles import BUILTIN, Unmatched, load_user, select
 
 DATA = Path(__file__).parent.parent / "data" / "nvml"

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tokperf import gpus, rackjudge
+from pytest_tokperf import rackjudge
 from pytest_tokperf.driver import RequestRecord
+from pytest_tokperf.hardware.inventory import read_inventory
+from pytest_tokperf.hardware.recorded import RecordedNvml
 from pytest_tokperf.rackjudge import Node, Timeline
 
 NS = 1_000_000_000
@@ -137,7 +139,7 @@ def test_clock_offsets_above_a_few_ms_are_reported() -> None:
 
 
 def fabric(recording: str) -> tuple[tuple[str | None, int | None, int | None], ...]:
-    inventory = gpus.read_inventory(gpus.RecordedNvml.load(DATA / recording))
+    inventory = read_inventory(RecordedNvml.load(DATA / recording))
     return tuple((g.fabric_cluster, g.fabric_clique, g.fabric_state) for g in inventory.gpus)
 
 

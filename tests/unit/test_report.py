@@ -102,7 +102,7 @@ def test_json_document_round_trips(tmp_path: Path) -> None:
 def test_gpu_telemetry_shows_in_table_message_and_payload() -> None:
     import dataclasses
 
-    from pytest_tokperf.gpus import CpuTelemetry, GpuSample, Telemetry, summarize_gpus
+    from pytest_tokperf.hardware.telemetry import CpuTelemetry, GpuSample, Telemetry, summarize_gpus
     from pytest_tokperf.metrics import with_telemetry
 
     # tokens spread evenly over the run: a narrow interval, so the verdict is decisive
