@@ -323,6 +323,70 @@ def _next_integer(low: float | None, high: float | None) -> int:
     return (int(low) + int(high)) // 2
 
 
+def find(
+    run: Callable[..., RunResult],
+    scenario: str,
+    slos: Mapping[str, float],
+    floors: Sequence[float],
+    *,
+    max_tokens: int | None,
+    workload: Any,
+    seed: int,
+    tolerance: float,
+    budget_s: float,
+    least_s: float,
+    saturation_requests: int,
+    margin: float,
+    judge: Callable[[RunResult, Mapping[str, float], float], Probe],
+) -> Capacity:
+    """A whole search with `run` (`Tokperf.run`): the Offline estimate, then `search`
+    over probes of at least `least_s` seconds and LoadGen's minimum of samples, each
+    `judge`d (`judge_probe` with the gate's policies). A Server probe lasts the samples
+    at its own rate; a closed-loop probe the samples at `closed_loop_rate`, and is
+    made again, longer, when it came up short of them at the rate it measured."""
+    began = time.monotonic()
+    offline = run("offline", saturation_requests, max_tokens, workload, seed=seed)
+    saturation = offline.requests_per_s
+    if not saturation > 0:
+        raise ValueError(
+            f"tokperf.capacity(): the Offline estimate served nothing "
+            f"({offline.failed} of {offline.requests} requests failed)"
+        )
+    closed = scenario == "concurrency"
+    samples = probe_samples(slos)
+    rates: dict[int, float] = {}  # requests/s each closed-loop probe measured
+
+    def measure(level: float, rate: float) -> RunResult:
+        load = {"concurrency": int(level)} if closed else {"qps": level}
+        return run(scenario, None, max_tokens, workload, **load, warmup=0, seed=seed + 1,
+                   duration_s=max(least_s, samples / rate) * margin,
+                   min_duration_s=least_s)  # fmt: skip
+
+    def probe(level: float) -> Probe:
+        start = time.monotonic()
+        result = measure(level, closed_loop_rate(int(level), rates, saturation) if closed
+                         else level)  # fmt: skip
+        found = judge(result, slos, time.monotonic() - start)
+        if closed:
+            rates[int(level)] = result.requests_per_s
+            short = result.requests < samples and found.status == "INCONCLUSIVE"
+            if short and result.requests_per_s > 0:  # slower than its estimate: again
+                result = measure(level, result.requests_per_s)
+                rates[int(level)] = result.requests_per_s
+                found = judge(result, slos, time.monotonic() - start)
+        return found
+
+    probes, stopped = search(
+        probe, saturation, floors=floors, budget_s=budget_s, tolerance=tolerance, integer=closed
+    )
+    return Capacity(
+        scenario=scenario, slos=dict(slos), saturation_qps=saturation, probes=probes,
+        floors=tuple(floors), tolerance=tolerance, budget_s=budget_s,
+        seconds=time.monotonic() - began, stopped=stopped,
+        axis="concurrency" if closed else "qps",
+    )  # fmt: skip
+
+
 def floor_check(found: Capacity, floor_level: float) -> Check:
     """The capacity_floor verdict (min_qps, or min_concurrency for a closed-loop search):
     FAIL when the probe at the floor missed an SLO by its observed percentile (or failed
@@ -355,6 +419,15 @@ def floor_check(found: Capacity, floor_level: float) -> Check:
     status = "INVALID" if probe.status == "INVALID" else "INCONCLUSIVE"
     why = f"{floor}: the probe at the floor was {probe.status}: {probe.why}; {said}"
     return verdict.check(metric, status, "capacity", why, **numbers)
+
+
+def cell(
+    found: Mapping[str, Any], wanted: Mapping[str, Any] | None, num: Callable[[Any], str]
+) -> str:
+    """The summary's floor cell of a capacity test: '4 qps, found 30.4 qps'."""
+    unit = "qps" if found.get("axis", "qps") == "qps" else "in flight"
+    least = (wanted or {}).get("min_qps", (wanted or {}).get("min_concurrency"))
+    return (f"{num(least)} {unit}, " if least else "") + f"found {num(found['last_pass'])} {unit}"
 
 
 def _qps(value: float | None) -> str:

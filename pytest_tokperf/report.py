@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pytest_tokperf import capacity
 from pytest_tokperf.accuracy import ParityResult
 from pytest_tokperf.hardware.inventory import Inventory
 from pytest_tokperf.metrics import MIN_BATCHES, Distribution, Interval, RunResult
@@ -371,14 +372,8 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
         floor = ", ".join(
             f"{num(v)}{'/dev' if k == 'per_gpu' else ''}" for k, v in sorted(floors.items())
         )
-        found = p.get("capacity")
-        if found is not None:  # a capacity test: its floor, and the capacity it found
-            unit = "qps" if found.get("axis", "qps") == "qps" else "in flight"
-            wanted = p.get("capacity_floor") or {}
-            least = wanted.get("min_qps", wanted.get("min_concurrency"))
-            floor = (f"{num(least)} {unit}, " if least else "") + (
-                f"found {num(found['last_pass'])} {unit}"
-            )
+        if p.get("capacity") is not None:  # a capacity test: its floor, the capacity found
+            floor = capacity.cell(p["capacity"], p.get("capacity_floor"), num)
         rows.append(
             (
                 p["nodeid"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import os
 import time
@@ -552,67 +553,19 @@ class Tokperf:
         _check_int("seed", seed, 0)
         _check_int("saturation_requests", saturation_requests, 1, MOST_REQUESTS)
         floors = tuple(f for f in (floor, min_qps, min_concurrency) if f is not None)
-        least = max(self.min_duration_s, probe_s or 1.0)
-        samples = capacity.probe_samples(limits)
-        began = time.monotonic()
-        self.probing = True
+        self.probing = True  # the search keeps its probes' runs, not the test's runs
         try:
-            offline = self.run("offline", saturation_requests or self.profile.requests,
-                               max_tokens, workload, seed=seed)  # fmt: skip
-            saturation = offline.requests_per_s
-            if not saturation > 0:
-                raise ValueError(
-                    f"{call}(): the Offline estimate served nothing "
-                    f"({offline.failed} of {offline.requests} requests failed)"
-                )
-
-            rates: dict[int, float] = {}  # requests/s each closed-loop probe measured
-
-            def measure(level: float, seconds: float) -> metrics.RunResult:
-                if scenario != "concurrency":
-                    return self.run(scenario, None, max_tokens, workload, qps=level, warmup=0,
-                                    duration_s=seconds, seed=seed + 1,
-                                    min_duration_s=least)  # fmt: skip
-                return self.run(scenario, None, max_tokens, workload, concurrency=int(level),
-                                warmup=0, duration_s=seconds, seed=seed + 1,
-                                min_duration_s=least)  # fmt: skip
-
-            def probe(level: float) -> capacity.Probe:
-                start = time.monotonic()
-                if scenario != "concurrency":
-                    rate = level
-                else:  # requests/s it should serve: a measured neighbour's (Little's law)
-                    rate = capacity.closed_loop_rate(int(level), rates, saturation)
-                run = measure(level, max(least, samples / rate) * DURATION_MARGIN)
-                found = judged(run, time.monotonic() - start)
-                if scenario == "concurrency":
-                    rates[int(level)] = run.requests_per_s
-                    short = run.requests < samples and found.status == "INCONCLUSIVE"
-                    if short and run.requests_per_s > 0:  # slower than its estimate: again
-                        run = measure(level, max(least, samples / run.requests_per_s)
-                                      * DURATION_MARGIN)  # fmt: skip
-                        rates[int(level)] = run.requests_per_s
-                        found = judged(run, time.monotonic() - start)
-                return found
-
-            def judged(run: metrics.RunResult, spent: float) -> capacity.Probe:
-                return capacity.judge_probe(
-                    run, limits, spent, busy=self.busy, throttled=self.throttled,
-                    confidence=self.confidence,
-                )  # fmt: skip
-
-            probes, stopped = capacity.search(
-                probe, saturation, floors=floors, budget_s=budget_s, tolerance=tolerance,
-                integer=scenario == "concurrency",
+            found = capacity.find(
+                self.run, scenario, limits, floors,
+                max_tokens=max_tokens, workload=workload, seed=seed, tolerance=tolerance,
+                budget_s=budget_s, least_s=max(self.min_duration_s, probe_s or 1.0),
+                saturation_requests=saturation_requests or self.profile.requests,
+                margin=DURATION_MARGIN,
+                judge=functools.partial(capacity.judge_probe, busy=self.busy,
+                                        throttled=self.throttled, confidence=self.confidence),
             )  # fmt: skip
         finally:
             self.probing = False
-        found = capacity.Capacity(
-            scenario=scenario, slos=dict(limits), saturation_qps=saturation, probes=probes,
-            floors=floors, tolerance=tolerance, budget_s=budget_s,
-            seconds=time.monotonic() - began, stopped=stopped,
-            axis="concurrency" if scenario == "concurrency" else "qps",
-        )  # fmt: skip
         self.capacities.append(found)
         return found
 
