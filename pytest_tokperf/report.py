@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pytest_tokperf import capacity
+from pytest_tokperf import capacity, columns
 from pytest_tokperf.accuracy import ParityResult
 from pytest_tokperf.hardware.inventory import Inventory
 from pytest_tokperf.metrics import MIN_BATCHES, Distribution, Interval, RunResult
@@ -41,6 +41,9 @@ SCHEMA = "pytest-tokperf/results/1"
 # PASS/FAIL/INCONCLUSIVE: gated by a floor or SLO; INVALID: the measurement cannot be
 # trusted; MEASURED: ran without a gate; SKIPPED: no floor or SLO for this profile;
 # ACKNOWLEDGED: a regression against the baseline listed in tokperf-acknowledged.toml
+# the narrow table's columns to leave out, the least essential first
+NARROW_LEFT_OUT = ("proc CPU", "J/token", "TPOT p99", "SLO observed/estimate", "requests",
+                   "TTFT p99", "scenario")  # fmt: skip
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID", "MEASURED", "SKIPPED", "ACKNOWLEDGED")
 
 
@@ -329,8 +332,9 @@ def payload(
     return judged(data, verdict)
 
 
-def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One row per perf test, columns aligned.
+def table(payloads: Sequence[Mapping[str, Any]], width: int | None = None) -> list[str]:
+    """One row per perf test, columns aligned; in at most `width` characters a line
+    where one is given (`columns.fit`), every column whole where not.
 
     Energy and client CPU columns appear only when some run measured them.
     """
@@ -389,7 +393,9 @@ def table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
             )
         )
     numbers = len(header) - 1 - (1 if slos else 0)  # the SLO column reads left to right
-    return _aligned(rows, right=set(range(2, numbers)))
+    if width is None:
+        return columns.aligned(rows, right=set(range(2, numbers)))
+    return columns.fit(rows, set(range(2, numbers)), width, NARROW_LEFT_OUT, ("per device",))
 
 
 def _marks(payload: Mapping[str, Any]) -> str:
@@ -648,16 +654,4 @@ def parity_table(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
                 + ("" if p["verdict"] in (p["status"], "MEASURED") else f" ({p['status']})"),
             )
         )
-    return _aligned(rows, right={2, 3, 4, 5, 6, 7, 8})
-
-
-def _aligned(rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
-    """Columns padded to their widest cell; numbers (the `right` columns) right-aligned."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ).rstrip()
-        for r in rows
-    ]
+    return columns.aligned(rows, right={2, 3, 4, 5, 6, 7, 8})

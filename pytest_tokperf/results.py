@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from pytest_tokperf import journal, metrics, rack, rackjudge, records, report, summary
+from pytest_tokperf import columns, journal, metrics, rack, rackjudge, records, report, summary
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.hardware.inventory import Inventory
 from pytest_tokperf.runner import Progress
@@ -54,6 +54,10 @@ class Results:
         self.json_path = s.json_path
         self.html_path = s.html_path
         self.history = s.history
+        # the summary table whole (wide, or -v) or in at most columns.WIDTH characters a line
+        self.table_width = (
+            None if s.table == "wide" or config.get_verbosity() >= 1 else columns.WIDTH
+        )
         self.history_rows: int | None = None  # appended to the history, once written
         self._commit: str | None = None
         # xdist's documented marker of a worker process: workers report, never write
@@ -178,7 +182,7 @@ class Results:
         parity = [p for p in self._sorted() if p.get("kind") == report.PARITY_KIND] + [
             {**p["parity"], "verdict": p["verdict"]} for p in perf if p.get("parity")
         ]  # a perf test that also scored parity: its parity in the parity table too
-        for line in report.table(perf) if perf else []:
+        for line in report.table(perf, self.table_width) if perf else []:
             terminalreporter.write_line(line)
         for line in report.parity_table(parity) if parity else []:
             terminalreporter.write_line(line)

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tokperf import hardware, profiles, rack, reference, workloads
+from pytest_tokperf import columns, hardware, profiles, rack, reference, workloads
 from pytest_tokperf.baseline import MISSING_POLICIES
 from pytest_tokperf.engines import BACKENDS, precision
 from pytest_tokperf.regression import DEFAULT_TOLERANCE
 
 INCONCLUSIVE_POLICIES = ("fail", "skip", "pass")
+TABLE_MODES = ("auto", "wide")  # the terminal summary table: fitted (wide under -v), or whole
 GROUP = ("tokperf", "LLM inference performance acceptance tests")
 
 
@@ -119,6 +120,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("tokperf_html", "PATH",
            "write a self-contained HTML report with figures here (figures need the `html` "
            "extra, matplotlib)"),
+    Option("tokperf_table", "MODE",
+           f"terminal summary table: auto (at most {columns.WIDTH} characters a line, every "
+           "column and whole test ids under -v) or wide (always every column, whole test ids)",
+           "auto"),
     Option("tokperf_history", "DIR",
            "append each perf test's result to the history in DIR; `python -m pytest_tokperf "
            "history DIR` finds its change points"),
@@ -291,6 +296,7 @@ class Settings:
     records_path: Path | None
     html_path: Path | None
     history: Path | None
+    table: str  # auto / wide: the terminal summary table fitted to the terminal, or whole
     save_baseline: Path | None
     compare_baseline: Path | None
     max_regression: float
@@ -408,6 +414,7 @@ def resolve(config: pytest.Config, inventory: hardware.Inventory) -> Settings:
         records_path=_path(setting(config, "tokperf_records")),
         html_path=_path(setting(config, "tokperf_html")),
         history=_path(setting(config, "tokperf_history")),
+        table=policy(config, "tokperf_table", TABLE_MODES),
         save_baseline=_path(setting(config, "tokperf_save_baseline")),
         compare_baseline=_path(setting(config, "tokperf_baseline")),
         max_regression=fraction(

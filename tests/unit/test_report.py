@@ -99,9 +99,9 @@ def test_json_document_round_trips(tmp_path: Path) -> None:
     assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temporary file left
 
 
-def test_gpu_telemetry_shows_in_table_message_and_payload() -> None:
-    import dataclasses
-
+def _telemetry_run(nodeid: str = "t.py::test_x"):
+    """A 4-GPU Offline run with energy and client CPU measured, its GPUs throttled: its
+    payload and its result."""
     from pytest_tokperf.hardware.telemetry import CpuTelemetry, GpuSample, Telemetry, summarize_gpus
     from pytest_tokperf.metrics import with_telemetry
 
@@ -120,8 +120,15 @@ def test_gpu_telemetry_shows_in_table_message_and_payload() -> None:
     }
     res = with_telemetry(res, Telemetry(CpuTelemetry(1.0, 0.5, 16, 2.0), summarize_gpus(series)))
     floors = {"per_gpu": 15_200.0}
-    p = payload("t.py::test_x", res, judge(res, floors), floors, BUILTIN["gb300-nvl72"],
+    p = payload(nodeid, res, judge(res, floors), floors, BUILTIN["gb300-nvl72"],
                 gpus=["GPU-a", "GPU-b", "GPU-c", "GPU-d"])  # fmt: skip
+    return p, res
+
+
+def test_gpu_telemetry_shows_in_table_message_and_payload() -> None:
+    import dataclasses
+
+    p, res = _telemetry_run()
     assert p["energy_j_per_token"] == 4_000 / 49_920
     assert p["tokens_per_s_per_watt"] == 49_920 / 4_000
     assert p["gpus"] == ["GPU-a", "GPU-b", "GPU-c", "GPU-d"]
@@ -164,7 +171,9 @@ def test_printed_intervals_name_the_confidence_that_produced_them() -> None:
     )
 
 
-def test_slo_observed_and_estimate_side_by_side_in_the_table() -> None:
+def _slo_payload(nodeid: str = "t.py::x"):
+    """A Server run at 1 qps judged on a TTFT p50 SLO: 50 first tokens at 100 ms, one
+    at 300 ms."""
     recs = [
         RequestRecord(f"r{k}", k * NS, k * NS + NS // 2, (k * NS + ms * NS // 1000,), (1,),
                       scheduled_ns=k * NS)
@@ -173,7 +182,11 @@ def test_slo_observed_and_estimate_side_by_side_in_the_table() -> None:
     res = summarize(recs, EngineInfo("sim", "sim", "none", 1), scenario="server",
                     workload="w", max_tokens=None, qps=1.0)  # fmt: skip
     slos = {"ttft_p50_ms": 200.0}
-    p = payload("t.py::x", res, judge(res, {}, slos), {}, BUILTIN["sim"], slos)
+    return payload(nodeid, res, judge(res, {}, slos), {}, BUILTIN["sim"], slos)
+
+
+def test_slo_observed_and_estimate_side_by_side_in_the_table() -> None:
+    p = _slo_payload()
     (check,) = p["checks"][1:]
     assert (check["observed"], check["estimate"], check["over"], check["count"]) == (
         100.0,
@@ -184,3 +197,111 @@ def test_slo_observed_and_estimate_side_by_side_in_the_table() -> None:
     assert p["verdict"] == "PASS"
     header, row = table([p])
     assert "SLO observed/estimate" in header and "TTFT p50 100/100 ms" in row
+
+
+LONG_IDS = (
+    "examples/test_llama2_70b_acceptance.py::test_offline_throughput_per_node_longer_answers",
+    "examples/test_serving_slos.py::test_server_smoke_on_small_machines",
+    "examples/test_release_gate.py::test_offline_throughput_against_baseline",
+    "examples/test_llama2_70b_acceptance.py::test_whole_rack_offline",
+)
+
+
+def _suite() -> list[dict]:
+    """Payloads of a real suite's summary: long test ids, energy and client CPU measured,
+    an SLO column, a 1-device run, a skipped test; the verdicts carry their marks."""
+    telemetry, _ = _telemetry_run(LONG_IDS[0])
+    one = _payload(4_000, devices=1, floors={"min_tokens_per_s": 1e9})
+    return [
+        telemetry,
+        _slo_payload(LONG_IDS[1]),
+        {**one, "nodeid": LONG_IDS[2], "verdict": "INCONCLUSIVE", "throttled": True},
+        {**one, "nodeid": LONG_IDS[3], "verdict": "SKIPPED"},
+    ]
+
+
+def _fits_with_verdicts_whole(lines: list[str], verdicts: tuple[str, ...]) -> None:
+    """Every line in 120 characters, each row ending in its whole verdict, aligned."""
+    assert max(map(len, lines)) <= 120
+    header, *rows = lines[:-1]
+    for row, verdict in zip(rows, verdicts, strict=True):
+        assert row.endswith("  " + verdict), row
+    assert {row.rindex(v) for row, v in zip(rows, verdicts, strict=True)} == {
+        header.rindex("verdict")
+    }  # the verdict column still aligned, still last
+
+
+VERDICTS = ("FAIL (throttled)", "PASS", "INCONCLUSIVE (throttled)", "SKIPPED")
+
+
+def test_the_narrow_table_fits_120_characters_and_keeps_each_verdict_whole() -> None:
+    assert max(map(len, table(_suite()))) > 200  # the table this is about
+    lines = table(_suite(), 120)
+    _fits_with_verdicts_whole(lines, VERDICTS)
+    # the columns left out, the least essential first, named once below the table
+    assert lines[-1] == (
+        "-v or --tokperf-table wide shows whole test ids, proc CPU, J/token, TPOT p99, "
+        "SLO observed/estimate, requests, TTFT p99"
+    )
+    assert lines[0].split() == [
+        "test", "scenario", "tokens/s", "per", "device", "floor", "verdict",
+    ]  # fmt: skip
+    # the tests' names alone tell them apart: whole, without their files
+    assert [line.split()[0] for line in lines[1:-1]] == [i.split("::")[1] for i in LONG_IDS]
+    assert lines[2].split()[:3] == ["test_server_smoke_on_small_machines", "server", "1.01"]
+
+
+def test_tests_that_share_a_name_keep_their_files_in_the_narrow_table() -> None:
+    suite = _suite()
+    suite[3] = {**suite[3], "nodeid": "examples/other.py::test_server_smoke_on_small_machines"}
+    lines = table(suite, 120)
+    _fits_with_verdicts_whole(lines, VERDICTS)
+    assert [line.split()[0] for line in lines[1:-1]] == [
+        "test_llama2_70b_ac…ine_throughput_per_node_longer_answers",  # its middle cut
+        "test_serving_slos.py::test_server_smoke_on_small_machines",
+        "test_release_gate.…st_offline_throughput_against_baseline",
+        "other.py::test_server_smoke_on_small_machines",
+    ]
+    assert lines[-1].endswith(", requests and 2 more")  # the footnote in 120 characters too
+    assert len(lines[-1]) <= 120
+
+
+def test_a_table_that_fits_is_the_whole_table() -> None:
+    suite = _suite()
+    wide = table(suite)
+    assert table(suite, max(map(len, wide))) == wide  # nothing left out, no footnote
+    assert wide[0].split()[:12] == [
+        "test", "scenario", "requests", "tokens/s", "per", "device", "floor", "TTFT", "p99",
+        "TPOT", "p99", "J/token",
+    ]  # fmt: skip
+    assert [line.split()[0] for line in wide[1:]] == list(LONG_IDS)
+    assert "TTFT p50 100/100 ms" in wide[2] and "0.50/16" in wide[1]
+
+
+def test_narrowing_drops_a_repeated_column_first_and_cuts_the_widest_cells_last() -> None:
+    from pytest_tokperf.columns import fit
+
+    rows = [
+        ("test", "tokens/s", "per device", "note", "verdict"),
+        ("d/test_a.py::test_one_two_three", "100", "100", "a long note here", "PASS"),
+        ("d/test_a.py::test_four", "50", "50", "-", "FAIL (busy)"),
+    ]
+    assert fit(rows, {1, 2}, 200, repeats=("per device",)) == fit(rows, {1, 2}, 200)
+    assert fit(rows, {1, 2}, 71, repeats=("per device",)) == [
+        "test                           tokens/s  note              verdict",
+        "test_a.py::test_one_two_three       100  a long note here  PASS",
+        "test_a.py::test_four                 50  -                 FAIL (busy)",
+        "-v or --tokperf-table wide shows per device, whole test ids",
+    ]  # the directories go, then (below) the files
+    assert fit(rows, {1, 2}, 69, repeats=("per device",))[1:3] == [
+        "test_one_two_three       100  a long note here  PASS",
+        "test_four                 50  -                 FAIL (busy)",
+    ]
+    assert fit(rows, {1, 2}, 40, repeats=("per device",)) == [
+        "test     tokens/s  note      verdict",
+        "te…hree       100  a long …  PASS",
+        "te…four        50  -         FAIL (busy)",
+        "-v or --tokperf-table wide shows the whole table",  # no list fits in 40
+    ]
+    # too narrow for anything but the verdicts: every other cell down to one character
+    assert fit(rows, set(), 10)[1:3] == ["…  …  …  …  PASS", "…  …  …  -  FAIL (busy)"]
