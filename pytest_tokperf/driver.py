@@ -32,6 +32,7 @@ from pytest_tokperf.engines import (
     reconcile,
     sleep_off_loop,
 )
+from pytest_tokperf.records import RequestRecord as RequestRecord
 
 NS = 1_000_000_000
 _clock = time.perf_counter_ns
@@ -40,37 +41,6 @@ TIMED = ("server", "interactive", "trace")  # issued at scheduled times
 LOOK_EVERY_S = 0.25  # how often the watcher wakes for progress and stop checks
 TIMED_OUT = "cancelled: the run's time limit was reached before this request completed"
 INTERRUPTED = "interrupted (SIGINT)"
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """What happened to one request, in `perf_counter_ns` nanoseconds.
-
-    `scheduled_ns` is the seeded arrival time a server run meant to issue at (None in
-    other scenarios): `issue_ns - scheduled_ns` is the driver's own lag.
-    """
-
-    id: str
-    issue_ns: int
-    end_ns: int
-    chunk_ns: tuple[int, ...] = ()
-    chunk_tokens: tuple[int, ...] = ()
-    text: str = ""
-    error: str | None = None
-    token_ids: tuple[int, ...] = ()  # when the engine reports them (accuracy parity)
-    scheduled_ns: int | None = None
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(self.chunk_tokens)
-
-    @property
-    def first_chunk_ns(self) -> int | None:
-        return self.chunk_ns[0] if self.chunk_ns else None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 _new = object.__new__

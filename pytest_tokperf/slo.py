@@ -14,9 +14,9 @@ import re
 from collections.abc import Mapping, Sequence
 
 from pytest_tokperf import early_stopping
-from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.judgment import Check, check
 from pytest_tokperf.metrics import PERCENTILES, RunResult, e2e_s, itl_s, tpot_s, ttft_s
+from pytest_tokperf.records import RequestRecord
 
 # latency_slo keywords: <metric>_<percentile>_ms, e.g. ttft_p99_ms
 SLO_METRICS: dict[str, str] = {
