@@ -11,7 +11,7 @@ and 60% speed, each phase an exponential time of mean 3 s).
 Latency cells: a Server run (Poisson arrivals, no queueing) whose TTFT is
 exponential, with the `latency_slo` limit set so a known share of requests is over
 it (0.1%, 1%, 1.5% at p99 and p90, and 5%, 10%, 15% at p90), judged by LoadGen's
-early-stopping rule (`verdict.slo_check`) after a fixed number of requests.
+early-stopping rule (`slo.slo_check`) after a fixed number of requests.
 
 A wrong verdict is the decisive one on the wrong side of the truth: FAIL when the
 truth meets the floor/limit, PASS when it misses; at x1.00 and at exactly the
@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pytest_tokperf import metrics, regression, sequential, verdict
+from pytest_tokperf import judgment, metrics, regression, sequential, verdict
 from pytest_tokperf.driver import NS, RequestRecord, poisson_offsets_ns
 from pytest_tokperf.engines import EngineInfo, Request, load_engine
 from pytest_tokperf.engines.sim import (
@@ -304,7 +304,7 @@ def wilson_upper(k: int, n: int, z: float = 1.96) -> float:
 
 def row(cell: str, wrong_status: str | None, outcomes: list[Outcome]) -> dict[str, Any]:
     n = len(outcomes)
-    share = {s: sum(1 for o in outcomes if o.status == s) / n for s in verdict.STATUSES}
+    share = {s: sum(1 for o in outcomes if o.status == s) / n for s in judgment.STATUSES}
     wrong = sum(1 for o in outcomes if o.status == wrong_status)
     times = [o.decided_s for o in outcomes if o.decided_s is not None]
     return {

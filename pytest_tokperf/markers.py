@@ -18,7 +18,8 @@ from pytest_tokperf import regression
 from pytest_tokperf.accuracy import ParitySpec
 from pytest_tokperf.goodput import KEY as GOODPUT
 from pytest_tokperf.profiles import Profile
-from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS, Bound, finite, floors_for
+from pytest_tokperf.slo import SLO_KEYWORDS
+from pytest_tokperf.verdict import FLOOR_METRICS, Bound, finite, floors_for
 
 FLOOR_MARKER = (
     "throughput_floor(min_tokens_per_s=None, per_gpu=None, per_rack=None, "

@@ -31,7 +31,8 @@ from pytest_tokperf import mlperf_models, workloads
 from pytest_tokperf.driver import SCENARIOS
 from pytest_tokperf.hardware.allocation import Need, unsuitable
 from pytest_tokperf.hardware.inventory import Inventory
-from pytest_tokperf.verdict import FLOOR_METRICS, SLO_KEYWORDS, finite
+from pytest_tokperf.slo import SLO_KEYWORDS
+from pytest_tokperf.verdict import FLOOR_METRICS, finite
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,4 +1,5 @@
-"""The raw records file: one JSON line per measured request, on a wall clock.
+"""What happened to each request (`RequestRecord`, which the driver makes) and the raw
+records file: one JSON line per measured request, on a wall clock.
 
 `--tokperf-records PATH` appends, after each measured run, one row per request:
 {"test", "run", "node", "id", "scheduled", "issue", "first", "end", "tokens",
@@ -21,7 +22,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_tokperf.driver import RequestRecord
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What happened to one request, in `perf_counter_ns` nanoseconds.
+
+    `scheduled_ns` is the seeded arrival time a server run meant to issue at (None in
+    other scenarios): `issue_ns - scheduled_ns` is the driver's own lag.
+    """
+
+    id: str
+    issue_ns: int
+    end_ns: int
+    chunk_ns: tuple[int, ...] = ()
+    chunk_tokens: tuple[int, ...] = ()
+    text: str = ""
+    error: str | None = None
+    token_ids: tuple[int, ...] = ()  # when the engine reports them (accuracy parity)
+    scheduled_ns: int | None = None
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.chunk_tokens)
+
+    @property
+    def first_chunk_ns(self) -> int | None:
+        return self.chunk_ns[0] if self.chunk_ns else None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True)

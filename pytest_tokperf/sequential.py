@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pytest_tokperf import early_stopping, metrics, regression, verdict
+from pytest_tokperf import early_stopping, metrics, regression, slo, verdict
 from pytest_tokperf.driver import RequestRecord
 from pytest_tokperf.engines import EngineInfo
 from pytest_tokperf.metrics import PERCENTILES, output_tokens_per_s
@@ -91,14 +91,14 @@ class Sequential:
     def _slos(self, records: Sequence[RequestRecord]) -> list[str]:
         """PASS where LoadGen's rule accepts the percentile at the look's confidence."""
         out = []
-        share = 1 - (1 - verdict.EARLY_STOPPING_CONFIDENCE) / self.looks
+        share = 1 - (1 - slo.EARLY_STOPPING_CONFIDENCE) / self.looks
         for key, limit_ms in self.slos.items():
-            metric, pct = verdict.slo_parts(key)
-            values, failed = verdict.slo_samples(records, metric)
+            metric, pct = slo.slo_parts(key)
+            values, failed = slo.slo_samples(records, metric)
             over = failed + sum(1 for v in values if v * 1000 > limit_ms)
             count = len(records) if metric == "itl" else len(values) + failed
             need = early_stopping.needed(over, PERCENTILES[pct], share)
-            enough = count >= max(need, verdict.samples_needed(PERCENTILES[pct], share))
+            enough = count >= max(need, slo.samples_needed(PERCENTILES[pct], share))
             out.append("PASS" if enough else "UNDECIDED")
         return out
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-from pytest_tokperf import verdict
+from pytest_tokperf import slo, verdict
 from pytest_tokperf.metrics import RunResult, tpot_s
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class Sweep(Sequence[RunResult]):
 
     def to_json(self, capacity_qps: float | None = None) -> dict[str, Any]:
         points = []
-        limits = verdict.per_request_limits(self.slos) if self.slos else None
+        limits = slo.per_request_limits(self.slos) if self.slos else None
         for load, r, status in zip(self.loads, self.results, self.statuses(), strict=True):
             points.append({
                 self.axis: load,
@@ -144,9 +144,7 @@ def sweep(
                                   warmup=warmup, duration_s=duration_s, **given))  # fmt: skip
     # the test's latency_slo limits, else its capacity_floor's: the limits to draw
     marker = runner.capacity_floor or {}
-    slos = dict(runner.slos(scenario)) or {
-        k: v for k, v in marker.items() if k in verdict.SLO_KEYWORDS
-    }
+    slos = dict(runner.slos(scenario)) or {k: v for k, v in marker.items() if k in slo.SLO_KEYWORDS}
     found = Sweep(axis, scenario, loads, tuple(results), slos, runner.busy, runner.throttled)
     runner.sweeps.append(found)
     return found

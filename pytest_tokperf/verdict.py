@@ -7,34 +7,33 @@ Formatting the message a person reads is `report`'s job; this module only decide
   FAIL when the upper bound is below it, INCONCLUSIVE when the interval straddles it.
   The interval needs enough independent batches (`metrics.batch_rates`); without
   them the verdict is INCONCLUSIVE.
-- SLOs are judged as LoadGen judges a Server run: PASS only when its early-stopping
-  estimate accepts the percentile (few enough requests over the limit for their
-  number, failed requests counting as over); FAIL when the observed percentile itself
-  misses the limit; otherwise the run is INVALID (too few requests for what it saw).
+- SLOs are judged as LoadGen judges a Server run (`slo`).
 - Validity is decided apart from both: a run whose driver fell behind its schedule,
   whose engine did not sustain the offered load or whose client saturated is
   INVALID, never PASS.
 
-Every source of evidence (failed requests, floors, SLOs, validity, too little
-evidence; and outside this module parity, regression, a missing baseline, the rack)
-is a `Check` of one shape, and `decide` alone turns a test's checks into its status.
+Every source of evidence is a `Check` of one shape, and `decide` alone turns a test's
+checks into its status (`judgment`, whose names this module passes on, as it passes on
+`slo`'s that other modules read here).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from pytest_tokperf import accuracy, cache, early_stopping, server_metrics, steady
+from pytest_tokperf import accuracy, cache, server_metrics, steady
 from pytest_tokperf.driver import RequestRecord
+from pytest_tokperf.judgment import PASSING
+from pytest_tokperf.judgment import Check as Check
+from pytest_tokperf.judgment import Verdict as Verdict
+from pytest_tokperf.judgment import check as check
+from pytest_tokperf.judgment import decide as decide
+from pytest_tokperf.judgment import verdict_of as verdict_of
 from pytest_tokperf.metrics import (
     BATCHES,
     MIN_BATCHES,
-    PERCENTILES,
     Batches,
     Interval,
     RunResult,
@@ -47,33 +46,19 @@ from pytest_tokperf.metrics import (
     ttft_s,
     window_rates,
 )
+from pytest_tokperf.slo import SLO_METRICS as SLO_METRICS
+from pytest_tokperf.slo import per_request_limits as per_request_limits
+from pytest_tokperf.slo import samples_needed as samples_needed
+from pytest_tokperf.slo import samples_word as samples_word
+from pytest_tokperf.slo import slo_checks as slo_checks
+from pytest_tokperf.slo import slo_parts as slo_parts
+from pytest_tokperf.slo import slo_reason as slo_reason
 
 # marker keyword -> (RunResult attribute, what it measures)
 FLOOR_METRICS: dict[str, tuple[str, str]] = {
     "min_tokens_per_s": ("tokens_per_s", "output tokens/s"),
     "per_gpu": ("tokens_per_s_per_gpu", "output tokens/s per device"),
 }
-# latency_slo keywords: <metric>_<percentile>_ms, e.g. ttft_p99_ms
-SLO_METRICS: dict[str, str] = {
-    "ttft": "TTFT",
-    "tpot": "TPOT",
-    "itl": "ITL",
-    "e2e": "E2E latency",
-}
-SLO_KEYWORDS: tuple[str, ...] = tuple(
-    f"{m}_{p}_ms" for m in SLO_METRICS for p in PERCENTILES
-)  # fmt: skip
-_SLO_KEY = re.compile(r"^(?P<metric>[a-z0-9]+)_(?P<pct>p\d+)_ms$")
-
-STATUSES = ("PASS", "FAIL", "INCONCLUSIVE", "INVALID", "NOT MEASURED", "ACKNOWLEDGED")
-PASSING = ("PASS", "ACKNOWLEDGED")
-# kinds of check whose PASS makes a test PASS; the others (failed requests, validity,
-# evidence) can only keep it from passing: a test with no gate is MEASURED
-GATES = ("floor", "slo", "parity", "regression", "baseline", "rack", "node", "capacity", "goodput")
-
-# LoadGen's early-stopping estimate is taken at 99% confidence (mlcommons/inference,
-# loadgen/early_stopping.cc)
-EARLY_STOPPING_CONFIDENCE = early_stopping.CONFIDENCE
 # schedule lag tolerance: this share of the mean gap between arrivals, at least LAG_MIN_S
 LAG_SHARE = 0.1
 LAG_MIN_S = 0.010
@@ -82,97 +67,6 @@ CLIENT_CPU_MAX = 0.9  # driver thread CPU time / wall time above this: the clien
 CLIENT_CPU_MIN_S = 1.0  # runs shorter than this are not judged for client saturation
 
 Bound = float | dict[str, float]
-
-
-@dataclass(frozen=True)
-class Check:
-    """One piece of evidence about a test, whatever its source (`kind`)."""
-
-    metric: str  # marker keyword, e.g. "per_gpu", "ttft_p99_ms", or "failed_requests"
-    observed: float | None  # None: a check that is not a number against a limit
-    limit: float | None
-    passed: bool  # status in PASSING
-    status: str = ""  # one of STATUSES
-    ci_low: float | None = None  # a floor's confidence interval, same unit as observed
-    ci_high: float | None = None
-    confidence: float | None = None  # of this interval (per look) or of the SLO estimate
-    batches: int | None = None  # a floor's independent batches (< MIN_BATCHES: no interval)
-    # an SLO: samples, how many over the limit (failed requests count), LoadGen's
-    # early-stopping count needed with that many over, and its percentile estimate (ms)
-    count: int | None = None
-    over: int | None = None
-    needed: int | None = None
-    estimate: float | None = None
-    # requests, floor, slo, validity, evidence, interrupted, parity, regression,
-    # baseline, rack: where the evidence comes from
-    kind: str = "floor"
-    run: int | None = None  # the test's run it judges (0-based), for a test of several
-    runs: int = 1  # how many runs the test made
-    detail: str = ""  # why, in words, where the numbers alone do not say it
-
-
-def check(metric: str, status: str, kind: str, detail: str = "", **numbers: Any) -> Check:
-    """A check whose `passed` follows from its status."""
-    numbers.setdefault("observed", None)
-    numbers.setdefault("limit", None)
-    return Check(
-        metric=metric, passed=status in PASSING, status=status, kind=kind, detail=detail,
-        **numbers,
-    )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Verdict:
-    status: str  # decide(checks): PASS, FAIL, INCONCLUSIVE, INVALID, ACKNOWLEDGED, MEASURED
-    checks: tuple[Check, ...]
-    confidence: float = 0.95  # of the floors' intervals, over all looks of a run together
-    looks: int = 1  # sequential looks the confidence was split over (Bonferroni)
-
-    @property
-    def failed(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if not c.passed and c.status != "NOT MEASURED")
-
-    @property
-    def invalid(self) -> tuple[str, ...]:
-        """Why the measurement is not valid, one reason each."""
-        return tuple(c.detail for c in self.checks if c.status == "INVALID")
-
-
-def decide(checks: Sequence[Check]) -> str:
-    """A test's status from all its checks: the one judgment.
-
-    In this order: INVALID when the run was cut (Ctrl-C: its unfinished requests are
-    no failures of the engine); FAIL when a request failed or a rack's node failed or
-    is missing (a fact about the engine, however the run was measured); INVALID when
-    the measurement itself cannot be trusted (the driver fell behind, the client
-    saturated: its other numbers do not count); FAIL when any other check failed;
-    INVALID when a check has too little evidence to be judged at all (an SLO's
-    early-stopping minimum); INCONCLUSIVE when a check could not decide; otherwise
-    PASS (ACKNOWLEDGED when a regression passed only by an acknowledgement) if some
-    gate passed, else MEASURED: nothing gated it.
-    NOT MEASURED (a baseline allowed to be missing) neither fails nor passes a test.
-    """
-
-    def has(status: str, kinds: Sequence[str] | None = None) -> bool:
-        return any(c.status == status and (kinds is None or c.kind in kinds) for c in checks)
-
-    if has("INVALID", ("interrupted",)):
-        return "INVALID"
-    if has("FAIL", ("requests", "node")):
-        return "FAIL"
-    if has("INVALID", ("validity",)):
-        return "INVALID"
-    for status in ("FAIL", "INVALID", "INCONCLUSIVE"):
-        if has(status):
-            return status
-    gates = [c for c in checks if c.kind in GATES and c.status in PASSING]
-    if not gates:
-        return "MEASURED"
-    return "ACKNOWLEDGED" if any(c.status == "ACKNOWLEDGED" for c in gates) else "PASS"
-
-
-def verdict_of(checks: Sequence[Check], confidence: float = 0.95, looks: int = 1) -> Verdict:
-    return Verdict(decide(checks), tuple(checks), confidence, looks)
 
 
 def finite(value: object) -> float | None:
@@ -209,32 +103,6 @@ def floors_for(
         else:
             floors[key] = bound
     return floors
-
-
-def slo_parts(key: str) -> tuple[str, str]:
-    """ "ttft_p99_ms" -> ("ttft", "p99")."""
-    match = _SLO_KEY.match(key)
-    if match is None or match["metric"] not in SLO_METRICS or match["pct"] not in PERCENTILES:
-        raise ValueError(f"not a latency_slo keyword: {key!r}")
-    return match["metric"], match["pct"]
-
-
-def per_request_limits(slos: Mapping[str, float]) -> dict[str, float]:
-    """SLO limits in seconds per metric for goodput: the tightest of its percentiles."""
-    limits: dict[str, float] = {}
-    for key, limit_ms in slos.items():
-        metric, _ = slo_parts(key)
-        limits[metric] = min(limits.get(metric, math.inf), limit_ms / 1000)
-    return limits
-
-
-def samples_needed(p: float, confidence: float = EARLY_STOPPING_CONFIDENCE) -> int:
-    """Fewest samples for which, with none over the limit, the p-th percentile is shown
-    under it at `confidence`: LoadGen's early-stopping rule with zero overs.
-
-    459 for p99 at 99% (as LoadGen computes it), 44 for p90.
-    """
-    return early_stopping.needed(0, p, confidence)
 
 
 def floor_status(interval: Interval | None, observed: float, floor: float) -> str:
@@ -440,100 +308,6 @@ _LATENCY = {"ttft": ttft_s, "tpot": tpot_s, "e2e": e2e_s, "itl": _worst_gap}
 def _observed(result: RunResult, key: str) -> float:
     value: Any = getattr(result, FLOOR_METRICS[key][0])
     return float(value)
-
-
-def slo_samples(records: Sequence[RequestRecord], metric: str) -> tuple[list[float], int]:
-    """The metric's samples in seconds (from completed requests), and the failed
-    requests, which count as over any limit."""
-    ok = [r for r in records if r.ok]
-    failed = len(records) - len(ok)
-    if metric == "itl":
-        return [v for r in ok for v in itl_s(r)], failed
-    per_request = {"ttft": ttft_s, "tpot": tpot_s, "e2e": e2e_s}[metric]
-    return [v for r in ok if (v := per_request(r)) is not None], failed
-
-
-def slo_check(result: RunResult, key: str, limit_ms: float) -> Check:
-    """PASS when LoadGen's early-stopping estimate accepts the percentile; FAIL when the
-    observed percentile misses the limit; otherwise INVALID (see `slo_reason`)."""
-    metric, pct = slo_parts(key)
-    p = PERCENTILES[pct]
-    values, failed = slo_samples(result.records, metric)
-    observed = getattr(getattr(result, metric), pct)
-    count = len(values) + failed
-    over = failed + sum(1 for v in values if v * 1000 > limit_ms)
-    needed = early_stopping.needed(over, p, EARLY_STOPPING_CONFIDENCE)
-    estimate = early_stopping.estimate(
-        [*values, *[math.inf] * failed], p, EARLY_STOPPING_CONFIDENCE
-    )
-    detail = ""
-    if observed is not None and observed * 1000 > limit_ms:
-        status = "FAIL"
-    elif count >= needed:
-        status = "PASS"
-    else:
-        status = "INVALID"  # also with no samples at all: nothing shows the limit is met
-    requests = len(result.records)
-    least = samples_needed(p)
-    if metric == "itl" and status == "PASS" and requests < least:
-        # a request's token gaps share its batch, its prompt and its neighbours: they
-        # are not independent samples, so LoadGen's minimum counts requests
-        status = "INVALID"
-        detail = (
-            f"ITL {pct}: {requests:,} request{'' if requests == 1 else 's'} ({count:,} token "
-            f"gaps); the gaps of one request are not independent samples, so LoadGen's "
-            f"early-stopping minimum counts requests: at least {least:,} requests to "
-            f"accept {pct} at {EARLY_STOPPING_CONFIDENCE:.0%} confidence"
-        )
-    out = check(
-        key,
-        status,
-        "slo",
-        detail,
-        observed=math.nan if observed is None else observed * 1000,
-        limit=limit_ms,
-        confidence=EARLY_STOPPING_CONFIDENCE,
-        count=count,
-        over=over,
-        needed=needed,
-        estimate=None if estimate is None or math.isinf(estimate) else estimate * 1000,
-    )
-    if status == "INVALID" and not detail:
-        out = dataclasses.replace(out, detail=slo_reason(out))
-    return out
-
-
-def slo_checks(result: RunResult, slos: Mapping[str, float]) -> list[Check]:
-    return [slo_check(result, key, limit_ms) for key, limit_ms in slos.items()]
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:,.0f} ms"
-
-
-def samples_word(key: str) -> str:
-    """What an SLO counts: requests, or for ITL the gaps between chunks."""
-    return "token gaps" if slo_parts(key)[0] == "itl" else "requests"
-
-
-def slo_reason(check: Check) -> str:
-    """Why an SLO check that neither passed nor failed makes the run INVALID.
-
-    "TTFT p99: 4 of 459 requests over 2,000 ms; LoadGen's early-stopping estimate needs
-    at least 1,157 requests with 4 over (or fewer over) to accept p99 at 99% confidence"
-    and then the observed percentile beside the estimate.
-    """
-    if check.detail:
-        return check.detail
-    metric, pct = slo_parts(check.metric)
-    word = samples_word(check.metric)
-    return (
-        f"{SLO_METRICS[metric]} {pct}: {check.over:,} of {check.count:,} {word} over "
-        f"{check.limit:,.0f} ms; LoadGen's early-stopping estimate needs at least "
-        f"{check.needed:,} {word} with {check.over:,} over (or fewer over) to accept "
-        f"{pct} at {EARLY_STOPPING_CONFIDENCE:.0%} confidence (observed {pct} "
-        f"{_ms(check.observed)}, early-stopping estimate {_ms(check.estimate)})"
-    )
 
 
 def run_validity(result: RunResult, *, sustain: bool = True) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_tokperf import markers, profiles, verdict, workloads
+from pytest_tokperf import markers, profiles, slo, verdict, workloads
 from pytest_tokperf.engines import load_engine
 from pytest_tokperf.metrics import RunResult
 from pytest_tokperf.runner import Tokperf
@@ -70,7 +70,7 @@ def positive_finite(x: object) -> bool:
     ("marker", "parse", "keywords"),
     [
         ("throughput_floor", markers.parse_floor_marker, tuple(verdict.FLOOR_METRICS)),
-        ("latency_slo", markers.parse_slo_marker, verdict.SLO_KEYWORDS[:4]),
+        ("latency_slo", markers.parse_slo_marker, slo.SLO_KEYWORDS[:4]),
     ],
 )
 @settings(max_examples=400)  # parsing is cheap; edges are one draw in a dozen
@@ -306,7 +306,7 @@ toml_values = st.recursive(
                 [
                     *verdict.FLOOR_METRICS,
                     *profiles.SLO_SCENARIOS,
-                    *verdict.SLO_KEYWORDS[:3],
+                    *slo.SLO_KEYWORDS[:3],
                     *profiles.PARITY_KEYS,
                     "x",
                 ]
@@ -335,7 +335,7 @@ VALID: dict[str, Any] = {
     "rack_floor": amounts,
     "slos": st.dictionaries(
         st.sampled_from(profiles.SLO_SCENARIOS),
-        st.dictionaries(st.sampled_from(verdict.SLO_KEYWORDS[:3]), amounts),
+        st.dictionaries(st.sampled_from(slo.SLO_KEYWORDS[:3]), amounts),
     ),
     "parity": st.dictionaries(st.sampled_from(profiles.PARITY_KEYS), st.floats(0.5, 1.5)),
 }

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from pytest_tokperf.driver import Plan, RequestRecord, _Live, run, run_plan
+from pytest_tokperf.driver import Plan, RequestRecord, run, run_plan
 from pytest_tokperf.engines import Chunk, Completion, EngineInfo, Request
+from pytest_tokperf.flights import Live
 
 
 class Scripted:
@@ -82,7 +83,7 @@ def test_unknown_scenario() -> None:
 def test_a_record_made_by_the_driver_is_a_real_record() -> None:
     # the driver fills a record's fields at once (cheaper than the frozen __init__):
     # it must equal, hash, pickle, replace and refuse assignment like one made normally
-    live = _Live(Request("r1", "p", 4), 5, 3)
+    live = Live(Request("r1", "p", 4), 5, 3)
     live.chunk_ns.append(6)
     live.chunk_tokens.append(2)
     live.texts = ["ab"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pytest_tokperf.driver import _Live
 from pytest_tokperf.engines import Completion, Request, reconcile
+from pytest_tokperf.flights import Live
 
 
 def test_usage_below_the_events_takes_off_the_end_never_negative() -> None:
@@ -55,7 +55,7 @@ def test_the_drivers_shortcut_settles_as_reconcile_does(
 ) -> None:
     # the driver settles the common case (trailing events in the last read, the count
     # matching) without calling reconcile: it must give reconcile's answer, zeros dropped
-    live = _Live(Request("r", "p", 8), 0, None)
+    live = Live(Request("r", "p", 8), 0, None)
     live.chunk_ns = [10 * (i + 1) for i in range(len(counts))]
     live.chunk_tokens = list(counts)
     live.settle(Completion(total, trailing))

@@ -20,18 +20,14 @@ from pytest_tokperf.metrics import (
 )
 from pytest_tokperf.profiles import BUILTIN
 from pytest_tokperf.sequential import Sequential
-from pytest_tokperf.verdict import (
+from pytest_tokperf.slo import (
     SLO_KEYWORDS,
-    floor_status,
-    floors_for,
-    judge,
-    per_look,
     per_request_limits,
     samples_needed,
     slo_checks,
     slo_parts,
-    validity,
 )
+from pytest_tokperf.verdict import floor_status, floors_for, judge, per_look, validity
 
 WHERE = "test_x.py::test_slo"
 INFO = EngineInfo("t", "m", "p", 1)
