@@ -132,7 +132,8 @@ def test_three_slo_outcomes(pytester: pytest.Pytester) -> None:
     engine = ", ".join(f"{k} = {v}" for k, v in SLO_ENGINE.items())
     pytester.makefile(".toml", tokperf=f'[profiles.slo]\nextends = "sim"\nengine = {{ {engine} }}')
     pytester.makepyfile(test_outcomes=SLO_OUTCOMES)
-    result = pytester.runpytest("--tokperf-profile", "slo", *SIM[2:])
+    # the full table (its SLO column): the default 120-column one leaves that column out
+    result = pytester.runpytest("--tokperf-profile", "slo", *SIM[2:], "--tokperf-table", "wide")
     result.assert_outcomes(passed=1, failed=2)
     context = "[profile slo, engine sim, model sim none, 1 device, 44 requests, qps 5]"
     result.stdout.fnmatch_lines(
