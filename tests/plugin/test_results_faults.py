@@ -228,9 +228,10 @@ def test_xdist_worker_killed_holding_gpus_loses_only_its_test(
     proc = pytest_process(pytester.path, "-n", "2", "--tokperf-profile", "h100-sim",
                           "--tokperf-json", "out.json")  # fmt: skip
     wait_for("two journaled tests", lambda: len(journaled(path)) >= 2, proc)
-    wait_for("gw0's pid", (pytester.path / "gw0").exists, proc)
+    pid = pytester.path / "gw0"  # written by the worker; exists a moment before it holds the pid
+    wait_for("gw0's pid", lambda: pid.exists() and pid.read_text().strip().isdigit(), proc)
     before = journaled(path)
-    os.kill(int((pytester.path / "gw0").read_text()), signal.SIGKILL)
+    os.kill(int(pid.read_text()), signal.SIGKILL)
     killed, killed_at = time.perf_counter(), time.time()
     # the session goes on: the next result to arrive after the kill
     wait_for("a result after the kill", lambda: len(journaled(path)) > len(before) + 1, proc)
