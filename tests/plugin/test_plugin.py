@@ -201,6 +201,16 @@ def test_bad_marker_arguments_are_usage_errors(
             {"TOKPERF_ALLOW_BUSY_GPUS": "maybe"},
             "environment variable TOKPERF_ALLOW_BUSY_GPUS must be true or false",
         ),
+        (
+            ["--tokperf-table", "narrow"],
+            {},
+            "--tokperf-table must be one of auto, wide, got 'narrow'",
+        ),
+        (
+            [],
+            {"TOKPERF_TABLE": "full"},
+            "environment variable TOKPERF_TABLE must be one of auto, wide",
+        ),
     ],
 )
 def test_bad_options_are_usage_errors(

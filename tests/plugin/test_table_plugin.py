@@ -59,29 +59,3 @@ def test_verbose_or_wide_shows_the_whole_table(suite: pytest.Pytester, wide: tup
     assert header.split()[:4] == ["test", "scenario", "requests", "tokens/s"]
     assert "proc CPU" in header and len(row) > 120
     assert not any(line.startswith("-v or --tokperf-table") for line in rest)
-
-
-@pytest.mark.parametrize(
-    ("args", "env", "says"),
-    [
-        (
-            ["--tokperf-table", "narrow"],
-            {},
-            "--tokperf-table must be one of auto, wide, got 'narrow'",
-        ),
-        (
-            [],
-            {"TOKPERF_TABLE": "full"},
-            "environment variable TOKPERF_TABLE must be one of auto, wide",
-        ),
-    ],
-)
-def test_a_bad_table_mode_is_a_usage_error_naming_the_good_ones(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, args, env, says
-) -> None:
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    pytester.makepyfile("def test_nothing(): pass")
-    result = pytester.runpytest(*args)
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"ERROR: {says}*"])
